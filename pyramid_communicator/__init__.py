@@ -1,0 +1,45 @@
+"""Keep database records of two Pyramid apps in sync through local
+inbound/outbound queues (a Python re-creation of the Ruby gem
+``communicator``).
+
+Wire it into an app that already has ``pyramid_tm`` and a
+``request.dbsession`` joined to ``request.tm``::
+
+    config.include('pyramid_tm')
+    config.include('.models')
+    config.include('pyramid_communicator')
+"""
+from __future__ import annotations
+
+from pyramid.config import Configurator
+from pyramid.security import NO_PERMISSION_REQUIRED
+
+from .records import publish, receives_from
+from .settings import REGISTRY_KEY, get_settings, parse_settings
+
+__all__ = ['includeme', 'publish', 'receives_from', 'get_settings']
+
+
+def includeme(config: Configurator) -> None:
+    """Read ``communicator.*`` settings and add the message routes.
+
+    Use ``config.include('pyramid_communicator', route_prefix='/sync')`` to
+    mount the routes under a prefix.  Nothing of the host's security,
+    CSRF, root or session setup is touched: our views check their own
+    Basic credentials and need no permission.
+    """
+    from . import views
+
+    settings = parse_settings(config.get_settings())
+    config.registry[REGISTRY_KEY] = settings
+    config.add_route('communicator.messages', '/messages.json')
+    config.add_route('communicator.delivered', '/messages/delivered.json')
+    common = dict(permission=NO_PERMISSION_REQUIRED, require_csrf=False)
+    config.add_view(views.get_messages, route_name='communicator.messages',
+                    request_method='GET', **common)
+    config.add_view(views.post_messages, route_name='communicator.messages',
+                    request_method='POST', **common)
+    config.add_view(views.post_delivered, route_name='communicator.delivered',
+                    request_method='POST', **common)
+    for route_name in ('communicator.messages', 'communicator.delivered'):
+        config.add_view(views.method_not_allowed, route_name=route_name, **common)

@@ -1,0 +1,119 @@
+"""HTTP client for a peer's ``/messages.json``.
+
+Every failure becomes a :class:`PeerError` whose message is one line that
+names the URL and never the credentials.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import requests
+
+from . import wire
+from .settings import CommunicatorSettings, require_base_uri
+
+log = logging.getLogger(__name__)
+
+
+class PeerError(Exception):
+    """The peer could not be reached or refused the request."""
+
+
+class AuthenticationRefused(PeerError):
+    pass
+
+
+class BodyTooLarge(PeerError):
+    pass
+
+
+@dataclasses.dataclass
+class PullReply:
+    messages: list[wire.WireMessage]
+    more: bool
+    sender: str
+    #: The peer tracks deliveries and wants an acknowledgement (our
+    #: extension); a gem server does not.
+    acknowledges: bool
+
+
+class Client:
+    def __init__(self, settings: CommunicatorSettings,
+                 http: requests.Session | None = None) -> None:
+        self.base_uri = require_base_uri(settings)
+        self.messages_url = self.base_uri + '/messages.json'
+        self.delivered_url = self.base_uri + '/messages/delivered.json'
+        self.timeout = settings.timeout
+        self.http = http or requests.Session()
+        self.http.auth = (settings.username, settings.password)
+        self.http.verify = settings.verify
+        self.http.headers.update({wire.NAME_HEADER: settings.name,
+                                  'Accept': 'application/json'})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            response = self.http.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout:
+            raise PeerError(f'{url} did not answer within {self.timeout:g} seconds') from None
+        except requests.exceptions.SSLError as exc:
+            raise PeerError(f'TLS verification of {url} failed: {_first_line(exc)}') from None
+        except requests.ConnectionError as exc:
+            raise PeerError(f'cannot reach {url}: {_reason(exc)}') from None
+        except requests.RequestException as exc:
+            raise PeerError(f'request to {url} failed: {_first_line(exc)}') from None
+        if response.status_code in (401, 403):
+            raise AuthenticationRefused(
+                f'{url} refused the credentials (HTTP {response.status_code}); '
+                'check communicator.username and communicator.password')
+        if response.status_code == 413:
+            raise BodyTooLarge(f'{url} refused the request as too large (HTTP 413)')
+        if not 200 <= response.status_code < 300:
+            detail = _first_line(response.text[:200]) if response.text else ''
+            raise PeerError(f'{url} answered HTTP {response.status_code}'
+                            + (f': {detail}' if detail else ''))
+        return response
+
+    def push(self, payload: bytes) -> None:
+        """POST an encoded array of messages; returns once acknowledged."""
+        self._request('POST', self.messages_url, data=payload,
+                      headers={'Content-Type': 'application/json'})
+
+    def pull(self, from_id: int) -> PullReply:
+        response = self._request('GET', self.messages_url,
+                                 params={'from_id': from_id, 'pending': '1'})
+        try:
+            messages = wire.parse_messages(response.content)
+        except wire.WireError as exc:
+            raise PeerError(f'{self.messages_url} sent an invalid reply: {exc}') from None
+        return PullReply(
+            messages=messages,
+            more=response.headers.get(wire.MORE_HEADER) == '1',
+            sender=response.headers.get(wire.NAME_HEADER) or self.base_uri,
+            acknowledges=wire.PROTOCOL_HEADER in response.headers,
+        )
+
+    def acknowledge(self, ids: Sequence[int]) -> None:
+        self._request('POST', self.delivered_url, json={'ids': list(ids)})
+
+
+def _first_line(value: object) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else ''
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost cause of a connection error ("Connection refused")."""
+    cause: BaseException | None = exc
+    while cause is not None and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    text = _first_line(exc)
+    if 'Connection refused' in text:
+        return 'Connection refused'
+    return text[:200]

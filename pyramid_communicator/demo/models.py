@@ -1,0 +1,87 @@
+"""The demo app's models and session wiring, as in the Pyramid
+SQLAlchemy cookiecutter: ``request.dbsession`` joined to ``request.tm``."""
+from __future__ import annotations
+
+import datetime
+
+import zope.sqlalchemy
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    engine_from_config,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, validates
+
+from pyramid_communicator import receives_from
+from pyramid_communicator.models import NAMING_CONVENTION
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('post')
+class Post(Base):
+    __tablename__ = 'posts'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str | None] = mapped_column(Text)
+    #: Unique, so that a conflicting record shows how failures are kept.
+    slug: Mapped[str | None] = mapped_column(String(100), unique=True)
+    published_on: Mapped[datetime.datetime | None] = mapped_column(DateTime)
+
+    @validates('title')
+    def _check_title(self, key, value):
+        if not value or not value.strip():
+            raise ValueError('a post needs a title')
+        return value
+
+
+@receives_from('comment', exclude=['title'], autopublish=True)
+class Comment(Base):
+    __tablename__ = 'comments'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    post_id: Mapped[int | None] = mapped_column(ForeignKey('posts.id'))
+    title: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[str | None] = mapped_column(Text)
+
+
+def get_engine(settings, prefix='sqlalchemy.'):
+    engine = engine_from_config(settings, prefix)
+    if engine.dialect.name == 'sqlite':
+        @event.listens_for(engine, 'connect')
+        def _sqlite_pragmas(dbapi_connection, record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute('PRAGMA journal_mode=WAL')
+            cursor.execute('PRAGMA busy_timeout=30000')
+            cursor.close()
+    return engine
+
+
+def get_session_factory(engine):
+    return sessionmaker(bind=engine)
+
+
+def get_tm_session(session_factory, transaction_manager, request=None):
+    dbsession = session_factory(info={'request': request})
+    zope.sqlalchemy.register(dbsession, transaction_manager=transaction_manager)
+    return dbsession
+
+
+def includeme(config):
+    settings = config.get_settings()
+    settings['tm.manager_hook'] = 'pyramid_tm.explicit_manager'
+    config.include('pyramid_tm')
+    engine = get_engine(settings)
+    session_factory = get_session_factory(engine)
+    config.registry['dbsession_factory'] = session_factory
+
+    def dbsession(request):
+        return get_tm_session(session_factory, request.tm, request=request)
+
+    config.add_request_method(dbsession, reify=True)

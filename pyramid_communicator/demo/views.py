@@ -1,0 +1,71 @@
+"""Plain JSON views to create, change and list records in the demo.
+
+They are the demo's, not the add-on's: no authentication, no CSRF, for
+localhost only.
+"""
+from __future__ import annotations
+
+import datetime
+
+from pyramid.httpexceptions import HTTPNotFound
+from pyramid.view import view_config
+
+from pyramid_communicator import publish
+
+from .models import Comment, Post
+
+
+def _post_json(post: Post) -> dict:
+    return {'id': post.id, 'title': post.title, 'body': post.body, 'slug': post.slug}
+
+
+def _apply_fields(post: Post, data: dict) -> None:
+    for key in ('title', 'body', 'slug'):
+        if key in data:
+            setattr(post, key, data[key])
+    if data.get('published_on'):
+        post.published_on = datetime.datetime.fromisoformat(data['published_on'])
+
+
+@view_config(route_name='demo.posts', request_method='GET', renderer='json')
+def list_posts(request):
+    posts = request.dbsession.query(Post).order_by(Post.id)
+    comments = request.dbsession.query(Comment).order_by(Comment.id)
+    return {
+        'posts': [_post_json(p) for p in posts],
+        'comments': [{'id': c.id, 'post_id': c.post_id, 'title': c.title, 'body': c.body}
+                     for c in comments],
+    }
+
+
+@view_config(route_name='demo.posts', request_method='POST', renderer='json')
+def create_post(request):
+    post = Post()
+    _apply_fields(post, request.json_body)
+    request.dbsession.add(post)
+    request.dbsession.flush()
+    if request.json_body.get('publish', True):
+        publish(request.dbsession, post)
+    return _post_json(post)
+
+
+@view_config(route_name='demo.post', request_method='POST', renderer='json')
+def update_post(request):
+    post = request.dbsession.get(Post, int(request.matchdict['id']))
+    if post is None:
+        raise HTTPNotFound()
+    _apply_fields(post, request.json_body)
+    request.dbsession.flush()
+    if request.json_body.get('publish', True):
+        publish(request.dbsession, post)
+    return _post_json(post)
+
+
+@view_config(route_name='demo.comments', request_method='POST', renderer='json')
+def create_comment(request):
+    data = request.json_body
+    comment = Comment(post_id=data.get('post_id'), title=data.get('title'),
+                      body=data.get('body'))
+    request.dbsession.add(comment)  # autopublished when flushed
+    request.dbsession.flush()
+    return {'id': comment.id}

@@ -1,0 +1,90 @@
+"""Applying stored inbound messages, one transaction per message.
+
+Savepoints would be cheaper but zope.sqlalchemy turns them off on SQLite;
+a transaction of its own per message works everywhere and lets several
+workers or runs apply the same queue at once (see ``queues.claim_inbound``).
+A message that fails is kept with its error and retried on later runs;
+later messages for the same record wait behind it so that updates are
+never applied out of order, while other records go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import transaction
+from sqlalchemy.orm import Session
+
+from . import queues
+from .records import apply_body, decode_body
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    applied: int = 0
+    failed: int = 0
+    waiting: int = 0
+
+    def __iadd__(self, other: 'ApplyResult') -> 'ApplyResult':
+        self.applied += other.applied
+        self.failed += other.failed
+        self.waiting += other.waiting
+        return self
+
+
+def _record_key(row, local_name: str) -> tuple | None:
+    if row.original_id is None:
+        return None  # a record without identity is always a record of its own
+    try:
+        name, _ = decode_body(row.body)
+    except ValueError:
+        return None
+    return name, row.origin or local_name, row.original_id
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__name__}: {exc}'
+
+
+def apply_pending(session: Session, tm: transaction.TransactionManager,
+                  local_name: str, batch_size: int,
+                  ids: Sequence[int] | None = None) -> ApplyResult:
+    """Apply pending inbound messages in id order, in batches.
+
+    ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
+    not be the session of a request in progress: every message is
+    committed or rolled back on its own.
+    """
+    result = ApplyResult()
+    blocked: set[tuple] = set()
+    after = 0
+    while True:
+        with tm:
+            rows = queues.pending_inbound(session, batch_size, after, ids)
+        for row in rows:
+            after = row.id
+            key = _record_key(row, local_name)
+            if key is not None and key in blocked:
+                result.waiting += 1
+                continue
+            try:
+                with tm:
+                    if not queues.claim_inbound(session, row.id):
+                        continue  # another worker applied it meanwhile
+                    apply_body(session, local_name, row.body, row.origin, row.original_id)
+            except Exception as exc:
+                # Log the kind of error only: the text may quote record values.
+                log.warning('inbound message %s failed: %s', row.id, type(exc).__name__)
+                log.debug('inbound message %s failed', row.id, exc_info=True)
+                with tm:
+                    queues.record_failure(session, row.id, _describe(exc))
+                result.failed += 1
+                if key is not None:
+                    blocked.add(key)
+            else:
+                result.applied += 1
+        if len(rows) < batch_size:
+            return result

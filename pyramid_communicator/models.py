@@ -1,0 +1,141 @@
+"""The add-on's tables, on their own :data:`metadata`.
+
+A host app creates them with ``metadata.create_all(engine)`` or includes
+``metadata`` in its Alembic ``target_metadata``.  They are plain
+declarative classes on a registry of our own, so they never mix with the
+host's ``Base``.
+"""
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Naming convention as in the Pyramid cookiecutter, so Alembic autogenerate
+#: produces stable constraint names on every database.
+NAMING_CONVENTION = {
+    'ix': 'ix_%(column_0_label)s',
+    'uq': 'uq_%(table_name)s_%(column_0_name)s',
+    'ck': 'ck_%(table_name)s_%(constraint_name)s',
+    'fk': 'fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s',
+    'pk': 'pk_%(table_name)s',
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Message bodies can be large; MySQL's TEXT stops at 64 KiB.
+BodyText = Text().with_variant(mysql.LONGTEXT(), 'mysql', 'mariadb')
+#: Ids that may outgrow 32 bits on busy queues; SQLite only autoincrements
+#: a plain INTEGER primary key.
+QueueId = BigInteger().with_variant(Integer(), 'sqlite')
+#: Microsecond timestamps on MySQL/MariaDB too (their default is seconds).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), 'mysql', 'mariadb')
+
+
+def utcnow() -> datetime.datetime:
+    """Naive UTC: the same on every backend, whatever its time zone."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class OutboundMessage(Base):
+    """A message waiting for (or done with) delivery to the peer.
+
+    ``origin`` NULL means the record originated in this app; the wire form
+    then carries this app's ``communicator.name``.
+    """
+    __tablename__ = 'outbound_messages'
+
+    id: Mapped[int] = mapped_column(QueueId, primary_key=True, autoincrement=True)
+    body: Mapped[str] = mapped_column(BodyText)
+    origin: Mapped[str | None] = mapped_column(String(64))
+    original_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
+    delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # "WHERE delivered_at IS NULL ORDER BY id" is the queue's only scan.
+        Index('ix_outbound_messages_pending', 'delivered_at', 'id'),
+    )
+
+    def __repr__(self) -> str:
+        return f'<OutboundMessage {self.id} delivered_at={self.delivered_at}>'
+
+
+class InboundMessage(Base):
+    """A message received from a peer, stored before it is applied.
+
+    ``(sender, remote_id)`` is unique: a message sent twice is stored once.
+    A message whose application failed keeps ``processed_at`` NULL, its
+    ``attempts`` and ``last_error``; it is retried on later runs until it
+    succeeds or an operator gives up on it (``given_up_at``).
+    """
+    __tablename__ = 'inbound_messages'
+
+    id: Mapped[int] = mapped_column(QueueId, primary_key=True, autoincrement=True)
+    sender: Mapped[str] = mapped_column(String(255))
+    remote_id: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[str] = mapped_column(BodyText)
+    origin: Mapped[str | None] = mapped_column(String(64))
+    original_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
+    processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    failed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    given_up_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    given_up_by: Mapped[str | None] = mapped_column(String(255))
+    given_up_reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint('sender', 'remote_id'),
+        Index('ix_inbound_messages_pending', 'processed_at', 'id'),
+    )
+
+    def __repr__(self) -> str:
+        return f'<InboundMessage {self.id} from {self.sender}#{self.remote_id}>'
+
+
+class Mapping(Base):
+    """Which local record stands for (record name, origin, original id)."""
+    __tablename__ = 'communicator_mappings'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str] = mapped_column(String(64))
+    original_id: Mapped[int] = mapped_column(BigInteger)
+    local_id: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        UniqueConstraint('name', 'origin', 'original_id'),
+        Index('ix_communicator_mappings_local', 'name', 'local_id'),
+    )
+
+
+class SyncState(Base):
+    """Small key/value facts for operators: the last successful exchanges."""
+    __tablename__ = 'communicator_state'
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+outbound_messages = OutboundMessage.__table__
+inbound_messages = InboundMessage.__table__
+communicator_mappings = Mapping.__table__
+communicator_state = SyncState.__table__

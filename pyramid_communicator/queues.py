@@ -1,0 +1,162 @@
+"""The outbound and inbound queues as SQL, shared by the server view and
+the client engine.
+
+Core statements on purpose: they run inside whatever transaction the
+caller has (the request's, or one of the engine's), touch only the rows
+they need, and stay the same on SQLite, PostgreSQL and MariaDB.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.orm import Session
+from zope.sqlalchemy import mark_changed
+
+from .models import communicator_state, inbound_messages, outbound_messages, utcnow
+from .wire import WireMessage
+
+OUT = outbound_messages.c
+IN = inbound_messages.c
+
+
+def _changed(session: Session) -> None:
+    """Core DML is invisible to zope.sqlalchemy; tell it to commit."""
+    mark_changed(session)
+
+
+def _insert_ignoring_duplicates(session: Session, table: Table,
+                                rows: list[dict[str, Any]], keys: Sequence[str]) -> int:
+    """INSERT that skips rows whose unique ``keys`` already exist, also
+    when a concurrent transaction inserts the same rows at the same moment
+    (the database's unique index settles the race, not a prior SELECT)."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == 'postgresql':
+        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
+    elif dialect in ('mysql', 'mariadb'):
+        # A no-op update, unlike INSERT IGNORE, still fails on other errors.
+        statement = mysql.insert(table)
+        statement = statement.on_duplicate_key_update({keys[0]: statement.inserted[keys[0]]})
+    elif dialect == 'sqlite':
+        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
+    else:  # pragma: no cover - other backends: plain insert, unique index guards
+        statement = insert(table)
+    stored = 0
+    for start in range(0, len(rows), 500):  # one multi-row statement per chunk
+        result = session.execute(statement.values(rows[start:start + 500]))
+        stored += max(result.rowcount, 0)
+    _changed(session)
+    return stored
+
+
+# -- outbound ---------------------------------------------------------------
+
+def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Row]:
+    """Undelivered messages in id order.  No cursor survives a run: an id
+    that commits late is still undelivered next time, never skipped."""
+    return session.execute(
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id)
+        .where(OUT.delivered_at.is_(None), OUT.id > after_id)
+        .order_by(OUT.id).limit(limit)
+    ).all()
+
+
+def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
+    """The gem's view of the queue: every message with ``id >= from_id``."""
+    return session.execute(
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id)
+        .where(OUT.id >= from_id).order_by(OUT.id).limit(limit)
+    ).all()
+
+
+def mark_delivered(session: Session, ids: Iterable[int]) -> int:
+    ids = list(ids)
+    if not ids:
+        return 0
+    result = session.execute(
+        update(outbound_messages)
+        .where(OUT.id.in_(ids), OUT.delivered_at.is_(None))
+        .values(delivered_at=utcnow()))
+    _changed(session)
+    return result.rowcount
+
+
+# -- inbound ----------------------------------------------------------------
+
+def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]) -> int:
+    """Store what arrived; a message already stored is left alone.
+    Returns how many were new (as far as the database reports it)."""
+    now = utcnow()
+    rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
+             'origin': m.origin, 'original_id': m.original_id,
+             'created_at': now, 'attempts': 0} for m in messages]
+    return _insert_ignoring_duplicates(session, inbound_messages, rows,
+                                       ('sender', 'remote_id'))
+
+
+def last_remote_id(session: Session, sender: str) -> int:
+    return session.execute(
+        select(func.coalesce(func.max(IN.remote_id), 0)).where(IN.sender == sender)
+    ).scalar_one()
+
+
+def pending_inbound(session: Session, limit: int, after_id: int = 0,
+                    ids: Sequence[int] | None = None) -> list[Row]:
+    query = (select(IN.id, IN.body, IN.origin, IN.original_id)
+             .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
+                    IN.id > after_id)
+             .order_by(IN.id).limit(limit))
+    if ids is not None:
+        query = query.where(IN.id.in_(ids))
+    return session.execute(query).all()
+
+
+def claim_inbound(session: Session, message_id: int) -> bool:
+    """Mark one message processed, first thing in its own transaction.
+
+    The UPDATE takes the row lock: a second worker on the same message
+    waits, then finds it processed (or, if the first rolled back, takes
+    its turn).  Nothing is applied twice.
+    """
+    result = session.execute(
+        update(inbound_messages)
+        .where(IN.id == message_id, IN.processed_at.is_(None), IN.given_up_at.is_(None))
+        .values(processed_at=utcnow(), attempts=IN.attempts + 1,
+                last_error=None, failed_at=None))
+    _changed(session)
+    return result.rowcount == 1
+
+
+def record_failure(session: Session, message_id: int, error: str) -> None:
+    session.execute(
+        update(inbound_messages)
+        .where(IN.id == message_id, IN.processed_at.is_(None))
+        .values(attempts=IN.attempts + 1, last_error=error[:4000],
+                failed_at=utcnow()))
+    _changed(session)
+
+
+# -- state ------------------------------------------------------------------
+
+def set_state(session: Session, key: str, value: str | None = None) -> None:
+    """Record a fact such as the time of the last successful push."""
+    now = utcnow()
+    table = communicator_state
+    updated = session.execute(
+        update(table).where(table.c.key == key).values(value=value, updated_at=now))
+    if updated.rowcount == 0:
+        _insert_ignoring_duplicates(session, table,
+                                    [{'key': key, 'value': value, 'updated_at': now}],
+                                    ('key',))
+    _changed(session)
+
+
+def get_states(session: Session) -> dict[str, tuple[str | None, datetime.datetime]]:
+    table = communicator_state.c
+    return {row.key: (row.value, row.updated_at)
+            for row in session.execute(select(table.key, table.value, table.updated_at))}

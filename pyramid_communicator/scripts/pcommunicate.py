@@ -1,0 +1,155 @@
+"""``pcommunicate CONFIG_URI``: push, pull and apply, for cron or a timer.
+
+Exit status: 0 on success (also when another run holds the lock and this
+one therefore did nothing), 1 when the exchange failed, 2 for a bad
+command line or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+import textwrap
+from typing import Sequence
+
+import transaction
+from pyramid.exceptions import ConfigurationError
+from pyramid.paster import bootstrap, setup_logging
+
+from ..client import PeerError
+from ..locking import run_lock
+from ..settings import get_settings, require_base_uri
+from ..status import format_status, give_up, queue_status, revive
+from ..sync import Communicator, apply_inbound, make_session
+
+log = logging.getLogger(__name__)
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+class PCommunicateCommand:
+    description = textwrap.dedent("""\
+        Synchronise this app with its peer: push the outbound queue, pull
+        the peer's, apply what arrived. Meant for cron or a systemd timer.
+        """)
+
+    def __init__(self, argv: Sequence[str], quiet: bool = False,
+                 out=None, err=None) -> None:
+        self.args = self.parser().parse_args(list(argv[1:]))
+        self.quiet = quiet
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog='pcommunicate', description=cls.description)
+        parser.add_argument('config_uri', help='the app ini file, e.g. production.ini')
+        action = parser.add_mutually_exclusive_group()
+        action.add_argument('--push', action='store_true', help='push only')
+        action.add_argument('--pull', action='store_true', help='pull (and apply) only')
+        action.add_argument('--status', action='store_true',
+                            help='print queue depths, ages, failures and last exchanges')
+        action.add_argument('--retry', nargs='*', type=int, metavar='ID',
+                            help='apply failed inbound messages now (all, or these '
+                                 'ids); given-up messages named here are revived')
+        action.add_argument('--give-up', nargs='+', type=int, metavar='ID',
+                            help='stop retrying these inbound messages (needs --reason)')
+        parser.add_argument('--json', action='store_true', help='with --status: JSON output')
+        parser.add_argument('--reason', help='with --give-up: why (recorded)')
+        parser.add_argument('--by', default=None,
+                            help='with --give-up: who (recorded; default: login name)')
+        return parser
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.out)
+
+    def fail(self, text: str, code: int = FAILED) -> int:
+        print(f'pcommunicate: {text}', file=self.err)
+        return code
+
+    def run(self) -> int:
+        args = self.args
+        if args.give_up and not args.reason:
+            return self.fail('--give-up needs --reason', USAGE)
+        try:
+            setup_logging(args.config_uri)
+            env = bootstrap(args.config_uri)
+        except ConfigurationError as exc:
+            return self.fail(str(exc).splitlines()[0], USAGE)
+        except Exception as exc:
+            return self.fail(f'cannot load {args.config_uri}: '
+                             f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}',
+                             USAGE)
+        with env:
+            try:
+                settings = get_settings(env['registry'])
+                bind = getattr(env['request'], settings.dbsession).get_bind()
+            except (ConfigurationError, AttributeError) as exc:
+                return self.fail(str(exc).splitlines()[0], USAGE)
+            if args.status:
+                return self.status(settings, bind)
+            if args.give_up:
+                return self.give_up(settings, bind)
+            if args.retry is not None:
+                return self.retry(settings, bind)
+            try:
+                require_base_uri(settings)
+            except ConfigurationError as exc:
+                return self.fail(str(exc), USAGE)
+            return self.communicate(settings, bind)
+
+    def communicate(self, settings, bind) -> int:
+        with run_lock(bind, settings.name, settings.lock_wait) as acquired:
+            if not acquired:
+                self.say('another pcommunicate run holds the lock; nothing to do')
+                return OK
+            communicator = Communicator(settings, bind)
+            try:
+                summary = communicator.communicate(push=not self.args.pull,
+                                                   pull=not self.args.push)
+            except PeerError as exc:
+                return self.fail(str(exc))
+            finally:
+                communicator.close()
+        self.say(str(summary))
+        return OK
+
+    def _unit_of_work(self, bind):
+        tm = transaction.TransactionManager(explicit=True)
+        return tm, make_session(bind, tm)
+
+    def status(self, settings, bind) -> int:
+        tm, session = self._unit_of_work(bind)
+        with tm:
+            report = queue_status(session, settings.name)
+        self.say(json.dumps(report, indent=2) if self.args.json else format_status(report))
+        return OK
+
+    def give_up(self, settings, bind) -> int:
+        tm, session = self._unit_of_work(bind)
+        by = self.args.by or getpass.getuser()
+        with tm:
+            count = give_up(session, self.args.give_up, by, self.args.reason)
+        self.say(f'gave up on {count} inbound message(s)')
+        return OK if count == len(set(self.args.give_up)) else FAILED
+
+    def retry(self, settings, bind) -> int:
+        ids = self.args.retry or None
+        tm, session = self._unit_of_work(bind)
+        if ids:
+            with tm:
+                revive(session, ids)
+        result = apply_inbound(bind, settings, ids)
+        self.say(f'applied={result.applied} failed={result.failed} waiting={result.waiting}')
+        return OK if not result.failed else FAILED
+
+
+def main(argv: Sequence[str] = sys.argv, quiet: bool = False) -> int:
+    return PCommunicateCommand(argv, quiet).run()
+
+
+if __name__ == '__main__':  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The ``communicator.*`` settings, read once and checked in one place.
+
+Every knob the add-on has is a row of :data:`SETTINGS`; the README's
+settings table is written from the same rows.  A wrong or missing value is
+reported as a :class:`pyramid.exceptions.ConfigurationError` naming the key,
+at ``config.include`` time or when ``pcommunicate`` starts, never deep inside
+a request.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping as MappingType
+
+from pyramid.exceptions import ConfigurationError
+from pyramid.settings import asbool
+
+PREFIX = 'communicator.'
+REGISTRY_KEY = 'pyramid_communicator.settings'
+
+_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]{1,64}$')
+
+
+def _name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError('must be 1-64 letters, digits, "_", "." or "-"')
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError('must be a whole number of at least 1')
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError('must be a whole number of at least 0')
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError('must be a number greater than 0')
+    return number
+
+
+def _uri(value: str) -> str:
+    if not re.match(r'^https?://[^/]+', value):
+        raise ValueError('must be an http:// or https:// URL')
+    return value.rstrip('/')
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _verify(value: str) -> bool | str:
+    """``true``/``false`` or the path of a CA bundle, as requests' ``verify``."""
+    if value.lower() in ('true', 'false', 'yes', 'no', 'on', 'off', '1', '0'):
+        return asbool(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    key: str
+    convert: Callable[[str], Any]
+    default: Any
+    required: bool
+    doc: str
+
+
+REQUIRED = object()
+
+#: One row per setting: (key without prefix, converter, default, doc).
+#: A default of ``REQUIRED`` makes the key mandatory.
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(key, convert, None if default is REQUIRED else default,
+            default is REQUIRED, doc)
+    for key, convert, default, doc in (
+        ('name', _name, REQUIRED,
+         "this app's origin name on the wire, e.g. central or facade"),
+        ('username', _text, REQUIRED,
+         'HTTP Basic user name; the server checks it, the client sends it'),
+        ('password', _text, REQUIRED,
+         'HTTP Basic password; the server checks it, the client sends it'),
+        ('base_uri', _uri, None,
+         "the peer's URL (plus any route prefix); required to run pcommunicate"),
+        ('batch_size', _positive_int, 200,
+         'messages per HTTP request and per database read, both directions'),
+        ('timeout', _positive_float, 10.0,
+         'seconds the client waits to connect and for each reply'),
+        ('max_body_bytes', _positive_int, 10 * 1024 * 1024,
+         'largest request body the server accepts (413 past it); the client '
+         'splits pushes to stay under it'),
+        ('verify', _verify, True,
+         'TLS verification: true, false, or the path of a CA bundle file'),
+        ('dbsession', _name, 'dbsession',
+         "name of the request attribute holding the host's SQLAlchemy session"),
+        ('apply_on_receive', asbool, True,
+         'the server applies received messages right after storing them'),
+        ('lock_wait', _non_negative_int, 0,
+         'seconds pcommunicate waits for a concurrent run to finish; 0 means '
+         'exit at once (status 0) when another run holds the lock'),
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunicatorSettings:
+    name: str
+    username: str
+    password: str
+    base_uri: str | None = None
+    batch_size: int = 200
+    timeout: float = 10.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    verify: bool | str = True
+    dbsession: str = 'dbsession'
+    apply_on_receive: bool = True
+    lock_wait: int = 0
+
+    def __repr__(self) -> str:  # never show the password in logs/tracebacks
+        return f'<CommunicatorSettings name={self.name!r} base_uri={self.base_uri!r}>'
+
+
+def parse_settings(settings: MappingType[str, Any]) -> CommunicatorSettings:
+    """Convert the ``communicator.*`` keys of an app's settings.
+
+    Raises :class:`ConfigurationError` with the full key in its message.
+    """
+    values = {}
+    for row in SETTINGS:
+        key = PREFIX + row.key
+        raw = settings.get(key)
+        if isinstance(raw, str):
+            raw = raw.strip()
+        if raw is None or raw == '':
+            if row.required:
+                raise ConfigurationError(f'{key} is required but not set')
+            values[row.key] = row.default
+            continue
+        try:
+            values[row.key] = row.convert(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise ConfigurationError(f'{key} = {raw!r} is invalid: {exc}') from None
+    return CommunicatorSettings(**values)
+
+
+def require_base_uri(settings: CommunicatorSettings) -> str:
+    if not settings.base_uri:
+        raise ConfigurationError(
+            f'{PREFIX}base_uri is required to run pcommunicate but not set')
+    return settings.base_uri
+
+
+def get_settings(registry: Any) -> CommunicatorSettings:
+    """The settings ``includeme`` parsed for this app."""
+    try:
+        return registry[REGISTRY_KEY]
+    except KeyError:
+        raise ConfigurationError(
+            "pyramid_communicator is not configured: call "
+            "config.include('pyramid_communicator')") from None

@@ -1,0 +1,163 @@
+"""The sync engine: push the outbound queue, pull the peer's, apply.
+
+Database work happens in short transactions of its own; HTTP happens
+between them, never inside one.  A message is marked delivered only after
+the peer answered 2xx, so a lost reply means a re-send, which the peer
+stores once (``queues.store_inbound``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import transaction
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+from zope.sqlalchemy import register
+
+from . import queues, wire
+from .client import BodyTooLarge, Client, PeerError
+from .inbox import ApplyResult, apply_pending
+from .records import APPLYING
+from .settings import CommunicatorSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Summary:
+    pushed: int = 0
+    pulled: int = 0
+    applied: int = 0
+    failed: int = 0
+    waiting: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
+                f'failed={self.failed} waiting={self.waiting} seconds={self.seconds:.2f}')
+
+
+def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
+    """A session of our own on the host's database, joined to ``tm``.
+
+    Changes made through it are applied messages, so autopublish leaves
+    them alone (no echo back to the sender).
+    """
+    session = Session(bind=bind, info={APPLYING: True})
+    register(session, transaction_manager=tm)
+    return session
+
+
+def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None) -> ApplyResult:
+    """Apply pending inbound messages with a session and transaction
+    manager of their own (as the server does after a request commits)."""
+    tm = transaction.TransactionManager(explicit=True)
+    session = make_session(bind, tm)
+    try:
+        return apply_pending(session, tm, settings.name, settings.batch_size, ids)
+    finally:
+        session.close()
+
+
+class Communicator:
+    """Push, pull and apply for the app whose database is ``bind``."""
+
+    def __init__(self, settings: CommunicatorSettings, bind: Engine,
+                 client: Client | None = None,
+                 tm: transaction.TransactionManager | None = None) -> None:
+        self.settings = settings
+        self.bind = bind
+        self.client = client or Client(settings)
+        self.tm = tm or transaction.TransactionManager(explicit=True)
+        self.session = make_session(bind, self.tm)
+
+    def close(self) -> None:
+        self.session.close()
+        self.client.close()
+
+    # -- push ----------------------------------------------------------------
+
+    def push(self) -> int:
+        """Send undelivered outbound messages until none are left."""
+        pushed = after = 0
+        while True:
+            with self.tm:
+                rows = queues.pending_outbound(self.session, self.settings.batch_size, after)
+            if not rows:
+                break
+            messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
+            self._send(messages)
+            with self.tm:
+                queues.mark_delivered(self.session, [m.id for m in messages])
+                queues.set_state(self.session, 'last_push_at')
+            pushed += len(messages)
+            after = rows[-1].id
+            log.info('pushed %d messages (up to id %d)', len(messages), after)
+        if pushed == 0:
+            self.client.push(b'[]')  # still an exchange: the peer retries its failures
+            with self.tm:
+                queues.set_state(self.session, 'last_push_at')
+        return pushed
+
+    def _send(self, messages: list[wire.WireMessage]) -> None:
+        """POST messages, in halves when they exceed the body size limit."""
+        payload = wire.dumps(messages)
+        too_large = len(payload) > self.settings.max_body_bytes
+        if not too_large:
+            try:
+                self.client.push(payload)
+                return
+            except BodyTooLarge:
+                too_large = True
+        if len(messages) == 1:
+            raise PeerError(
+                f'outbound message {messages[0].id} is {len(payload)} bytes encoded, '
+                'more than the peer accepts (communicator.max_body_bytes)')
+        half = len(messages) // 2
+        self._send(messages[:half])
+        self._send(messages[half:])
+
+    # -- pull ----------------------------------------------------------------
+
+    def pull(self) -> int:
+        """Fetch the peer's pending messages and store them, batch by batch."""
+        pulled = 0
+        sender = self.client.base_uri
+        while True:
+            with self.tm:
+                from_id = queues.last_remote_id(self.session, sender) + 1
+            reply = self.client.pull(from_id)
+            sender = reply.sender
+            if reply.messages:
+                with self.tm:
+                    queues.store_inbound(self.session, sender, reply.messages)
+                if reply.acknowledges:
+                    self.client.acknowledge([m.id for m in reply.messages])
+                pulled += len(reply.messages)
+                log.info('pulled %d messages from %s', len(reply.messages), sender)
+            if not reply.messages or not (reply.more or not reply.acknowledges):
+                break
+        with self.tm:
+            queues.set_state(self.session, 'last_pull_at', sender)
+        return pulled
+
+    # -- apply ---------------------------------------------------------------
+
+    def apply(self) -> ApplyResult:
+        return apply_pending(self.session, self.tm, self.settings.name,
+                             self.settings.batch_size)
+
+    def communicate(self, push: bool = True, pull: bool = True) -> Summary:
+        started = time.monotonic()
+        summary = Summary()
+        if push:
+            summary.pushed = self.push()
+        if pull:
+            summary.pulled = self.pull()
+        result = self.apply()
+        summary.applied, summary.failed, summary.waiting = (
+            result.applied, result.failed, result.waiting)
+        summary.seconds = time.monotonic() - started
+        return summary

@@ -1,0 +1,182 @@
+"""The server side: ``/messages.json`` and its acknowledgement route.
+
+The views answer with a response object instead of raising, so that the
+host's exception views (HTML error pages, say) never see our errors.
+They read and write through the host's request session, inside the
+request's transaction; applying what arrived happens after that
+transaction commits, with a session and transaction manager of our own.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from pyramid.authentication import extract_http_basic_credentials
+from pyramid.request import Request
+from pyramid.response import Response
+
+from . import queues, wire
+from .settings import CommunicatorSettings, get_settings
+from .sync import apply_inbound
+
+log = logging.getLogger(__name__)
+
+
+def _json(status: int, data: object, **headers: str) -> Response:
+    response = Response(status=status, content_type='application/json', charset='utf-8')
+    response.body = json.dumps(data, separators=(',', ':')).encode('utf-8')
+    response.headers.update(headers)
+    return response
+
+
+def _error(status: int, reason: str, **headers: str) -> Response:
+    return _json(status, {'error': reason}, **headers)
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode('utf-8'), expected.encode('utf-8'))
+
+
+def _authenticate(request: Request, settings: CommunicatorSettings) -> Response | None:
+    """None when the request carries our credentials, else the 401 to send."""
+    credentials = extract_http_basic_credentials(request)
+    if credentials is not None:
+        # Both comparisons always run: the time taken tells nothing.
+        user_ok = _same(credentials.username, settings.username)
+        password_ok = _same(credentials.password, settings.password)
+        if user_ok and password_ok:
+            return None
+    log.warning('refused unauthenticated request from %s', request.client_addr)
+    return _error(401, 'authentication required',
+                  **{'WWW-Authenticate': 'Basic realm="communicator"'})
+
+
+def _read_body(request: Request, limit: int) -> bytes | Response:
+    length = request.content_length
+    if length is not None and length > limit:
+        return _error(413, f'request body over {limit} bytes')
+    body = request.body_file.read(limit + 1) if length is None else request.body
+    if len(body) > limit:
+        return _error(413, f'request body over {limit} bytes')
+    return body
+
+
+def _dbsession(request: Request, settings: CommunicatorSettings):
+    return getattr(request, settings.dbsession)
+
+
+def _apply_after_commit(request: Request, settings: CommunicatorSettings) -> None:
+    """Apply pending inbound messages once this request has committed:
+    new arrivals, and failures of earlier runs retried whenever the client
+    talks to us."""
+    if not settings.apply_on_receive:
+        return
+    bind = _dbsession(request, settings).get_bind()
+
+    def hook(committed: bool) -> None:
+        if not committed:
+            return
+        try:
+            result = apply_inbound(bind, settings)
+        except Exception as exc:  # the reply is sent anyway; retried next time
+            log.error('applying inbound messages failed: %s', type(exc).__name__)
+            log.debug('applying inbound messages failed', exc_info=True)
+            return
+        if result.applied or result.failed:
+            log.info('applied %d inbound messages, %d failed, %d waiting',
+                     result.applied, result.failed, result.waiting)
+
+    request.tm.get().addAfterCommitHook(hook)
+
+
+def _headers(settings: CommunicatorSettings, more: bool = False) -> dict[str, str]:
+    headers = {wire.NAME_HEADER: settings.name,
+               wire.PROTOCOL_HEADER: wire.PROTOCOL_VERSION}
+    if more:
+        headers[wire.MORE_HEADER] = '1'
+    return headers
+
+
+def get_messages(request: Request) -> Response:
+    """``GET /messages.json?from_id=N``: messages for the client to store.
+
+    With ``pending=1`` (our client) it serves the messages not yet
+    acknowledged, whatever ``from_id`` says, because ids may commit out of
+    order and a cursor would skip the late ones.  Without it (the Ruby
+    gem's client) it serves ``id >= from_id`` and counts them delivered.
+    """
+    settings = get_settings(request.registry)
+    refused = _authenticate(request, settings)
+    if refused is not None:
+        return refused
+    raw = request.GET.get('from_id', '')
+    try:
+        from_id = int(raw)
+    except ValueError:
+        from_id = -1
+    if from_id < 0 or from_id >= 2 ** 63:
+        return _error(400, 'from_id must be a non-negative integer')
+    session = _dbsession(request, settings)
+    limit = settings.batch_size
+    if request.GET.get('pending') == '1':
+        rows = queues.pending_outbound(session, limit + 1)
+    else:
+        rows = queues.outbound_from(session, from_id, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    messages = [wire.outbound_to_wire(row, settings.name) for row in rows]
+    if request.GET.get('pending') != '1':
+        queues.mark_delivered(session, [m.id for m in messages])
+    _apply_after_commit(request, settings)
+    return Response(status=200, content_type='application/json', charset='utf-8',
+                    body=wire.dumps(messages), headers=_headers(settings, more))
+
+
+def post_messages(request: Request) -> Response:
+    """``POST /messages.json``: store the array, then apply it after commit."""
+    settings = get_settings(request.registry)
+    refused = _authenticate(request, settings)
+    if refused is not None:
+        return refused
+    body = _read_body(request, settings.max_body_bytes)
+    if isinstance(body, Response):
+        return body
+    try:
+        messages = wire.parse_messages(body)
+    except wire.WireError as exc:
+        return _error(400, str(exc))
+    sender = request.headers.get(wire.NAME_HEADER) or extract_http_basic_credentials(request).username
+    session = _dbsession(request, settings)
+    if messages:
+        queues.store_inbound(session, sender[:255], messages)
+        queues.set_state(session, 'last_received_at', sender[:255])
+    _apply_after_commit(request, settings)
+    log.info('received %d messages from %s', len(messages), sender)
+    return _json(202, {'received': len(messages)}, **_headers(settings))
+
+
+def post_delivered(request: Request) -> Response:
+    """``POST /messages/delivered.json`` ``{"ids": [...]}``: the client
+    stored these messages; they will not be served again."""
+    settings = get_settings(request.registry)
+    refused = _authenticate(request, settings)
+    if refused is not None:
+        return refused
+    body = _read_body(request, settings.max_body_bytes)
+    if isinstance(body, Response):
+        return body
+    try:
+        ids = wire.parse_ids(body)
+    except wire.WireError as exc:
+        return _error(400, str(exc))
+    session = _dbsession(request, settings)
+    acknowledged = queues.mark_delivered(session, ids)
+    queues.set_state(session, 'last_acknowledged_at')
+    _apply_after_commit(request, settings)
+    return _json(200, {'acknowledged': acknowledged}, **_headers(settings))
+
+
+def method_not_allowed(request: Request) -> Response:
+    allowed = 'GET, POST' if request.matched_route.name == 'communicator.messages' else 'POST'
+    return _error(405, f'{request.method} is not allowed here', Allow=allowed)

@@ -1,0 +1,111 @@
+"""The wire format, compatible with the Ruby ``communicator`` gem.
+
+A message on the wire is ``{"id", "body", "origin", "original_id"}``:
+``id`` is the sender's outbound message id, ``body`` a JSON *string*
+``{"<name>": {attribute: value}}``, and (origin, original_id) the
+identity of the record.  Requests and replies are JSON arrays of these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable
+
+from .records import decode_body
+
+#: Response header: our server has more pending messages than it returned.
+MORE_HEADER = 'X-Communicator-More'
+#: Header naming the app that sends a request or a reply.
+NAME_HEADER = 'X-Communicator-Name'
+#: Response header: this server understands acknowledgements (our
+#: extension); a gem server does not send it.
+PROTOCOL_HEADER = 'X-Communicator-Protocol'
+PROTOCOL_VERSION = '1'
+
+
+class WireError(ValueError):
+    """Input that does not follow the wire format; the message is one line
+    that is safe to show to the sender."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WireMessage:
+    id: int
+    body: str
+    origin: str | None
+    original_id: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {'id': self.id, 'body': self.body, 'origin': self.origin,
+                'original_id': self.original_id}
+
+
+def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
+    """An ``outbound_messages`` row as sent; a NULL origin means this app."""
+    origin = row.origin
+    if origin is None and row.original_id is not None:
+        origin = local_name
+    return WireMessage(row.id, row.body, origin, row.original_id)
+
+
+def dumps(messages: Iterable[WireMessage]) -> bytes:
+    return json.dumps([m.to_json() for m in messages], separators=(',', ':'),
+                      ensure_ascii=False).encode('utf-8')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise WireError('JSON is nested too deeply') from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f'malformed JSON: {exc}') from None
+
+
+def parse_messages(raw: bytes | str) -> list[WireMessage]:
+    """Validate a whole array before anything of it is stored."""
+    data = parse_json(raw)
+    if not isinstance(data, list):
+        raise WireError('expected a JSON array of messages')
+    messages = []
+    seen = set()
+    for index, item in enumerate(data):
+        where = f'message {index}'
+        if not isinstance(item, dict):
+            raise WireError(f'{where}: expected a JSON object')
+        message_id = item.get('id')
+        if not _is_int(message_id) or not 0 < message_id < 2 ** 63:
+            raise WireError(f'{where}: "id" must be a positive integer')
+        if message_id in seen:
+            raise WireError(f'{where}: id {message_id} appears twice')
+        seen.add(message_id)
+        body = item.get('body')
+        if not isinstance(body, str):
+            raise WireError(f'{where}: "body" must be a string')
+        try:
+            decode_body(body)
+        except RecursionError:
+            raise WireError(f'{where}: "body" is nested too deeply') from None
+        except ValueError as exc:
+            raise WireError(f'{where}: "body" is not a record: {exc}') from None
+        origin = item.get('origin')
+        if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64):
+            raise WireError(f'{where}: "origin" must be a string of 1-64 characters or null')
+        original_id = item.get('original_id')
+        if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
+            raise WireError(f'{where}: "original_id" must be an integer or null')
+        messages.append(WireMessage(message_id, body, origin, original_id))
+    return messages
+
+
+def parse_ids(raw: bytes | str) -> list[int]:
+    """The body of an acknowledgement: ``{"ids": [1, 2, ...]}``."""
+    data = parse_json(raw)
+    ids = data.get('ids') if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(_is_int(i) and 0 < i < 2 ** 63 for i in ids):
+        raise WireError('expected {"ids": [positive integers]}')
+    return ids

@@ -1,0 +1,60 @@
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.abspath(os.path.dirname(__file__))
+with open(os.path.join(here, 'README.md'), encoding='utf-8') as f:
+    README = f.read()
+with open(os.path.join(here, 'CHANGES.rst'), encoding='utf-8') as f:
+    CHANGES = f.read()
+
+requires = [
+    'pyramid >= 2.0',
+    'SQLAlchemy >= 2.0',
+    'zope.sqlalchemy >= 3.0',
+    'transaction >= 3.0',
+    'requests >= 2.28',
+]
+
+demo_require = [
+    'pyramid_tm >= 2.5',
+    'waitress >= 2.1',
+]
+
+tests_require = demo_require + [
+    'WebTest >= 3.0',
+    'pytest >= 7.4',
+    'psycopg[binary] >= 3.1',
+    'PyMySQL >= 1.1',
+    'gunicorn >= 21',
+    'ruff',
+]
+
+setup(
+    name='pyramid_communicator',
+    version='0.1.0',
+    description='Keep database records of two Pyramid apps in sync through '
+                'local inbound/outbound queues',
+    long_description=README + '\n\n' + CHANGES,
+    long_description_content_type='text/markdown',
+    classifiers=[
+        'Programming Language :: Python :: 3.11',
+        'Framework :: Pyramid',
+        'Topic :: Database',
+    ],
+    keywords='pyramid sqlalchemy sync outbox queue web',
+    packages=find_packages(include=['pyramid_communicator', 'pyramid_communicator.*']),
+    include_package_data=True,
+    zip_safe=False,
+    python_requires='>=3.11',
+    install_requires=requires,
+    extras_require={'demo': demo_require, 'testing': tests_require},
+    entry_points={
+        'console_scripts': [
+            'pcommunicate = pyramid_communicator.scripts.pcommunicate:main',
+        ],
+        'paste.app_factory': [
+            'demo = pyramid_communicator.demo:main',
+        ],
+    },
+)
