@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import transaction
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ class ApplyResult:
     failed: int = 0
     waiting: int = 0
 
-    def __iadd__(self, other: 'ApplyResult') -> 'ApplyResult':
+    def __iadd__(self, other: ApplyResult) -> ApplyResult:
         self.applied += other.applied
         self.failed += other.failed
         self.waiting += other.waiting

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine

@@ -8,7 +8,8 @@ they need, and stay the same on SQLite, PostgreSQL and MariaDB.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite

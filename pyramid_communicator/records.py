@@ -13,7 +13,8 @@ import datetime
 import decimal
 import json
 import uuid
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection

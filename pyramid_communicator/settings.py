@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping as MappingType
+from collections.abc import Callable
+from collections.abc import Mapping as MappingType
+from typing import Any
 
 from pyramid.exceptions import ConfigurationError
 from pyramid.settings import asbool

@@ -146,7 +146,8 @@ def post_messages(request: Request) -> Response:
         messages = wire.parse_messages(body)
     except wire.WireError as exc:
         return _error(400, str(exc))
-    sender = request.headers.get(wire.NAME_HEADER) or extract_http_basic_credentials(request).username
+    sender = (request.headers.get(wire.NAME_HEADER)
+              or extract_http_basic_credentials(request).username)
     session = _dbsession(request, settings)
     if messages:
         queues.store_inbound(session, sender[:255], messages)

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import transaction
 from pyramid.exceptions import ConfigurationError
@@ -80,8 +80,8 @@ class PCommunicateCommand:
         except ConfigurationError as exc:
             return self.fail(str(exc).splitlines()[0], USAGE)
         except Exception as exc:
-            return self.fail(f'cannot load {args.config_uri}: '
-                             f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}',
+            detail = (str(exc).strip().splitlines() or [''])[0]
+            return self.fail(f'cannot load {args.config_uri}: {type(exc).__name__}: {detail}',
                              USAGE)
         with env:
             try:
