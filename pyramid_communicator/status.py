@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
@@ -27,23 +27,33 @@ def _iso(value) -> str | None:
     return None if value is None else value.isoformat() + 'Z'
 
 
+def _count(condition):
+    """COUNT ... FILTER, spelled so that MariaDB understands it too."""
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+def _oldest(condition, column):
+    return func.min(case((condition, column)))
+
+
 def queue_status(session: Session, name: str, failures: int = 20) -> dict[str, Any]:
     """Queue depths, oldest pending ages, failures and last exchanges."""
+    waiting = OUT.delivered_at.is_(None)
     out_pending, out_oldest, out_total = session.execute(
-        select(func.count().filter(OUT.delivered_at.is_(None)),
-               func.min(OUT.created_at).filter(OUT.delivered_at.is_(None)),
-               func.count())).one()
+        select(_count(waiting), _oldest(waiting, OUT.created_at), func.count())
+    ).one()
     pending = IN.processed_at.is_(None) & IN.given_up_at.is_(None)
     in_pending, in_oldest, in_failed, in_given_up, in_total = session.execute(
-        select(func.count().filter(pending),
-               func.min(IN.created_at).filter(pending),
-               func.count().filter(pending & IN.failed_at.is_not(None)),
-               func.count().filter(IN.given_up_at.is_not(None)),
-               func.count())).one()
+        select(_count(pending), _oldest(pending, IN.created_at),
+               _count(pending & IN.failed_at.is_not(None)),
+               _count(IN.given_up_at.is_not(None)), func.count())).one()
     failed_rows = session.execute(
         select(IN.id, IN.sender, IN.remote_id, IN.attempts, IN.last_error, IN.failed_at)
         .where(pending, IN.failed_at.is_not(None)).order_by(IN.id).limit(failures)).all()
     states = queues.get_states(session)
+    # SUM() comes back as Decimal on MariaDB
+    out_pending, out_total, in_pending, in_failed, in_given_up, in_total = map(
+        int, (out_pending, out_total, in_pending, in_failed, in_given_up, in_total))
     return {
         'name': name,
         'outbound': {'pending': out_pending, 'oldest_pending_age_seconds': _age(out_oldest),

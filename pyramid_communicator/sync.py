@@ -125,11 +125,17 @@ class Communicator:
         """Fetch the peer's pending messages and store them, batch by batch."""
         pulled = 0
         sender = self.client.base_uri
+        previous: list[int] = []
         while True:
             with self.tm:
                 from_id = queues.last_remote_id(self.session, sender) + 1
             reply = self.client.pull(from_id)
             sender = reply.sender
+            ids = [m.id for m in reply.messages]
+            if ids and ids == previous:
+                raise PeerError(f'{self.client.messages_url} serves the same messages again '
+                                'after they were acknowledged')
+            previous = ids
             if reply.messages:
                 with self.tm:
                     queues.store_inbound(self.session, sender, reply.messages)
@@ -137,7 +143,9 @@ class Communicator:
                     self.client.acknowledge([m.id for m in reply.messages])
                 pulled += len(reply.messages)
                 log.info('pulled %d messages from %s', len(reply.messages), sender)
-            if not reply.messages or not (reply.more or not reply.acknowledges):
+            # Our server says when more wait; the gem's serves all at once
+            # and the cursor moves on until a reply is empty.
+            if not reply.messages or (reply.acknowledges and not reply.more):
                 break
         with self.tm:
             queues.set_state(self.session, 'last_pull_at', sender)
