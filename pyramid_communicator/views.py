@@ -129,8 +129,17 @@ def get_messages(request: Request) -> Response:
     if request.GET.get('pending') != '1':
         queues.mark_delivered(session, [m.id for m in messages])
     _apply_after_commit(request, settings)
-    return Response(status=200, content_type='application/json', charset='utf-8',
+    return Response(status=200, content_type=_reply_type(request), charset='utf-8',
                     body=wire.dumps(messages), headers=_headers(settings, more))
+
+
+def _reply_type(request: Request) -> str:
+    """The gem's HTTParty client parses an ``application/json`` reply and
+    then parses the result again, which fails; the gem's own server said
+    ``text/html``.  Clients that ask for JSON (ours does) get JSON."""
+    if 'application/json' in (request.headers.get('Accept') or ''):
+        return 'application/json'
+    return 'text/plain'
 
 
 def post_messages(request: Request) -> Response:
