@@ -186,7 +186,12 @@ def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
     receiver = receiver_of(target)
     if state.has_identity and not _changed(state, receiver):
         return
-    origin, original_id = _identity(connection, receiver, _local_id(target))
+    local_id = _local_id(target)
+    if local_id is None and len(mapper.primary_key) == 1:
+        # after_insert runs before the session assigns the identity key;
+        # the new primary key is already in the instance's dict.
+        local_id = mapper.primary_key_from_instance(target)[0]
+    origin, original_id = _identity(connection, receiver, local_id)
     connection.execute(outbound_messages.insert().values(
         body=record_body(target), origin=origin, original_id=original_id))
 
