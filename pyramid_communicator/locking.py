@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import time
@@ -50,10 +51,21 @@ def _postgresql(engine: Engine, name: str, wait: float) -> Iterator[bool]:
                 conn.execute(text('SELECT pg_advisory_unlock(:k)'), {'k': key})
 
 
+def _mysql_lock_name(database: str | None, name: str) -> str:
+    """``GET_LOCK`` names are server-wide, not per database: include the
+    database so that two deployments (or test runs) sharing a server do not
+    lock each other out.  Names longer than MySQL's 64 characters are hashed."""
+    lock_name = f'pyramid_communicator.{database}.{name}'
+    if len(lock_name) > 64:
+        digest = hashlib.sha1(lock_name.encode()).hexdigest()
+        lock_name = f'pyramid_communicator.{digest}'
+    return lock_name
+
+
 @contextlib.contextmanager
 def _mysql(engine: Engine, name: str, wait: float) -> Iterator[bool]:
-    lock_name = f'pyramid_communicator.{name}'[:64]
     with engine.connect() as conn:
+        lock_name = _mysql_lock_name(conn.execute(text('SELECT DATABASE()')).scalar(), name)
         acquired = conn.execute(text('SELECT GET_LOCK(:n, :t)'),
                                 {'n': lock_name, 't': int(wait)}).scalar() == 1
         try:
