@@ -29,6 +29,12 @@ def _name(value: str) -> str:
     return value
 
 
+def _identifier(value: str) -> str:
+    if not value.isidentifier():
+        raise ValueError('must be a Python identifier (a request attribute name)')
+    return value
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -101,7 +107,7 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'splits pushes to stay under it'),
         ('verify', _verify, True,
          'TLS verification: true, false, or the path of a CA bundle file'),
-        ('dbsession', _name, 'dbsession',
+        ('dbsession', _identifier, 'dbsession',
          "name of the request attribute holding the host's SQLAlchemy session"),
         ('apply_on_receive', asbool, True,
          'the server applies received messages right after storing them'),
@@ -147,7 +153,8 @@ def parse_settings(settings: MappingType[str, Any]) -> CommunicatorSettings:
             values[row.key] = row.default
             continue
         try:
-            values[row.key] = row.convert(raw) if isinstance(raw, str) else raw
+            # Apps configured from Python pass ints or bools: check them too.
+            values[row.key] = row.convert(raw if isinstance(raw, str) else str(raw))
         except ValueError as exc:
             raise ConfigurationError(f'{key} = {raw!r} is invalid: {exc}') from None
     return CommunicatorSettings(**values)

@@ -17,7 +17,7 @@ from pyramid.request import Request
 from pyramid.response import Response
 
 from . import queues, wire
-from .settings import CommunicatorSettings, get_settings
+from .settings import _NAME_RE, CommunicatorSettings, get_settings
 from .sync import apply_inbound
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,11 @@ def get_messages(request: Request) -> Response:
     refused = _authenticate(request, settings)
     if refused is not None:
         return refused
-    raw = request.GET.get('from_id', '')
+    try:
+        query = request.GET
+    except UnicodeDecodeError:  # WebOb decodes the query string on first use
+        return _error(400, 'the query string is not valid UTF-8')
+    raw = query.get('from_id', '')
     try:
         from_id = int(raw)
     except ValueError:
@@ -119,18 +123,21 @@ def get_messages(request: Request) -> Response:
         return _error(400, 'from_id must be a non-negative integer')
     session = _dbsession(request, settings)
     limit = settings.batch_size
-    if request.GET.get('pending') == '1':
+    if query.get('pending') == '1':
         rows = queues.pending_outbound(session, limit + 1)
     else:
         rows = queues.outbound_from(session, from_id, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     messages = [wire.outbound_to_wire(row, settings.name) for row in rows]
-    if request.GET.get('pending') != '1':
+    if query.get('pending') != '1':
         queues.mark_delivered(session, [m.id for m in messages])
     _apply_after_commit(request, settings)
-    return Response(status=200, content_type=_reply_type(request), charset='utf-8',
-                    body=wire.dumps(messages), headers=_headers(settings, more))
+    response = Response(status=200, content_type=_reply_type(request), charset='utf-8',
+                        body=wire.dumps(messages))
+    # Not Response(headers=...): that replaces Content-Type and Content-Length.
+    response.headers.update(_headers(settings, more))
+    return response
 
 
 def _reply_type(request: Request) -> str:
@@ -155,8 +162,10 @@ def post_messages(request: Request) -> Response:
         messages = wire.parse_messages(body)
     except wire.WireError as exc:
         return _error(400, str(exc))
-    sender = (request.headers.get(wire.NAME_HEADER)
-              or extract_http_basic_credentials(request).username)
+    sender = request.headers.get(wire.NAME_HEADER)
+    if sender and not _NAME_RE.fullmatch(sender):  # a peer's communicator.name, or nothing
+        return _error(400, f'{wire.NAME_HEADER} must be 1-64 letters, digits, "_", "." or "-"')
+    sender = sender or extract_http_basic_credentials(request).username
     session = _dbsession(request, settings)
     if messages:
         queues.store_inbound(session, sender[:255], messages)

@@ -58,6 +58,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _storable(text: str) -> bool:
+    """Text every database stores: encodable as UTF-8 (JSON escapes can
+    make lone surrogates) and without NUL (PostgreSQL refuses it)."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return '\x00' not in text
+
+
 def parse_json(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)
@@ -87,6 +97,8 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         body = item.get('body')
         if not isinstance(body, str):
             raise WireError(f'{where}: "body" must be a string')
+        if not _storable(body):
+            raise WireError(f'{where}: "body" must be UTF-8 text without NUL characters')
         try:
             decode_body(body)
         except RecursionError:
@@ -94,7 +106,8 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         except ValueError as exc:
             raise WireError(f'{where}: "body" is not a record: {exc}') from None
         origin = item.get('origin')
-        if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64):
+        if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64
+                                       and _storable(origin)):
             raise WireError(f'{where}: "origin" must be a string of 1-64 characters or null')
         original_id = item.get('original_id')
         if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
