@@ -12,6 +12,9 @@ Wire it into an app that already has ``pyramid_tm`` and a
 from __future__ import annotations
 
 from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError
+from pyramid.interfaces import IRequestExtensions, IRequestFactory
+from pyramid.request import Request
 from pyramid.security import NO_PERMISSION_REQUIRED
 
 from .records import publish, receives_from
@@ -43,3 +46,18 @@ def includeme(config: Configurator) -> None:
                     request_method='POST', **common)
     for route_name in ('communicator.messages', 'communicator.delivered'):
         config.add_view(views.method_not_allowed, route_name=route_name, **common)
+    # Once the host's own includes have run: is the session attribute there?
+    config.action(None, _check_dbsession, args=(config, settings.dbsession), order=1)
+
+
+def _check_dbsession(config: Configurator, name: str) -> None:
+    extensions = config.registry.queryUtility(IRequestExtensions)
+    factory = config.registry.queryUtility(IRequestFactory, default=Request)
+    known = set()
+    if extensions is not None:
+        known.update(extensions.methods, extensions.descriptors)
+    if name not in known and not hasattr(factory, name):
+        raise ConfigurationError(
+            f'communicator.dbsession = {name!r}: requests have no such attribute; '
+            "add it with config.add_request_method, as the Pyramid cookiecutter's "
+            'models package does')

@@ -66,9 +66,19 @@ def _text(value: str) -> str:
     return value
 
 
+_BOOLEANS = ('true', 'false', 'yes', 'no', 'on', 'off', '1', '0')
+
+
+def _bool(value: str) -> bool:
+    """Like ``asbool``, but a typo is an error rather than False."""
+    if value.lower() not in _BOOLEANS:
+        raise ValueError('must be true or false')
+    return asbool(value)
+
+
 def _verify(value: str) -> bool | str:
     """``true``/``false`` or the path of a CA bundle, as requests' ``verify``."""
-    if value.lower() in ('true', 'false', 'yes', 'no', 'on', 'off', '1', '0'):
+    if value.lower() in _BOOLEANS:
         return asbool(value)
     return value
 
@@ -109,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'TLS verification: true, false, or the path of a CA bundle file'),
         ('dbsession', _identifier, 'dbsession',
          "name of the request attribute holding the host's SQLAlchemy session"),
-        ('apply_on_receive', asbool, True,
+        ('apply_on_receive', _bool, True,
          'the server applies received messages right after storing them'),
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '

@@ -171,7 +171,9 @@ def post_messages(request: Request) -> Response:
         queues.store_inbound(session, sender[:255], messages)
         queues.set_state(session, 'last_received_at', sender[:255])
     _apply_after_commit(request, settings)
-    log.info('received %d messages from %s', len(messages), sender)
+    # The sender's name only when it gave one: never the Basic user name.
+    log.info('received %d messages from %s', len(messages),
+             request.headers.get(wire.NAME_HEADER) or 'a client without a name')
     return _json(202, {'received': len(messages)}, **_headers(settings))
 
 

@@ -93,6 +93,7 @@ def test_parse_settings_without_pyramid_gives_the_same_result_as_include() -> No
     ('communicator.dbsession', 'db session'),
     ('communicator.dbsession', 'db-session'),  # no request attribute can be named so
     ('communicator.dbsession', 'db.session'),
+    ('communicator.apply_on_receive', 'ture'),  # a typo must not turn applying off
 ])
 def test_malformed_value_fails_at_include_naming_the_key(key: str, value: str) -> None:
     message = include_error(**{key: value})
@@ -214,3 +215,18 @@ def test_pcommunicate_never_prints_the_password_when_config_fails(make_side,
     result = central.pcommunicate()
     assert_one_clear_line(result, 'communicator.base_uri')
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_session_attribute_the_requests_lack_fails_when_the_app_is_made() -> None:
+    config = Configurator(settings={**BASE, 'communicator.dbsession': 'db'})
+    config.include('pyramid_communicator')
+    with pytest.raises(ConfigurationError) as info:
+        config.commit()
+    assert "communicator.dbsession = 'db'" in str(info.value)
+
+
+def test_a_session_attribute_added_after_the_include_is_found() -> None:
+    config = Configurator(settings={**BASE, 'communicator.dbsession': 'db'})
+    config.include('pyramid_communicator')
+    config.add_request_method(lambda request: None, 'db', reify=True)
+    config.commit()
