@@ -10,6 +10,7 @@ never applied out of order, while other records go on.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from collections.abc import Sequence
 
@@ -17,6 +18,7 @@ import transaction
 from sqlalchemy.orm import Session
 
 from . import queues
+from .models import utcnow
 from .records import apply_body, decode_body
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,14 @@ def _describe(exc: BaseException) -> str:
 
 def apply_pending(session: Session, tm: transaction.TransactionManager,
                   local_name: str, batch_size: int,
-                  ids: Sequence[int] | None = None) -> ApplyResult:
+                  ids: Sequence[int] | None = None,
+                  retry_delay: float = 0) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
+
+    A message that failed less than ``retry_delay`` seconds ago is not
+    tried again yet (a server applies on every request of a run, and a
+    hopeless message should not cost each of them); it still holds back
+    later messages for its record.
 
     ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
     not be the session of a request in progress: every message is
@@ -61,6 +69,7 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     result = ApplyResult()
     blocked: set[tuple] = set()
     after = 0
+    retry_before = utcnow() - datetime.timedelta(seconds=retry_delay)
     while True:
         with tm:
             rows = queues.pending_inbound(session, batch_size, after, ids)
@@ -69,6 +78,11 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
             key = _record_key(row, local_name)
             if key is not None and key in blocked:
                 result.waiting += 1
+                continue
+            if row.failed_at is not None and row.failed_at > retry_before:
+                result.waiting += 1
+                if key is not None:
+                    blocked.add(key)
                 continue
             try:
                 with tm:

@@ -70,6 +70,11 @@ class OutboundMessage(Base):
     __table_args__ = (
         # "WHERE delivered_at IS NULL ORDER BY id" is the queue's only scan.
         Index('ix_outbound_messages_pending', 'delivered_at', 'id'),
+        # The id is the message's identity at the peer (unique per sender):
+        # it must never be handed out twice.  Without AUTOINCREMENT, SQLite
+        # reuses the highest id once that row is deleted (delivered rows
+        # pruned), and the peer would drop the new message as a duplicate.
+        {'sqlite_autoincrement': True},
     )
 
     def __repr__(self) -> str:

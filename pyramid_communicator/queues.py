@@ -108,7 +108,7 @@ def last_remote_id(session: Session, sender: str) -> int:
 
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
-    query = (select(IN.id, IN.body, IN.origin, IN.original_id)
+    query = (select(IN.id, IN.body, IN.origin, IN.original_id, IN.failed_at)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
                     IN.id > after_id)
              .order_by(IN.id).limit(limit))

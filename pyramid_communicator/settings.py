@@ -121,6 +121,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
          "name of the request attribute holding the host's SQLAlchemy session"),
         ('apply_on_receive', _bool, True,
          'the server applies received messages right after storing them'),
+        ('retry_delay', _non_negative_int, 30,
+         'seconds before a failed inbound message is tried again (pcommunicate '
+         '--retry does not wait)'),
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
@@ -140,6 +143,7 @@ class CommunicatorSettings:
     verify: bool | str = True
     dbsession: str = 'dbsession'
     apply_on_receive: bool = True
+    retry_delay: int = 30
     lock_wait: int = 0
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks

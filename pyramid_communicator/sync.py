@@ -50,13 +50,16 @@ def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
     return session
 
 
-def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None) -> ApplyResult:
+def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
+                  retry_now: bool = False) -> ApplyResult:
     """Apply pending inbound messages with a session and transaction
-    manager of their own (as the server does after a request commits)."""
+    manager of their own (as the server does after a request commits).
+    ``retry_now`` retries failed messages without ``retry_delay``."""
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
-        return apply_pending(session, tm, settings.name, settings.batch_size, ids)
+        return apply_pending(session, tm, settings.name, settings.batch_size, ids,
+                             0 if retry_now else settings.retry_delay)
     finally:
         session.close()
 
@@ -155,7 +158,7 @@ class Communicator:
 
     def apply(self) -> ApplyResult:
         return apply_pending(self.session, self.tm, self.settings.name,
-                             self.settings.batch_size)
+                             self.settings.batch_size, retry_delay=self.settings.retry_delay)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         started = time.monotonic()

@@ -18,8 +18,8 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import requests
@@ -182,6 +182,7 @@ def app_settings(side: Side, **overrides) -> dict[str, str]:
         'communicator.password': PASSWORD,
         'communicator.batch_size': '50',
         'communicator.timeout': '10',
+        'communicator.retry_delay': '0',  # retry failures on the very next run
     }
     settings.update({k: str(v) for k, v in overrides.items() if v is not None})
     for key in [k for k, v in overrides.items() if v is None]:
@@ -256,7 +257,7 @@ class Server:
         self.log = log
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> 'Server':
+    def start(self) -> Server:
         self.process = subprocess.Popen(
             [str(BIN / 'pserve'), str(self.ini)],
             stdout=self.log.open('ab'), stderr=subprocess.STDOUT)

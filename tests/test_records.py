@@ -9,6 +9,7 @@ messages reach a side the way the sync engine stores them
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import json
@@ -90,7 +91,8 @@ def settings_of(side: Side) -> CommunicatorSettings:
     return parse_settings({'communicator.name': side.name,
                            'communicator.username': 'user',
                            'communicator.password': 'secret',
-                           'communicator.batch_size': '7'})
+                           'communicator.batch_size': '7',
+                           'communicator.retry_delay': '0'})
 
 
 def message(remote_id: int, name: str, attributes: dict[str, Any],
@@ -485,6 +487,23 @@ def test_failed_message_is_kept_retried_and_blocks_only_its_record(facade, kind)
     assert (rows[2]['processed_at'], rows[2]['attempts']) == (None, 0)
     assert facade.count('inbound_messages') == 3
     assert facade.count('posts') == 2
+
+
+def test_a_recent_failure_waits_for_retry_delay_and_still_holds_back_its_record(facade):
+    add_post(facade, title='Holds the slug', slug='taken')
+    deliver(facade,
+            message(1, 'post', {'title': 'Conflicts', 'slug': 'taken'}, 'central', 7),
+            message(2, 'post', {'title': 'Waits behind #1'}, 'central', 7))
+    delayed = dataclasses.replace(settings_of(facade), retry_delay=3600)
+    assert apply_inbound(facade.engine, delayed).failed == 1
+
+    result = apply_inbound(facade.engine, delayed)  # within the hour: not tried again
+    assert (result.applied, result.failed, result.waiting) == (0, 0, 2)
+    assert [row['attempts'] for row in inbound(facade).values()] == [1, 0]
+
+    result = apply_inbound(facade.engine, delayed, retry_now=True)  # pcommunicate --retry
+    assert (result.applied, result.failed, result.waiting) == (0, 1, 1)
+    assert [row['attempts'] for row in inbound(facade).values()] == [2, 0]
 
 
 def test_after_the_cause_is_fixed_the_failed_then_the_waiting_message_apply_in_order(facade):

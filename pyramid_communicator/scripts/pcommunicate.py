@@ -142,7 +142,7 @@ class PCommunicateCommand:
         if ids:
             with tm:
                 revive(session, ids)
-        result = apply_inbound(bind, settings, ids)
+        result = apply_inbound(bind, settings, ids, retry_now=True)
         self.say(f'applied={result.applied} failed={result.failed} waiting={result.waiting}')
         return OK if not result.failed else FAILED
 
