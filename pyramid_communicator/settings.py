@@ -23,6 +23,11 @@ REGISTRY_KEY = 'pyramid_communicator.settings'
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]{1,64}$')
 
 
+def is_valid_name(value: str) -> bool:
+    """Is this a possible ``communicator.name`` (of ours or a peer's)?"""
+    return _NAME_RE.fullmatch(value) is not None
+
+
 def _name(value: str) -> str:
     if not _NAME_RE.match(value):
         raise ValueError('must be 1-64 letters, digits, "_", "." or "-"')

@@ -11,16 +11,19 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyramid.authentication import extract_http_basic_credentials
 from pyramid.request import Request
 from pyramid.response import Response
 
 from . import queues, wire
-from .settings import _NAME_RE, CommunicatorSettings, get_settings
+from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .sync import apply_inbound
 
 log = logging.getLogger(__name__)
+T = TypeVar('T')
 
 
 def _json(status: int, data: object, **headers: str) -> Response:
@@ -149,9 +152,10 @@ def _reply_type(request: Request) -> str:
     return 'text/plain'
 
 
-def post_messages(request: Request) -> Response:
-    """``POST /messages.json``: store the array, then apply it after commit."""
-    settings = get_settings(request.registry)
+def _parsed_post(request: Request, settings: CommunicatorSettings,
+                 parse: Callable[[bytes], T]) -> T | Response:
+    """Authenticate, read and parse a POST: the parsed body, or the error
+    response to send."""
     refused = _authenticate(request, settings)
     if refused is not None:
         return refused
@@ -159,21 +163,28 @@ def post_messages(request: Request) -> Response:
     if isinstance(body, Response):
         return body
     try:
-        messages = wire.parse_messages(body)
+        return parse(body)
     except wire.WireError as exc:
         return _error(400, str(exc))
-    sender = request.headers.get(wire.NAME_HEADER)
-    if sender and not _NAME_RE.fullmatch(sender):  # a peer's communicator.name, or nothing
+
+
+def post_messages(request: Request) -> Response:
+    """``POST /messages.json``: store the array, then apply it after commit."""
+    settings = get_settings(request.registry)
+    messages = _parsed_post(request, settings, wire.parse_messages)
+    if isinstance(messages, Response):
+        return messages
+    name = request.headers.get(wire.NAME_HEADER)
+    if name and not is_valid_name(name):  # a peer's communicator.name, or nothing
         return _error(400, f'{wire.NAME_HEADER} must be 1-64 letters, digits, "_", "." or "-"')
-    sender = sender or extract_http_basic_credentials(request).username
+    sender = name or extract_http_basic_credentials(request).username[:255]
     session = _dbsession(request, settings)
     if messages:
-        queues.store_inbound(session, sender[:255], messages)
-        queues.set_state(session, 'last_received_at', sender[:255])
+        queues.store_inbound(session, sender, messages)
+        queues.set_state(session, 'last_received_at', sender)
     _apply_after_commit(request, settings)
     # The sender's name only when it gave one: never the Basic user name.
-    log.info('received %d messages from %s', len(messages),
-             request.headers.get(wire.NAME_HEADER) or 'a client without a name')
+    log.info('received %d messages from %s', len(messages), name or 'a client without a name')
     return _json(202, {'received': len(messages)}, **_headers(settings))
 
 
@@ -181,16 +192,9 @@ def post_delivered(request: Request) -> Response:
     """``POST /messages/delivered.json`` ``{"ids": [...]}``: the client
     stored these messages; they will not be served again."""
     settings = get_settings(request.registry)
-    refused = _authenticate(request, settings)
-    if refused is not None:
-        return refused
-    body = _read_body(request, settings.max_body_bytes)
-    if isinstance(body, Response):
-        return body
-    try:
-        ids = wire.parse_ids(body)
-    except wire.WireError as exc:
-        return _error(400, str(exc))
+    ids = _parsed_post(request, settings, wire.parse_ids)
+    if isinstance(ids, Response):
+        return ids
     session = _dbsession(request, settings)
     acknowledged = queues.mark_delivered(session, ids)
     queues.set_state(session, 'last_acknowledged_at')

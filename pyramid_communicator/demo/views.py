@@ -38,9 +38,9 @@ def list_posts(request):
     }
 
 
-@view_config(route_name='demo.posts', request_method='POST', renderer='json')
-def create_post(request):
-    post = Post()
+def _save(request, post: Post) -> dict:
+    """Write the post's fields and, unless asked not to, publish it in the
+    same transaction."""
     _apply_fields(post, request.json_body)
     request.dbsession.add(post)
     request.dbsession.flush()
@@ -49,16 +49,17 @@ def create_post(request):
     return _post_json(post)
 
 
+@view_config(route_name='demo.posts', request_method='POST', renderer='json')
+def create_post(request):
+    return _save(request, Post())
+
+
 @view_config(route_name='demo.post', request_method='POST', renderer='json')
 def update_post(request):
     post = request.dbsession.get(Post, int(request.matchdict['id']))
     if post is None:
         raise HTTPNotFound()
-    _apply_fields(post, request.json_body)
-    request.dbsession.flush()
-    if request.json_body.get('publish', True):
-        publish(request.dbsession, post)
-    return _post_json(post)
+    return _save(request, post)
 
 
 @view_config(route_name='demo.comments', request_method='POST', renderer='json')
