@@ -134,7 +134,11 @@ class PCommunicateCommand:
         with tm:
             count = give_up(session, self.args.give_up, by, self.args.reason)
         self.say(f'gave up on {count} inbound message(s)')
-        return OK if count == len(set(self.args.give_up)) else FAILED
+        missed = len(set(self.args.give_up)) - count
+        if missed:
+            return self.fail(f'{missed} of the ids named are not pending inbound messages '
+                             '(unknown, already applied or already given up)')
+        return OK
 
     def retry(self, settings, bind) -> int:
         ids = self.args.retry or None
@@ -144,7 +148,10 @@ class PCommunicateCommand:
                 revive(session, ids)
         result = apply_inbound(bind, settings, ids, retry_now=True)
         self.say(f'applied={result.applied} failed={result.failed} waiting={result.waiting}')
-        return OK if not result.failed else FAILED
+        if result.failed:
+            return self.fail(f'{result.failed} inbound message(s) still fail; '
+                             'see pcommunicate --status for their errors')
+        return OK
 
 
 def main(argv: Sequence[str] = sys.argv, quiet: bool = False) -> int:
