@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 from collections.abc import Sequence
 
@@ -88,7 +89,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                 with tm:
                     if not queues.claim_inbound(session, row.id):
                         continue  # another worker applied it meanwhile
-                    apply_body(session, local_name, row.body, row.origin, row.original_id)
+                    apply_body(session, local_name, row.body, row.origin, row.original_id,
+                               json.loads(row.refs) if row.refs else None)
             except Exception as exc:
                 # Log the kind of error only: the text may quote record values.
                 log.warning('inbound message %s failed: %s', row.id, type(exc).__name__)

@@ -64,6 +64,9 @@ class OutboundMessage(Base):
     body: Mapped[str] = mapped_column(BodyText)
     origin: Mapped[str | None] = mapped_column(String(64))
     original_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: JSON ``{column: [origin, original_id]}``: whom the record's foreign
+    #: keys point at, so the receiver can point at its own copies.
+    refs: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
 
@@ -97,6 +100,7 @@ class InboundMessage(Base):
     body: Mapped[str] = mapped_column(BodyText)
     origin: Mapped[str | None] = mapped_column(String(64))
     original_id: Mapped[int | None] = mapped_column(BigInteger)
+    refs: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -8,6 +8,7 @@ they need, and stay the same on SQLite, PostgreSQL and MariaDB.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -61,7 +62,7 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     """Undelivered messages in id order.  No cursor survives a run: an id
     that commits late is still undelivered next time, never skipped."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs)
         .where(OUT.delivered_at.is_(None), OUT.id > after_id)
         .order_by(OUT.id).limit(limit)
     ).all()
@@ -70,7 +71,7 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
 def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     """The gem's view of the queue: every message with ``id >= from_id``."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs)
         .where(OUT.id >= from_id).order_by(OUT.id).limit(limit)
     ).all()
 
@@ -95,6 +96,7 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     now = utcnow()
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
+             'refs': json.dumps(m.refs) if m.refs else None,
              'created_at': now, 'attempts': 0} for m in messages]
     return _insert_ignoring_duplicates(session, inbound_messages, rows,
                                        ('sender', 'remote_id'))
@@ -108,7 +110,7 @@ def last_remote_id(session: Session, sender: str) -> int:
 
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
-    query = (select(IN.id, IN.body, IN.origin, IN.original_id, IN.failed_at)
+    query = (select(IN.id, IN.body, IN.origin, IN.original_id, IN.refs, IN.failed_at)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
                     IN.id > after_id)
              .order_by(IN.id).limit(limit))

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session
+from zope.sqlalchemy import mark_changed
 
-from .models import OutboundMessage, communicator_mappings, outbound_messages
+from .models import OutboundMessage, communicator_mappings, outbound_messages, utcnow
 
 T = TypeVar('T', bound=type)
 
@@ -51,6 +52,17 @@ class Receiver:
     def primary_key(self) -> list[str]:
         mapper = inspect(self.cls)
         return [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+
+    def references(self) -> dict[str, Receiver]:
+        """Attribute key -> receiver of the record a foreign key points at,
+        for crossing columns whose foreign key targets a synced model."""
+        found = {}
+        for key, column in self.columns().items():
+            for fk in column.foreign_keys:
+                target = _receiver_of_table(fk.column.table)
+                if target is not None and fk.column.primary_key:
+                    found[key] = target
+        return found
 
     def columns(self) -> dict[str, Any]:
         """Attribute key -> Column, for the attributes that may cross."""
@@ -92,6 +104,13 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
             event.listen(cls, 'after_update', _autopublish)
         return cls
     return register
+
+
+def _receiver_of_table(table: Any) -> Receiver | None:
+    for receiver in _by_class.values():
+        if inspect(receiver.cls).local_table is table:
+            return receiver
+    return None
 
 
 def receiver_for(name: str) -> Receiver:
@@ -162,6 +181,18 @@ def _identity(connection: Connection, receiver: Receiver,
     return None, local_id
 
 
+def record_refs(connection: Connection, obj: object) -> str | None:
+    """JSON of the identities the record's foreign keys point at."""
+    receiver = receiver_of(obj)
+    state = inspect(obj)
+    refs = {}
+    for key, target in receiver.references().items():
+        value = state.dict.get(key)
+        if value is not None:
+            refs[key] = list(_identity(connection, target, value))
+    return json.dumps(refs, separators=(',', ':')) if refs else None
+
+
 def publish(session: Session, obj: object) -> OutboundMessage:
     """Enqueue ``obj``'s current state for the peer, in ``session``'s
     current transaction: if that transaction aborts, the message is gone
@@ -171,11 +202,17 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     receiver then creates a new record with its own id.
     """
     receiver = receiver_of(obj)
-    origin, original_id = _identity(session.connection(), receiver, _local_id(obj))
-    message = OutboundMessage(body=record_body(obj), origin=origin,
-                              original_id=original_id)
-    session.add(message)
-    return message
+    connection = session.connection()
+    origin, original_id = _identity(connection, receiver, _local_id(obj))
+    # A Core insert, not session.add: the message takes its id, and so its
+    # place on the wire, now, in publishing order (also among autopublished
+    # ones), without flushing anything else of the caller's.
+    result = connection.execute(outbound_messages.insert().values(
+        body=record_body(obj), origin=origin, original_id=original_id,
+        refs=record_refs(connection, obj), created_at=utcnow()))
+    mark_changed(session)
+    with session.no_autoflush:
+        return session.get(OutboundMessage, result.inserted_primary_key[0])
 
 
 def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
@@ -193,7 +230,8 @@ def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
         local_id = mapper.primary_key_from_instance(target)[0]
     origin, original_id = _identity(connection, receiver, local_id)
     connection.execute(outbound_messages.insert().values(
-        body=record_body(target), origin=origin, original_id=original_id))
+        body=record_body(target), origin=origin, original_id=original_id,
+        refs=record_refs(connection, target)))
 
 
 def _changed(state: Any, receiver: Receiver) -> bool:
@@ -246,8 +284,26 @@ def decode_body(body: str) -> tuple[str, dict[str, Any]]:
     return name, attributes
 
 
+def _resolve(session: Session, local_name: str, target: Receiver,
+             origin: str, original_id: int) -> int:
+    """The local id of the record (name, origin, original_id) stands for."""
+    if origin == local_name:
+        if session.get(target.cls, original_id) is not None:
+            return original_id
+    else:
+        m = communicator_mappings.c
+        local_id = session.connection().execute(
+            select(m.local_id).where(m.name == target.name, m.origin == origin,
+                                     m.original_id == original_id)).scalar()
+        if local_id is not None:
+            return local_id
+    raise LookupError(f'refers to {target.name} {original_id} of {origin}, '
+                      'which is not here (yet)')
+
+
 def apply_body(session: Session, local_name: str, body: str,
-               origin: str | None, original_id: int | None) -> object:
+               origin: str | None, original_id: int | None,
+               refs: dict[str, list] | None = None) -> object:
     """Create or update the local record a message addresses.
 
     Known (name, origin, original_id) -> the mapped record; origin equal to
@@ -279,6 +335,10 @@ def apply_body(session: Session, local_name: str, body: str,
     for key, value in attributes.items():
         if key in columns:
             setattr(obj, key, _from_wire(columns[key], value))
+    references = receiver.references()
+    for key, (ref_origin, ref_id) in (refs or {}).items():
+        if key in references:  # our peer told us whom the key means
+            setattr(obj, key, _resolve(session, local_name, references[key], ref_origin, ref_id))
     if created:
         session.add(obj)
         session.flush()

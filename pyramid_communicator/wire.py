@@ -35,10 +35,16 @@ class WireMessage:
     body: str
     origin: str | None
     original_id: int | None
+    #: Our extension: ``{column: [origin, original_id]}`` of the records the
+    #: foreign keys point at (the gem ignores the key).
+    refs: dict[str, list] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {'id': self.id, 'body': self.body, 'origin': self.origin,
+        data = {'id': self.id, 'body': self.body, 'origin': self.origin,
                 'original_id': self.original_id}
+        if self.refs:
+            data['refs'] = self.refs
+        return data
 
 
 def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
@@ -46,7 +52,11 @@ def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
     origin = row.origin
     if origin is None and row.original_id is not None:
         origin = local_name
-    return WireMessage(row.id, row.body, origin, row.original_id)
+    refs = None
+    if getattr(row, 'refs', None):
+        refs = {column: [ref_origin or local_name, ref_id]
+                for column, (ref_origin, ref_id) in json.loads(row.refs).items()}
+    return WireMessage(row.id, row.body, origin, row.original_id, refs)
 
 
 def dumps(messages: Iterable[WireMessage]) -> bytes:
@@ -112,8 +122,22 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         original_id = item.get('original_id')
         if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
             raise WireError(f'{where}: "original_id" must be an integer or null')
-        messages.append(WireMessage(message_id, body, origin, original_id))
+        refs = item.get('refs')
+        if refs is not None and not _valid_refs(refs):
+            raise WireError(f'{where}: "refs" must map column names to [origin, id]')
+        messages.append(WireMessage(message_id, body, origin, original_id, refs or None))
     return messages
+
+
+def _valid_refs(refs: Any) -> bool:
+    if not isinstance(refs, dict) or len(refs) > 100:
+        return False
+    return all(
+        isinstance(column, str) and 0 < len(column) <= 64 and _storable(column)
+        and isinstance(ref, list) and len(ref) == 2
+        and isinstance(ref[0], str) and 0 < len(ref[0]) <= 64 and _storable(ref[0])
+        and _is_int(ref[1]) and abs(ref[1]) < 2 ** 63
+        for column, ref in refs.items())
 
 
 def parse_ids(raw: bytes | str) -> list[int]:
