@@ -64,6 +64,11 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
         session.close()
 
 
+class MessageTooLarge(PeerError):
+    """One outbound message is larger than the peer accepts.  It holds up
+    the push (a later message may update the same record) but not the pull."""
+
+
 class Communicator:
     """Push, pull and apply for the app whose database is ``bind``."""
 
@@ -115,7 +120,7 @@ class Communicator:
             except BodyTooLarge:
                 too_large = True
         if len(messages) == 1:
-            raise PeerError(
+            raise MessageTooLarge(
                 f'outbound message {messages[0].id} is {len(payload)} bytes encoded, '
                 'more than the peer accepts (communicator.max_body_bytes)')
         half = len(messages) // 2
@@ -161,13 +166,20 @@ class Communicator:
                              self.settings.batch_size, retry_delay=self.settings.retry_delay)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
+        """Push, pull, apply; raises :class:`PeerError` if the exchange failed."""
         started = time.monotonic()
         summary = Summary()
+        held_up = None
         if push:
-            summary.pushed = self.push()
+            try:
+                summary.pushed = self.push()
+            except MessageTooLarge as exc:
+                held_up = exc  # the peer is fine: still pull and apply
         if pull:
             summary.pulled = self.pull()
         result = self.apply()
+        if held_up is not None:
+            raise held_up
         summary.applied, summary.failed, summary.waiting = (
             result.applied, result.failed, result.waiting)
         summary.seconds = time.monotonic() - started

@@ -1,0 +1,59 @@
+"""Queues larger than a batch, and bodies larger than the peer accepts,
+still cross completely: in several requests, never all at once."""
+from __future__ import annotations
+
+from test_end_to_end import summary
+
+from pyramid_communicator import publish
+from pyramid_communicator.demo.models import Post
+
+
+def publish_posts(side, count: int, body: str = 'x') -> None:
+    with side.session() as session:
+        for number in range(count):
+            post = Post(title=f'post {number}', body=body)
+            session.add(post)
+            session.flush()
+            publish(session, post)
+
+
+def test_queues_larger_than_a_batch_cross_in_several_batches(make_side, serve, make_central):
+    facade = serve(make_side('facade'), **{'communicator.batch_size': 7})
+    central = make_central(make_side('central'), facade.url, **{'communicator.batch_size': 7})
+    publish_posts(central.side, 30)
+    for number in range(23):
+        facade.create_post(title=f'facade post {number}')
+
+    figures = summary(central.sync())
+    assert (figures['pushed'], figures['pulled'], figures['applied']) == (30, 23, 23)
+    assert facade.side.count('posts') == central.side.count('posts') == 53
+    assert facade.side.count('outbound_messages', 'delivered_at IS NULL') == 0
+    assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 0
+
+
+def test_a_push_over_the_peers_body_limit_is_split(make_side, serve, make_central):
+    facade = serve(make_side('facade'), **{'communicator.max_body_bytes': 4000})
+    # central does not know the facade's limit: it learns it from the 413s
+    central = make_central(make_side('central'), facade.url)
+    publish_posts(central.side, 12, body='y' * 900)
+
+    assert summary(central.sync())['pushed'] == 12
+    assert facade.side.count('posts') == 12
+    assert facade.side.count('inbound_messages') == 12
+
+
+def test_a_single_message_over_the_limit_fails_clearly_and_holds_up_only_the_push(
+        make_side, serve, make_central):
+    facade = serve(make_side('facade'), **{'communicator.max_body_bytes': 4000})
+    central = make_central(make_side('central'), facade.url,
+                           **{'communicator.max_body_bytes': 4000})
+    publish_posts(central.side, 1, body='z' * 5000)
+    facade.create_post(title='still pulled')
+
+    result = central.pcommunicate()
+    assert result.returncode == 1
+    assert 'is' in result.stderr and 'bytes encoded' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert facade.side.count('inbound_messages') == 0
+    assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 1
+    assert [row['title'] for row in central.side.rows('posts')] == ['post 0', 'still pulled']
