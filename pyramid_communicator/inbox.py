@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 
 import transaction
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import queues
@@ -49,6 +50,11 @@ def _record_key(row, local_name: str) -> tuple | None:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error to keep with the message: the database's own words for a
+    database error, without the statement and its parameters (the record's
+    values), which SQLAlchemy appends."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f'{type(exc).__name__}: {exc.orig}'
     return f'{type(exc).__name__}: {exc}'
 
 

@@ -602,3 +602,13 @@ def test_two_concurrent_apply_runs_never_apply_a_message_twice(facade):
     rows = facade.rows('inbound_messages')
     assert [row['attempts'] for row in rows] == [1] * len(messages)
     assert all(row['processed_at'] is not None and row['last_error'] is None for row in rows)
+
+
+def test_a_kept_database_error_leaves_out_the_statement_and_its_values(facade):
+    add_post(facade, title='Holds the slug', slug='taken')
+    deliver(facade, message(1, 'post', {'title': 'Secret title', 'slug': 'taken'}, 'central', 7))
+    assert apply(facade).failed == 1
+    [row] = facade.rows('inbound_messages')
+    assert row['last_error'].startswith('IntegrityError: ')
+    assert 'Secret title' not in row['last_error']
+    assert 'INSERT' not in row['last_error'] and '[parameters' not in row['last_error']
