@@ -284,6 +284,15 @@ def decode_body(body: str) -> tuple[str, dict[str, Any]]:
     return name, attributes
 
 
+def _mapped_id(connection: Connection, name: str, origin: str,
+               original_id: int) -> int | None:
+    """The local id mapped to (name, origin, original_id), if any."""
+    m = communicator_mappings.c
+    return connection.execute(
+        select(m.local_id).where(m.name == name, m.origin == origin,
+                                 m.original_id == original_id)).scalar()
+
+
 def _resolve(session: Session, local_name: str, target: Receiver,
              origin: str, original_id: int) -> int:
     """The local id of the record (name, origin, original_id) stands for."""
@@ -291,10 +300,7 @@ def _resolve(session: Session, local_name: str, target: Receiver,
         if session.get(target.cls, original_id) is not None:
             return original_id
     else:
-        m = communicator_mappings.c
-        local_id = session.connection().execute(
-            select(m.local_id).where(m.name == target.name, m.origin == origin,
-                                     m.original_id == original_id)).scalar()
+        local_id = _mapped_id(session.connection(), target.name, origin, original_id)
         if local_id is not None:
             return local_id
     raise LookupError(f'refers to {target.name} {original_id} of {origin}, '
@@ -321,11 +327,7 @@ def apply_body(session: Session, local_name: str, body: str,
             if obj is None:
                 raise LookupError(f'{name} {original_id} of {local_name} does not exist here')
         else:
-            m = communicator_mappings.c
-            local_id = connection.execute(
-                select(m.local_id).where(m.name == name, m.origin == origin,
-                                         m.original_id == original_id)
-            ).scalar()
+            local_id = _mapped_id(connection, name, origin, original_id)
             if local_id is not None:
                 obj = session.get(receiver.cls, local_id)
     created = obj is None
