@@ -17,10 +17,12 @@ from pyramid.interfaces import IRequestExtensions, IRequestFactory
 from pyramid.request import Request
 from pyramid.security import NO_PERMISSION_REQUIRED
 
-from .records import publish, receives_from
+from .conflicts import Conflict, Edit, authority
+from .publishing import publish, publish_delete, receives_from
 from .settings import REGISTRY_KEY, get_settings, parse_settings
 
-__all__ = ['includeme', 'publish', 'receives_from', 'get_settings']
+__all__ = ['includeme', 'publish', 'publish_delete', 'receives_from', 'authority',
+           'Conflict', 'Edit', 'get_settings']
 
 
 def includeme(config: Configurator) -> None:

@@ -3,7 +3,8 @@
 Savepoints would be cheaper but zope.sqlalchemy turns them off on SQLite;
 a transaction of its own per message works everywhere and lets several
 workers or runs apply the same queue at once (see ``queues.claim_inbound``).
-A message that fails is kept with its error and retried on later runs;
+A message that fails is kept with its error and retried on later runs
+(one the peer was not allowed to send is kept as refused, not retried);
 later messages for the same record wait behind it so that updates are
 never applied out of order, while other records go on.
 """
@@ -20,8 +21,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import queues
+from .applying import Message, Refused, apply_message
 from .models import utcnow
-from .records import apply_body, decode_body
+from .records import decode_body
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,17 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                 with tm:
                     if not queues.claim_inbound(session, row.id):
                         continue  # another worker applied it meanwhile
-                    apply_body(session, local_name, row.body, row.origin, row.original_id,
-                               json.loads(row.refs) if row.refs else None)
+                    apply_message(session, local_name, Message(
+                        row.sender, row.body, row.origin, row.original_id,
+                        json.loads(row.refs) if row.refs else None,
+                        json.loads(row.version) if row.version else None))
+            except Refused as exc:
+                # The peer may not do this: kept with the reason, never
+                # retried by itself, and it holds nothing else back.
+                log.warning('inbound message %s refused: %s', row.id, exc)
+                with tm:
+                    queues.record_refusal(session, row.id, f'refused: {exc}')
+                result.failed += 1
             except Exception as exc:
                 # Log the kind of error only: the text may quote record values.
                 log.warning('inbound message %s failed: %s', row.id, type(exc).__name__)

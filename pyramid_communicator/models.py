@@ -67,6 +67,9 @@ class OutboundMessage(Base):
     #: JSON ``{column: [origin, original_id]}``: whom the record's foreign
     #: keys point at, so the receiver can point at its own copies.
     refs: Mapped[str | None] = mapped_column(Text)
+    #: JSON: the record's version (see :mod:`.versions`); NULL for a
+    #: message from a peer without versions (the gem).
+    version: Mapped[str | None] = mapped_column(BodyText)
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
 
@@ -101,6 +104,7 @@ class InboundMessage(Base):
     origin: Mapped[str | None] = mapped_column(String(64))
     original_id: Mapped[int | None] = mapped_column(BigInteger)
     refs: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(BodyText)
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -109,6 +113,9 @@ class InboundMessage(Base):
     given_up_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     given_up_by: Mapped[str | None] = mapped_column(String(255))
     given_up_reason: Mapped[str | None] = mapped_column(Text)
+    #: Refused for good (the peer may not do this); never retried unless an
+    #: operator names it in ``pcommunicate --retry ID``.
+    refused_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (
         UniqueConstraint('sender', 'remote_id'),
@@ -120,19 +127,55 @@ class InboundMessage(Base):
 
 
 class Mapping(Base):
-    """Which local record stands for (record name, origin, original id)."""
+    """A synced record's identity and version.
+
+    (name, origin, original_id) is the record's identity on the wire: the
+    app it was created in and its id there.  ``origin`` ``''`` is this app
+    (the row exists once the record was published: the peer may address
+    it).  ``local_id`` is the local record it stands for, NULL once the
+    record was deleted (the row is then a tombstone).  A record merged
+    with another app's by ``match_on`` has a row for each identity; they
+    share one version.
+    """
     __tablename__ = 'communicator_mappings'
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64))
     origin: Mapped[str] = mapped_column(String(64))
     original_id: Mapped[int] = mapped_column(BigInteger)
-    local_id: Mapped[int] = mapped_column(BigInteger)
+    local_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: JSON of :class:`.versions.Version`; NULL before the first versioned change.
+    version: Mapped[str | None] = mapped_column(BodyText)
 
     __table_args__ = (
         UniqueConstraint('name', 'origin', 'original_id'),
         Index('ix_communicator_mappings_local', 'name', 'local_id'),
     )
+
+
+class ConflictRecord(Base):
+    """A conflict between concurrent edits, and how it was settled."""
+    __tablename__ = 'communicator_conflicts'
+
+    id: Mapped[int] = mapped_column(QueueId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str | None] = mapped_column(String(64))
+    original_id: Mapped[int | None] = mapped_column(BigInteger)
+    local_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: NULL: a delete against an update.
+    attribute: Mapped[str | None] = mapped_column(String(255))
+    local_value: Mapped[str | None] = mapped_column(Text)
+    remote_value: Mapped[str | None] = mapped_column(Text)
+    kept_value: Mapped[str | None] = mapped_column(Text)
+    local_stamp: Mapped[str | None] = mapped_column(String(100))
+    remote_stamp: Mapped[str | None] = mapped_column(String(100))
+    #: 'local', 'remote' or 'merged'
+    winner: Mapped[str] = mapped_column(String(16))
+    policy: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
+
+    __table_args__ = (Index('ix_communicator_conflicts_created', 'created_at'),)
 
 
 class SyncState(Base):
@@ -148,3 +191,4 @@ outbound_messages = OutboundMessage.__table__
 inbound_messages = InboundMessage.__table__
 communicator_mappings = Mapping.__table__
 communicator_state = SyncState.__table__
+communicator_conflicts = ConflictRecord.__table__

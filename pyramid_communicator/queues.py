@@ -62,7 +62,7 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     """Undelivered messages in id order.  No cursor survives a run: an id
     that commits late is still undelivered next time, never skipped."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version)
         .where(OUT.delivered_at.is_(None), OUT.id > after_id)
         .order_by(OUT.id).limit(limit)
     ).all()
@@ -71,7 +71,7 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
 def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     """The gem's view of the queue: every message with ``id >= from_id``."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version)
         .where(OUT.id >= from_id).order_by(OUT.id).limit(limit)
     ).all()
 
@@ -97,6 +97,7 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
              'refs': json.dumps(m.refs) if m.refs else None,
+             'version': json.dumps(m.version, separators=(',', ':')) if m.version else None,
              'created_at': now, 'attempts': 0} for m in messages]
     return _insert_ignoring_duplicates(session, inbound_messages, rows,
                                        ('sender', 'remote_id'))
@@ -110,9 +111,10 @@ def last_remote_id(session: Session, sender: str) -> int:
 
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
-    query = (select(IN.id, IN.body, IN.origin, IN.original_id, IN.refs, IN.failed_at)
+    query = (select(IN.id, IN.sender, IN.body, IN.origin, IN.original_id, IN.refs,
+                    IN.version, IN.failed_at)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
-                    IN.id > after_id)
+                    IN.refused_at.is_(None), IN.id > after_id)
              .order_by(IN.id).limit(limit))
     if ids is not None:
         query = query.where(IN.id.in_(ids))
@@ -128,7 +130,8 @@ def claim_inbound(session: Session, message_id: int) -> bool:
     """
     result = session.execute(
         update(inbound_messages)
-        .where(IN.id == message_id, IN.processed_at.is_(None), IN.given_up_at.is_(None))
+        .where(IN.id == message_id, IN.processed_at.is_(None), IN.given_up_at.is_(None),
+               IN.refused_at.is_(None))
         .values(processed_at=utcnow(), attempts=IN.attempts + 1,
                 last_error=None, failed_at=None))
     _changed(session)
@@ -141,6 +144,17 @@ def record_failure(session: Session, message_id: int, error: str) -> None:
         .where(IN.id == message_id, IN.processed_at.is_(None))
         .values(attempts=IN.attempts + 1, last_error=error[:4000],
                 failed_at=utcnow()))
+    _changed(session)
+
+
+def record_refusal(session: Session, message_id: int, reason: str) -> None:
+    """The peer may not do what this message asks: kept, not retried."""
+    now = utcnow()
+    session.execute(
+        update(inbound_messages)
+        .where(IN.id == message_id, IN.processed_at.is_(None))
+        .values(attempts=IN.attempts + 1, last_error=reason[:4000], failed_at=now,
+                refused_at=now))
     _changed(session)
 
 

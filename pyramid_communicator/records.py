@@ -1,9 +1,8 @@
 """Which models take part in sync, and how a record becomes a message body
-and a message body becomes a record again.
+and a message body becomes attribute values again.
 
-``receives_from`` registers a mapped class under its wire name;
-``publish`` writes the record's current state to the outbound queue in the
-session's own transaction (the transactional outbox).
+``receives_from`` (in :mod:`.publishing`, which also wires autopublish)
+registers a mapped class here under its wire name.
 """
 from __future__ import annotations
 
@@ -13,21 +12,19 @@ import datetime
 import decimal
 import json
 import uuid
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import event, inspect, select
-from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session, object_session
-from zope.sqlalchemy import mark_changed
+from sqlalchemy import inspect
 
-from .models import OutboundMessage, communicator_mappings, outbound_messages, utcnow
-
-T = TypeVar('T', bound=type)
+from .conflicts import Policy
+from .versions import digest
 
 #: ``session.info`` key set while inbound messages are applied, so that
 #: autopublish never echoes a received change back to its sender.
 APPLYING = 'pyramid_communicator.applying'
+
+#: What a peer may do to a model's records (``receives_from(accept=...)``).
+OPERATIONS = frozenset({'create', 'update', 'delete'})
 
 
 class UnknownRecord(LookupError):
@@ -41,6 +38,10 @@ class Receiver:
     exclude: frozenset[str]
     only: frozenset[str] | None
     autopublish: bool
+    policy: Policy
+    match_on: tuple[str, ...] = ()
+    deletes: bool = False
+    accept: frozenset[str] = frozenset({'create', 'update'})
 
     def crosses(self, attribute: str) -> bool:
         """May this attribute travel on the wire, in either direction?"""
@@ -79,31 +80,12 @@ _by_name: dict[str, Receiver] = {}
 _by_class: dict[type, Receiver] = {}
 
 
-def receives_from(name: str, *, exclude: Iterable[str] = (),
-                  only: Iterable[str] | None = None,
-                  autopublish: bool = False) -> Callable[[T], T]:
-    """Class decorator: this mapped class receives (and sends) records named
-    ``name``.
-
-    ``exclude`` attributes never cross the wire; ``only``, when given, is
-    the allow-list of attributes that may.  ``autopublish`` publishes every
-    insert and update flushed through any session, except changes that
-    were themselves applied from an inbound message.
-    """
-    def register(cls: T) -> T:
-        receiver = Receiver(name, cls, frozenset(exclude),
-                            None if only is None else frozenset(only),
-                            autopublish)
-        previous = _by_name.get(name)
-        if previous is not None and previous.cls.__qualname__ != cls.__qualname__:
-            raise ValueError(f'{name!r} is already received by {previous.cls!r}')
-        _by_name[name] = receiver
-        _by_class[cls] = receiver
-        if autopublish and not event.contains(cls, 'after_insert', _autopublish):
-            event.listen(cls, 'after_insert', _autopublish)
-            event.listen(cls, 'after_update', _autopublish)
-        return cls
-    return register
+def register(receiver: Receiver) -> None:
+    previous = _by_name.get(receiver.name)
+    if previous is not None and previous.cls.__qualname__ != receiver.cls.__qualname__:
+        raise ValueError(f'{receiver.name!r} is already received by {previous.cls!r}')
+    _by_name[receiver.name] = receiver
+    _by_class[receiver.cls] = receiver
 
 
 def _receiver_of_table(table: Any) -> Receiver | None:
@@ -129,7 +111,7 @@ def receiver_of(obj: object) -> Receiver:
 
 # -- record -> message ------------------------------------------------------
 
-def _to_wire(value: Any) -> Any:
+def to_wire(value: Any) -> Any:
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -141,11 +123,19 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
-def record_body(obj: object) -> str:
-    """The JSON string the wire's ``body`` holds: ``{name: {attr: value}}``."""
+def fingerprint(value: Any) -> str:
+    """The digest a version keeps of an attribute's Python value; equal
+    numbers compare equal whatever their scale (``1.5`` and ``1.50``)."""
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        value = value.normalize()
+    return digest(to_wire(value))
+
+
+def record_values(obj: object) -> dict[str, Any]:
+    """The record's crossing attributes as wire values."""
     receiver = receiver_of(obj)
     state = inspect(obj)
-    attributes = {}
+    values = {}
     for key in receiver.columns():
         # Read through the state, never the attribute: no lazy loads, no
         # autoflush in the middle of a flush.
@@ -153,96 +143,26 @@ def record_body(obj: object) -> str:
             value = state.dict[key]
         else:
             value = getattr(obj, key) if state.has_identity else None
-        attributes[key] = _to_wire(value)
-    return json.dumps({receiver.name: attributes}, separators=(',', ':'),
-                      ensure_ascii=False)
+        values[key] = value
+    return values
 
 
-def _local_id(obj: object) -> int | None:
+def encode_body(name: str, values: dict[str, Any]) -> str:
+    """The JSON string the wire's ``body`` holds: ``{name: {attr: value}}``."""
+    return json.dumps({name: {key: to_wire(value) for key, value in values.items()}},
+                      separators=(',', ':'), ensure_ascii=False)
+
+
+def local_id(obj: object) -> int | None:
     identity = inspect(obj).identity
     if identity is None or len(identity) != 1:
         return None
     return identity[0]
 
 
-def _identity(connection: Connection, receiver: Receiver,
-              local_id: int | None) -> tuple[str | None, int | None]:
-    """(origin, original_id) of a local record; origin None means "here"."""
-    if local_id is None:
-        return None, None
-    m = communicator_mappings.c
-    row = connection.execute(
-        select(m.origin, m.original_id)
-        .where(m.name == receiver.name, m.local_id == local_id)
-        .limit(1)
-    ).first()
-    if row is not None:
-        return row.origin, row.original_id
-    return None, local_id
-
-
-def record_refs(connection: Connection, obj: object) -> str | None:
-    """JSON of the identities the record's foreign keys point at."""
-    receiver = receiver_of(obj)
-    state = inspect(obj)
-    refs = {}
-    for key, target in receiver.references().items():
-        value = state.dict.get(key)
-        if value is not None:
-            refs[key] = list(_identity(connection, target, value))
-    return json.dumps(refs, separators=(',', ':')) if refs else None
-
-
-def publish(session: Session, obj: object) -> OutboundMessage:
-    """Enqueue ``obj``'s current state for the peer, in ``session``'s
-    current transaction: if that transaction aborts, the message is gone
-    with the change.
-
-    A record that was never flushed is published without identity; the
-    receiver then creates a new record with its own id.
-    """
-    receiver = receiver_of(obj)
-    connection = session.connection()
-    origin, original_id = _identity(connection, receiver, _local_id(obj))
-    # A Core insert, not session.add: the message takes its id, and so its
-    # place on the wire, now, in publishing order (also among autopublished
-    # ones), without flushing anything else of the caller's.
-    result = connection.execute(outbound_messages.insert().values(
-        body=record_body(obj), origin=origin, original_id=original_id,
-        refs=record_refs(connection, obj), created_at=utcnow()))
-    mark_changed(session)
-    with session.no_autoflush:
-        return session.get(OutboundMessage, result.inserted_primary_key[0])
-
-
-def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
-    session = object_session(target)
-    if session is not None and session.info.get(APPLYING):
-        return
-    state = inspect(target)
-    receiver = receiver_of(target)
-    if state.has_identity and not _changed(state, receiver):
-        return
-    local_id = _local_id(target)
-    if local_id is None and len(mapper.primary_key) == 1:
-        # after_insert runs before the session assigns the identity key;
-        # the new primary key is already in the instance's dict.
-        local_id = mapper.primary_key_from_instance(target)[0]
-    origin, original_id = _identity(connection, receiver, local_id)
-    connection.execute(outbound_messages.insert().values(
-        body=record_body(target), origin=origin, original_id=original_id,
-        refs=record_refs(connection, target)))
-
-
-def _changed(state: Any, receiver: Receiver) -> bool:
-    """Did any attribute that crosses the wire change in this flush?"""
-    columns = receiver.columns()
-    return any(state.attrs[key].history.has_changes() for key in columns)
-
-
 # -- message -> record ------------------------------------------------------
 
-def _from_wire(column: Any, value: Any) -> Any:
+def from_wire(column: Any, value: Any) -> Any:
     if value is None:
         return None
     try:
@@ -282,78 +202,3 @@ def decode_body(body: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(attributes, dict):
         raise ValueError(f'attributes of {name!r} must be a JSON object')
     return name, attributes
-
-
-def _mapped_id(connection: Connection, name: str, origin: str,
-               original_id: int) -> int | None:
-    """The local id mapped to (name, origin, original_id), if any."""
-    m = communicator_mappings.c
-    return connection.execute(
-        select(m.local_id).where(m.name == name, m.origin == origin,
-                                 m.original_id == original_id)).scalar()
-
-
-def _resolve(session: Session, local_name: str, target: Receiver,
-             origin: str, original_id: int) -> int:
-    """The local id of the record (name, origin, original_id) stands for."""
-    if origin == local_name:
-        if session.get(target.cls, original_id) is not None:
-            return original_id
-    else:
-        local_id = _mapped_id(session.connection(), target.name, origin, original_id)
-        if local_id is not None:
-            return local_id
-    raise LookupError(f'refers to {target.name} {original_id} of {origin}, '
-                      'which is not here (yet)')
-
-
-def apply_body(session: Session, local_name: str, body: str,
-               origin: str | None, original_id: int | None,
-               refs: dict[str, list] | None = None) -> object:
-    """Create or update the local record a message addresses.
-
-    Known (name, origin, original_id) -> the mapped record; origin equal to
-    this app's name -> the record with that primary key; otherwise a new
-    record, mapped for next time.  Attributes the local table lacks are
-    skipped; the primary key and excluded attributes are never assigned.
-    """
-    name, attributes = decode_body(body)
-    receiver = receiver_for(name)
-    connection = session.connection()
-    obj = local_id = None
-    if original_id is not None:
-        if origin is None or origin == local_name:
-            obj = session.get(receiver.cls, original_id)
-            if obj is None:
-                raise LookupError(f'{name} {original_id} of {local_name} does not exist here')
-        else:
-            local_id = _mapped_id(connection, name, origin, original_id)
-            if local_id is not None:
-                obj = session.get(receiver.cls, local_id)
-    created = obj is None
-    if created:
-        obj = receiver.cls()
-    columns = receiver.columns()
-    for key, value in attributes.items():
-        if key in columns:
-            setattr(obj, key, _from_wire(columns[key], value))
-    references = receiver.references()
-    for key, (ref_origin, ref_id) in (refs or {}).items():
-        if key in references:  # our peer told us whom the key means
-            setattr(obj, key, _resolve(session, local_name, references[key], ref_origin, ref_id))
-    if created:
-        session.add(obj)
-        session.flush()
-        if original_id is not None and origin not in (None, local_name):
-            m = communicator_mappings.c
-            if local_id is None:
-                statement = communicator_mappings.insert().values(
-                    name=name, origin=origin, original_id=original_id)
-            else:  # the mapped record was deleted here: map the new one
-                statement = communicator_mappings.update().where(
-                    m.name == name, m.origin == origin,
-                    m.original_id == original_id)
-            connection.execute(statement.values(local_id=_local_id(obj)))
-    else:
-        session.flush()
-    return obj

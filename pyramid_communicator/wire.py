@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .records import decode_body
+from .versions import HERE, valid_wire_version
 
 #: Response header: our server has more pending messages than it returned.
 MORE_HEADER = 'X-Communicator-More'
@@ -38,12 +39,18 @@ class WireMessage:
     #: Our extension: ``{column: [origin, original_id]}`` of the records the
     #: foreign keys point at (the gem ignores the key).
     refs: dict[str, list] | None = None
+    #: Our extension: the record's version, ``{"clock": {app: hlc},
+    #: "stamps": {attribute: [hlc, app]}}`` or, for a delete, ``{"clock":
+    #: ..., "deleted": [hlc, app]}`` (see :mod:`.versions`).
+    version: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {'id': self.id, 'body': self.body, 'origin': self.origin,
                 'original_id': self.original_id}
         if self.refs:
             data['refs'] = self.refs
+        if self.version is not None:
+            data['version'] = self.version
         return data
 
 
@@ -56,7 +63,23 @@ def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
     if getattr(row, 'refs', None):
         refs = {column: [ref_origin or local_name, ref_id]
                 for column, (ref_origin, ref_id) in json.loads(row.refs).items()}
-    return WireMessage(row.id, row.body, origin, row.original_id, refs)
+    version = None
+    if getattr(row, 'version', None):
+        version = _named(json.loads(row.version), local_name)
+    return WireMessage(row.id, row.body, origin, row.original_id, refs, version)
+
+
+def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
+    """A stored version with this app (``''``) named."""
+    def name(app: str) -> str:
+        return local_name if app == HERE else app
+    named = {'clock': {name(app): hlc for app, hlc in version['clock'].items()}}
+    if version.get('deleted'):
+        named['deleted'] = [version['deleted'][0], name(version['deleted'][1])]
+    else:
+        named['stamps'] = {key: [hlc, name(app)]
+                           for key, (hlc, app) in version.get('stamps', {}).items()}
+    return named
 
 
 def dumps(messages: Iterable[WireMessage]) -> bytes:
@@ -125,7 +148,12 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         refs = item.get('refs')
         if refs is not None and not _valid_refs(refs):
             raise WireError(f'{where}: "refs" must map column names to [origin, id]')
-        messages.append(WireMessage(message_id, body, origin, original_id, refs or None))
+        version = item.get('version')
+        if version is not None and not valid_wire_version(version):
+            raise WireError(f'{where}: "version" must be {{"clock": {{app: hlc}}, '
+                            '"stamps": {attribute: [hlc, app]}} or a deletion')
+        messages.append(WireMessage(message_id, body, origin, original_id, refs or None,
+                                    version))
     return messages
 
 

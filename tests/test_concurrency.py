@@ -401,7 +401,7 @@ def test_the_same_batch_posted_at_once_is_stored_and_applied_once(serve_facade):
 
     assert_each_once(facade.side, [f'batch {i}' for i in range(1, size + 1)])
     assert facade.side.count('inbound_messages') == size
-    assert facade.side.count('communicator_mappings') == size
+    assert facade.side.count('communicator_mappings', "origin <> ''") == size
     assert facade.side.count('outbound_messages') == 0  # applied, never echoed
     assert_clean_queues(facade.side)
 

@@ -137,7 +137,7 @@ def test_central_post_arrives_once_and_takes_the_facades_update(pair):
     assert (updated['id'], updated['title'], updated['body'], updated['published_on']) == (
         post_id, 'Final', 'edited on the facade', leap)
     assert central.side.count('inbound_messages') == 1
-    assert central.side.count('communicator_mappings') == 0  # it is central's own
+    assert central.side.count('communicator_mappings', "origin <> ''") == 0  # it is central's own
     assert central.side.count('outbound_messages') == 2  # nothing echoed back
 
 
@@ -153,7 +153,7 @@ def test_facade_post_arrives_at_central(pair):
 
     [post] = posts_by_title(central.side).values()
     assert (post['title'], post['body'], post['published_on']) == ('Online', body, new_year)
-    [mapping] = central.side.rows('communicator_mappings')
+    [mapping] = [m for m in central.side.rows('communicator_mappings') if m['origin']]
     assert (mapping['origin'], mapping['original_id'], mapping['local_id']) == (
         'facade', created['id'], post['id'])
     assert facade.side.count('outbound_messages', 'delivered_at IS NULL') == 0
@@ -187,7 +187,7 @@ def test_unsaved_published_post_gets_the_facades_own_id(pair):
     arrived = posts_by_title(facade.side)['Unsaved']
     assert arrived['body'] == 'never flushed'
     assert arrived['id'] > max(existing)
-    assert facade.side.count('communicator_mappings') == 0
+    assert facade.side.count('communicator_mappings', "origin <> ''") == 0
 
 
 # -- beyond the gem ----------------------------------------------------------

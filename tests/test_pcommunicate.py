@@ -179,7 +179,7 @@ def test_status_shows_a_failure_that_give_up_then_stops(pair):
     lines = result.stdout.splitlines()
     assert lines[0] == 'communicator central'
     assert lines[1] == 'outbound: 0 pending (oldest -), 1 in all'
-    assert lines[2] == 'inbound:  0 pending (oldest -), 0 failed, 1 given up, 1 in all'
+    assert lines[2] == 'inbound:  0 pending (oldest -), 0 failed, 0 refused, 1 given up, 1 in all'
     assert any(re.fullmatch(r'last_push_at: \d{4}-\d\d-\d\dT[\d:.]+Z', line)
                for line in lines), lines
     assert any(re.fullmatch(r'last_pull_at: \S+Z \(facade\)', line) for line in lines), lines

@@ -676,7 +676,8 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record]) -> 
                     figures.problems.append(f'{peer.name} applied {name}#{after["remote_id"]} '
                                             f'before #{before["remote_id"]} ({key})')
         figures.retried += sum(1 for row in inbound if row['attempts'] > 1)
-        local_ids = [row['local_id'] for row in side.rows('communicator_mappings')]
+        local_ids = [row['local_id'] for row in side.rows('communicator_mappings')
+                     if row['origin'] and row['local_id'] is not None]
         figures.duplicated += len(local_ids) - len(set(local_ids))
     states = {}
     for name, side in sides.items():

@@ -1,0 +1,200 @@
+"""Versions of synced records: hybrid logical clocks, version vectors and
+per-attribute stamps, made for any number of apps.
+
+Every change of a synced record is an *edit* stamped ``(hlc, app)``: the
+app that made it and a hybrid logical clock, the wall clock in
+microseconds pushed past every stamp the record already carries.  So an
+edit made after another was seen always has the greater hlc, however far
+apart the hosts' clocks are, and ``(hlc, app)`` orders every two edits of
+a record the same way on every side.
+
+A record's version is
+
+- its *clock*, a version vector ``{app: highest hlc of that app's edits
+  merged into this state}``: whether the other side had seen an edit when
+  it made its own (causally newer) or not (concurrent);
+- a *stamp* per attribute: the edit that wrote the attribute's value;
+- a *deleted* stamp once the record is a tombstone.
+
+Stored versions name this app ``''`` (as ``outbound_messages.origin``
+NULL means "here"): the add-on learns its own name from the settings, but
+``publish`` runs in any session of the host.  :func:`to_wire` and
+:func:`from_wire` translate at the boundary.
+
+Nothing here touches a database.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any
+
+#: This app, in stored versions.
+HERE = ''
+#: Upper bound for hlc values on the wire (a hostile peer must not make
+#: our clocks overflow a BIGINT or a JSON double).
+MAX_HLC = 2 ** 62
+
+Stamp = tuple[int, str]
+
+
+def now_hlc() -> int:
+    return time.time_ns() // 1000
+
+
+def covered(stamp: Stamp | None, clock: dict[str, int]) -> bool:
+    """Had a side whose version vector is ``clock`` seen the edit ``stamp``?
+    ``None`` stands for "no edit" (the record's state before versions),
+    which every side has seen."""
+    if stamp is None:
+        return True
+    return clock.get(stamp[1], 0) >= stamp[0]
+
+
+def merge_clocks(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    merged = dict(a)
+    for app, hlc in b.items():
+        if hlc > merged.get(app, 0):
+            merged[app] = hlc
+    return merged
+
+
+def digest(value: Any) -> str:
+    """A short fingerprint of an attribute's wire value: whether the host
+    changed it since the last stamp, without keeping a copy of it."""
+    encoded = json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
+    return hashlib.blake2b(encoded.encode('utf-8'), digest_size=8).hexdigest()
+
+
+@dataclasses.dataclass
+class Version:
+    """A record's version as this app keeps it (``''`` is this app)."""
+    clock: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: attribute -> (hlc, app, digest of the value that edit wrote)
+    stamps: dict[str, tuple[int, str, str]] = dataclasses.field(default_factory=dict)
+    deleted: Stamp | None = None
+
+    def stamp(self, attribute: str) -> Stamp | None:
+        found = self.stamps.get(attribute)
+        return None if found is None else (found[0], found[1])
+
+    def next_hlc(self) -> int:
+        """The hlc of a new edit here: later than the wall clock's now and
+        than every edit this state has seen."""
+        return max(now_hlc(), max(self.clock.values(), default=0) + 1)
+
+    def edit(self, fingerprints: dict[str, str]) -> bool:
+        """Stamp the attributes whose fingerprint (see
+        :func:`.records.fingerprint`) differs from the one last stamped, as
+        one local edit; False if none did."""
+        changed = {key: fp for key, fp in fingerprints.items()
+                   if key not in self.stamps or self.stamps[key][2] != fp}
+        if not changed:
+            return False
+        hlc = self.next_hlc()
+        for key, fp in changed.items():
+            self.stamps[key] = (hlc, HERE, fp)
+        self.clock[HERE] = hlc
+        return True
+
+    def delete(self) -> Stamp:
+        hlc = self.next_hlc()
+        self.clock[HERE] = hlc
+        self.deleted = (hlc, HERE)
+        return self.deleted
+
+    # -- storage (JSON in communicator_mappings) -------------------------------
+
+    def dumps(self) -> str:
+        return json.dumps({'clock': self.clock,
+                           'stamps': {k: list(v) for k, v in self.stamps.items()},
+                           'deleted': list(self.deleted) if self.deleted else None},
+                          separators=(',', ':'), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str | None) -> Version:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(dict(data.get('clock') or {}),
+                   {k: (v[0], v[1], v[2]) for k, v in (data.get('stamps') or {}).items()},
+                   tuple(data['deleted']) if data.get('deleted') else None)
+
+
+def _name(app: str, local_name: str) -> str:
+    return local_name if app == HERE else app
+
+
+def _here(app: str, local_name: str) -> str:
+    return HERE if app == local_name else app
+
+
+def to_wire(version: Version, local_name: str) -> dict[str, Any]:
+    """The ``version`` of a message: clock, stamps (or the deletion), with
+    this app named."""
+    data: dict[str, Any] = {
+        'clock': {_name(app, local_name): hlc for app, hlc in sorted(version.clock.items())}}
+    if version.deleted is not None:
+        data['deleted'] = [version.deleted[0], _name(version.deleted[1], local_name)]
+    else:
+        data['stamps'] = {key: [hlc, _name(app, local_name)]
+                          for key, (hlc, app, _) in sorted(version.stamps.items())}
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """A received message's version, with this app called ``''`` again."""
+    clock: dict[str, int]
+    stamps: dict[str, Stamp]
+    deleted: Stamp | None
+
+
+def from_wire(data: dict[str, Any], local_name: str) -> Incoming:
+    clock = {_here(app, local_name): hlc for app, hlc in data.get('clock', {}).items()}
+    stamps = {key: (hlc, _here(app, local_name))
+              for key, (hlc, app) in (data.get('stamps') or {}).items()}
+    deleted = data.get('deleted')
+    if deleted is not None:
+        deleted = (deleted[0], _here(deleted[1], local_name))
+    return Incoming(clock, stamps, deleted)
+
+
+def valid_wire_version(data: Any) -> bool:
+    """Is this a well-formed ``version`` of a message?"""
+    if not isinstance(data, dict) or not set(data) <= {'clock', 'stamps', 'deleted'}:
+        return False
+    clock = data.get('clock')
+    if not isinstance(clock, dict) or len(clock) > 1000:
+        return False
+    if not all(_app(app) and _hlc(hlc) for app, hlc in clock.items()):
+        return False
+    stamps = data.get('stamps')
+    if stamps is not None:
+        if not isinstance(stamps, dict) or len(stamps) > 1000:
+            return False
+        if not all(isinstance(key, str) and 0 < len(key) <= 255 and _stamp(stamp)
+                   for key, stamp in stamps.items()):
+            return False
+    deleted = data.get('deleted')
+    return deleted is None or (_stamp(deleted) and stamps is None)
+
+
+def _app(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64
+
+
+def _hlc(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_HLC
+
+
+def _stamp(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and _hlc(value[0])
+            and _app(value[1]))
+
+
+def named(stamp: Stamp | None, local_name: str) -> Stamp | None:
+    """A stamp with this app named, for ordering and for conflict records."""
+    return None if stamp is None else (stamp[0], _name(stamp[1], local_name))
