@@ -1,6 +1,11 @@
 """How fast received messages are applied, next to what the database does
 for plain row inserts: ``python benchmarks/apply_throughput.py [URL] [N]``.
 
+Three kinds of messages are applied: creates in the gem's format (no
+version), creates with versions, and versioned updates of those records
+that conflict with local edits (so every one merges and records
+conflicts).  Each prints its cost per message in milliseconds.
+
 Prints ratios from one run (timings on a shared machine are noisy; compare
 ratios, not seconds).  URL defaults to a SQLite file in a temporary
 directory; the tables of the demo app and the add-on are created in that
@@ -25,25 +30,60 @@ from pyramid_communicator.sync import apply_inbound, make_session
 from pyramid_communicator.wire import WireMessage
 
 
+def _messages(first_id: int, count: int, versioned: bool, hlc: int,
+              title: str) -> list[WireMessage]:
+    version = None
+    if versioned:
+        version = {'clock': {'central': hlc},
+                   'stamps': {'title': [hlc, 'central'], 'body': [hlc, 'central']}}
+    return [WireMessage(first_id + i, json.dumps({'post': {'title': f'{title}{i}', 'body': 'b'}}),
+                        'central', i + 1, None, version) for i in range(count)]
+
+
+def _apply(engine, settings, messages) -> float:
+    tm = transaction.TransactionManager(explicit=True)
+    session = make_session(engine, tm)
+    with tm:
+        store_inbound(session, 'central', messages)
+    session.close()
+    started = time.perf_counter()
+    result = apply_inbound(engine, settings)
+    seconds = time.perf_counter() - started
+    assert result.applied == len(messages), result
+    return seconds
+
+
+def _edit_locally(engine) -> None:
+    """Local edits that the versioned updates conflict with."""
+    from pyramid_communicator import publish
+    from pyramid_communicator.demo.models import Post
+    tm = transaction.TransactionManager(explicit=True)
+    session = make_session(engine, tm)
+    session.info.clear()  # a host session: publishing stamps local edits
+    with tm:
+        for post in session.query(Post):
+            post.body = 'edited here'
+            publish(session, post)
+    session.close()
+
+
 def main(url: str, count: int) -> None:
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     metadata.drop_all(engine)
     create_tables(engine)
+    settings = parse_settings({'communicator.name': 'facade',
+                               'communicator.username': 'u',
+                               'communicator.password': 'p'})
+    hlc = time.time_ns() // 1000 - 10 ** 9  # older than the local edits
     try:
-        tm = transaction.TransactionManager(explicit=True)
-        session = make_session(engine, tm)
-        with tm:
-            store_inbound(session, 'central', [
-                WireMessage(i, json.dumps({'post': {'title': f't{i}', 'body': 'b'}}),
-                            'central', i) for i in range(1, count + 1)])
-        settings = parse_settings({'communicator.name': 'facade',
-                                   'communicator.username': 'u',
-                                   'communicator.password': 'p'})
-        started = time.perf_counter()
-        result = apply_inbound(engine, settings)
-        applied = time.perf_counter() - started
-        assert result.applied == count, result
+        gem = _apply(engine, settings, _messages(1, count, False, 0, 'g'))
+        with engine.begin() as conn:
+            conn.execute(text('DELETE FROM posts'))
+            conn.execute(text('DELETE FROM communicator_mappings'))
+        created = _apply(engine, settings, _messages(count + 1, count, True, hlc, 'v'))
+        _edit_locally(engine)
+        updated = _apply(engine, settings, _messages(2 * count + 1, count, True, hlc + 1, 'u'))
 
         with engine.begin() as conn:
             conn.execute(text('DELETE FROM posts'))
@@ -58,9 +98,15 @@ def main(url: str, count: int) -> None:
         Base.metadata.drop_all(engine)
         metadata.drop_all(engine)
         engine.dispose()
-    print(f'{engine.dialect.name}: applied {count} messages at {count / applied:.0f}/s; '
-          f'plain inserts ({settings.batch_size} per transaction) at {count / inserted:.0f}/s; '
-          f'ratio {inserted / applied:.3f}')
+
+    def line(label: str, seconds: float) -> str:
+        return (f'  {label:<38} {1000 * seconds / count:6.2f} ms/message '
+                f'{count / seconds:7.0f}/s  ratio to plain inserts {inserted / seconds:.3f}')
+    print(f'{engine.dialect.name}, {count} messages each; plain inserts '
+          f'({settings.batch_size} per transaction) at {count / inserted:.0f}/s')
+    print(line('creates, gem format (no version)', gem))
+    print(line('creates with versions', created))
+    print(line('updates with versions, all conflicting', updated))
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import conflicts, tracking
@@ -122,7 +123,14 @@ class _Application:
         version = self.merge(obj, local, attributes, created)
         if created:
             self.session.add(obj)
-        self.session.flush()
+        try:
+            self.session.flush()
+        except IntegrityError as exc:
+            if created and not self.receiver.match_on:
+                exc.add_note(f'a {self.name} created on {self.message.sender} may have the '
+                             'unique key of a local one: receives_from(..., match_on=[...]) '
+                             'takes them as the same record')
+            raise
         self.track(obj, row, version)
         return obj
 

@@ -55,9 +55,10 @@ def _describe(exc: BaseException) -> str:
     """The error to keep with the message: the database's own words for a
     database error, without the statement and its parameters (the record's
     values), which SQLAlchemy appends."""
+    notes = ''.join(f' ({note})' for note in getattr(exc, '__notes__', ()))
     if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f'{type(exc).__name__}: {exc.orig}'
-    return f'{type(exc).__name__}: {exc}'
+        return f'{type(exc).__name__}: {exc.orig}{notes}'
+    return f'{type(exc).__name__}: {exc}{notes}'
 
 
 def apply_pending(session: Session, tm: transaction.TransactionManager,

@@ -11,6 +11,8 @@ def main(global_config, **settings):
         config.add_route('demo.posts', '/posts')
         config.add_route('demo.post', '/posts/{id:\\d+}')
         config.add_route('demo.comments', '/comments')
+        config.add_route('demo.tags', '/tags')
+        config.add_route('demo.tag', '/tags/{id:\\d+}')
         config.scan('.views')
         if asbool(settings.get('demo.create_tables', False)):
             create_tables(config.registry['dbsession_factory'].kw['bind'])

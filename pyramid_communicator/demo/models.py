@@ -51,6 +51,18 @@ class Comment(Base):
     body: Mapped[str | None] = mapped_column(Text)
 
 
+@receives_from('tag', autopublish=True, deletes=True, match_on=['name'])
+class Tag(Base):
+    """Edited on both sides: changes, creates of the same name and deletes
+    all travel, and concurrent edits are settled attribute by attribute."""
+    __tablename__ = 'tags'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    label: Mapped[str | None] = mapped_column(String(200))
+    color: Mapped[str | None] = mapped_column(String(20))
+    weight: Mapped[int | None] = mapped_column(Integer)
+
+
 def get_engine(settings, prefix='sqlalchemy.'):
     engine = engine_from_config(settings, prefix)
     if engine.dialect.name == 'sqlite':

@@ -12,7 +12,7 @@ from pyramid.view import view_config
 
 from pyramid_communicator import publish
 
-from .models import Comment, Post
+from .models import Comment, Post, Tag
 
 
 def _post_json(post: Post) -> dict:
@@ -70,3 +70,47 @@ def create_comment(request):
     request.dbsession.add(comment)  # autopublished when flushed
     request.dbsession.flush()
     return {'id': comment.id}
+
+
+TAG_FIELDS = ('name', 'label', 'color', 'weight')
+
+
+def _tag_json(tag: Tag) -> dict:
+    return {'id': tag.id, **{key: getattr(tag, key) for key in TAG_FIELDS}}
+
+
+@view_config(route_name='demo.tags', request_method='GET', renderer='json')
+def list_tags(request):
+    return {'tags': [_tag_json(t) for t in request.dbsession.query(Tag).order_by(Tag.id)]}
+
+
+@view_config(route_name='demo.tags', request_method='POST', renderer='json')
+def create_tag(request):
+    tag = Tag(**{key: request.json_body.get(key) for key in TAG_FIELDS})
+    request.dbsession.add(tag)  # autopublished when flushed
+    request.dbsession.flush()
+    return _tag_json(tag)
+
+
+def _tag(request) -> Tag:
+    tag = request.dbsession.get(Tag, int(request.matchdict['id']))
+    if tag is None:
+        raise HTTPNotFound()
+    return tag
+
+
+@view_config(route_name='demo.tag', request_method='POST', renderer='json')
+def update_tag(request):
+    tag = _tag(request)
+    for key in TAG_FIELDS:
+        if key in request.json_body:
+            setattr(tag, key, request.json_body[key])
+    request.dbsession.flush()
+    return _tag_json(tag)
+
+
+@view_config(route_name='demo.tag', request_method='DELETE', renderer='json')
+def delete_tag(request):
+    request.dbsession.delete(_tag(request))  # the delete is autopublished
+    request.dbsession.flush()
+    return {'deleted': True}
