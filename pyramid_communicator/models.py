@@ -179,10 +179,13 @@ class ConflictRecord(Base):
 
 
 class SyncState(Base):
-    """Small key/value facts for operators: the last successful exchanges."""
+    """Small key/value facts: the last successful exchanges, and what must
+    outlive purged rows."""
     __tablename__ = 'communicator_state'
 
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: ``last_*`` times of exchanges, ``purged:<sender>`` watermarks,
+    #: ``publish_all:<name>`` progress of seeding.
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
 

@@ -220,3 +220,16 @@ def _autopublish_delete(mapper: Any, connection: Connection, target: object) -> 
 def _changed(state: Any, receiver: Receiver) -> bool:
     """Did any attribute that crosses the wire change in this flush?"""
     return any(state.attrs[key].history.has_changes() for key in receiver.columns())
+
+
+def publish_records(session: Session, objs: Iterable[object]) -> int:
+    """Publish the current state of each of ``objs`` (persistent records),
+    in this order and in ``session``'s transaction; returns how many."""
+    connection = session.connection()
+    count = 0
+    for obj in objs:
+        _publish(connection, obj, local_id(obj))
+        count += 1
+    if count:
+        mark_changed(session)
+    return count

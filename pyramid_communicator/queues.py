@@ -91,22 +91,45 @@ def mark_delivered(session: Session, ids: Iterable[int]) -> int:
 # -- inbound ----------------------------------------------------------------
 
 def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]) -> int:
-    """Store what arrived; a message already stored is left alone.
+    """Store what arrived; a message already stored is left alone, and so
+    is one at or below the highest id purged for this sender (it was
+    stored, applied and purged before: a re-send or a replay).
     Returns how many were new (as far as the database reports it)."""
     now = utcnow()
+    purged = purged_watermark(session, sender)
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
              'refs': json.dumps(m.refs) if m.refs else None,
              'version': json.dumps(m.version, separators=(',', ':')) if m.version else None,
-             'created_at': now, 'attempts': 0} for m in messages]
+             'created_at': now, 'attempts': 0} for m in messages if m.id > purged]
     return _insert_ignoring_duplicates(session, inbound_messages, rows,
                                        ('sender', 'remote_id'))
 
 
 def last_remote_id(session: Session, sender: str) -> int:
-    return session.execute(
+    """The gem's cursor: the highest id stored from ``sender``, also when
+    those rows were purged since."""
+    stored = session.execute(
         select(func.coalesce(func.max(IN.remote_id), 0)).where(IN.sender == sender)
     ).scalar_one()
+    return max(stored, purged_watermark(session, sender))
+
+
+def _watermark_key(sender: str) -> str:
+    return f'purged:{sender}'
+
+
+def purged_watermark(session: Session, sender: str) -> int:
+    value = session.execute(select(communicator_state.c.value)
+                            .where(communicator_state.c.key == _watermark_key(sender))
+                            ).scalar()
+    return int(value) if value else 0
+
+
+def raise_purged_watermark(session: Session, sender: str, remote_id: int) -> None:
+    """Remember that ``sender``'s messages up to ``remote_id`` were purged."""
+    if remote_id > purged_watermark(session, sender):
+        set_state(session, _watermark_key(sender), str(remote_id))
 
 
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
@@ -170,6 +193,11 @@ def set_state(session: Session, key: str, value: str | None = None) -> None:
         _insert_ignoring_duplicates(session, table,
                                     [{'key': key, 'value': value, 'updated_at': now}],
                                     ('key',))
+    _changed(session)
+
+
+def delete_state(session: Session, key: str) -> None:
+    session.execute(communicator_state.delete().where(communicator_state.c.key == key))
     _changed(session)
 
 

@@ -132,6 +132,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
+        ('retention_days', _non_negative_int, 7,
+         'delivered outbound and applied inbound messages (and conflict records) '
+         'older than this are deleted, hourly during normal runs; 0 keeps them'),
     )
 )
 
@@ -150,6 +153,7 @@ class CommunicatorSettings:
     apply_on_receive: bool = True
     retry_delay: int = 30
     lock_wait: int = 0
+    retention_days: int = 7
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks
         return f'<CommunicatorSettings name={self.name!r} base_uri={self.base_uri!r}>'

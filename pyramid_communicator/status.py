@@ -92,7 +92,8 @@ def queue_status(session: Session, name: str, failures: int = 20,
                         'winner': r.winner, 'policy': r.policy, 'peer': r.peer,
                         'at': _iso(r.created_at)} for r in conflict_rows]},
         'last_exchanges': {key: {'at': _iso(at), 'peer': value}
-                           for key, (value, at) in sorted(states.items())},
+                           for key, (value, at) in sorted(states.items())
+                           if key.startswith('last_')},
     }
 
 

@@ -20,6 +20,7 @@ from . import queues, wire
 from .client import BodyTooLarge, Client, PeerError
 from .inbox import ApplyResult, apply_pending
 from .records import APPLYING
+from .retention import purge_if_due
 from .settings import CommunicatorSettings
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,11 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
-        return apply_pending(session, tm, settings.name, settings.batch_size, ids,
-                             0 if retry_now else settings.retry_delay)
+        result = apply_pending(session, tm, settings.name, settings.batch_size, ids,
+                               0 if retry_now else settings.retry_delay)
+        if ids is None:  # the server's normal run: keep history bounded
+            purge_if_due(session, tm, settings.retention_days)
+        return result
     finally:
         session.close()
 
@@ -178,6 +182,7 @@ class Communicator:
         if pull:
             summary.pulled = self.pull()
         result = self.apply()
+        purge_if_due(self.session, self.tm, self.settings.retention_days)
         if held_up is not None:
             raise held_up
         summary.applied, summary.failed, summary.waiting = (

@@ -17,9 +17,14 @@ from collections.abc import Sequence
 import transaction
 from pyramid.exceptions import ConfigurationError
 from pyramid.paster import bootstrap, setup_logging
+from sqlalchemy.orm import Session
+from zope.sqlalchemy import register
 
 from ..client import PeerError
 from ..locking import run_lock
+from ..records import UnknownRecord, receiver_for
+from ..retention import purge
+from ..seeding import publish_all
 from ..settings import get_settings, require_base_uri
 from ..status import format_status, give_up, queue_status, revive
 from ..sync import Communicator, apply_inbound, make_session
@@ -56,10 +61,18 @@ class PCommunicateCommand:
                                  'ids); given-up messages named here are revived')
         action.add_argument('--give-up', nargs='+', type=int, metavar='ID',
                             help='stop retrying these inbound messages (needs --reason)')
+        action.add_argument('--purge', action='store_true',
+                            help='delete delivered and applied messages (and conflict '
+                                 'records) older than communicator.retention_days now')
+        action.add_argument('--publish-all', nargs='+', metavar='NAME',
+                            help='publish every existing record of these models (their '
+                                 'receives_from names); resumes after an interruption')
         parser.add_argument('--json', action='store_true', help='with --status: JSON output')
         parser.add_argument('--reason', help='with --give-up: why (recorded)')
         parser.add_argument('--by', default=None,
                             help='with --give-up: who (recorded; default: login name)')
+        parser.add_argument('--older-than', type=float, metavar='DAYS',
+                            help='with --purge: instead of communicator.retention_days')
         return parser
 
     def say(self, text: str) -> None:
@@ -74,6 +87,8 @@ class PCommunicateCommand:
         args = self.args
         if args.give_up and not args.reason:
             return self.fail('--give-up needs --reason', USAGE)
+        if args.older_than is not None and (not args.purge or args.older_than < 0):
+            return self.fail('--older-than DAYS (0 or more) goes with --purge', USAGE)
         try:
             setup_logging(args.config_uri)
             env = bootstrap(args.config_uri)
@@ -95,6 +110,10 @@ class PCommunicateCommand:
                 return self.give_up(settings, bind)
             if args.retry is not None:
                 return self.retry(settings, bind)
+            if args.purge:
+                return self.purge(settings, bind)
+            if args.publish_all:
+                return self.publish_all(settings, bind)
             try:
                 require_base_uri(settings)
             except ConfigurationError as exc:
@@ -151,6 +170,37 @@ class PCommunicateCommand:
         if result.failed:
             return self.fail(f'{result.failed} inbound message(s) still fail; '
                              'see pcommunicate --status for their errors')
+        return OK
+
+
+    def purge(self, settings, bind) -> int:
+        tm, session = self._unit_of_work(bind)
+        days = self.args.older_than
+        if days is None:
+            days = settings.retention_days
+        self.say(str(purge(session, tm, days)))
+        return OK
+
+    def publish_all(self, settings, bind) -> int:
+        tm = transaction.TransactionManager(explicit=True)
+        session = Session(bind=bind)  # a host session: what it publishes is ours
+        register(session, transaction_manager=tm)
+        show = self.err.isatty() and not self.quiet
+
+        def progress(name: str, done: int, total: int) -> None:
+            if show:
+                print(f'\r{name}: {done}/{total}', end='', file=self.err, flush=True)
+
+        for name in self.args.publish_all:
+            try:
+                receiver_for(name)
+            except UnknownRecord as exc:
+                return self.fail(str(exc), USAGE)
+        for name in self.args.publish_all:
+            count = publish_all(session, tm, name, settings.batch_size, progress)
+            if show:
+                print(file=self.err)
+            self.say(f'published {count} {name} record(s)')
         return OK
 
 

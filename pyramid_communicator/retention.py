@@ -1,0 +1,101 @@
+"""Bounded history: messages that have done their job are deleted once
+they are older than ``communicator.retention_days``.
+
+Deleted: outbound messages delivered, inbound messages applied, and
+conflict records, each older than the cut-off.  Kept: messages still
+pending, failed, refused or given up, and the mappings and tombstones,
+which records need for as long as they exist (a tombstone is one small
+row per deleted record).
+
+Deleting an applied inbound message must not let the same message in
+again: before deleting, the highest id purged per sender is kept in
+``communicator_state`` (``purged:<sender>``); a message at or below it is
+not stored again (see :func:`.queues.store_inbound`), and the cursor
+used against a gem server never goes back.  Rows go in pages of a few
+hundred, each in a transaction of its own, so SQLite's write lock is
+never held for long.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+
+import transaction
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+from zope.sqlalchemy import mark_changed
+
+from . import queues
+from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Rows deleted per transaction.
+PAGE = 500
+#: How often a normal run (or the server, when central talks to it)
+#: purges by itself.
+AUTO_INTERVAL = datetime.timedelta(hours=1)
+STATE_KEY = 'last_purge_at'
+
+
+@dataclasses.dataclass
+class PurgeResult:
+    outbound: int = 0
+    inbound: int = 0
+    conflicts: int = 0
+
+    def __str__(self) -> str:
+        return (f'purged outbound={self.outbound} inbound={self.inbound} '
+                f'conflicts={self.conflicts}')
+
+
+def _delete_pages(session: Session, tm: transaction.TransactionManager, table,
+                  condition) -> int:
+    deleted = 0
+    while True:
+        with tm:
+            ids = session.execute(select(table.c.id).where(condition)
+                                  .order_by(table.c.id).limit(PAGE)).scalars().all()
+            if ids:
+                session.execute(delete(table).where(table.c.id.in_(ids)))
+                mark_changed(session)
+        deleted += len(ids)
+        if len(ids) < PAGE:
+            return deleted
+
+
+def purge(session: Session, tm: transaction.TransactionManager,
+          older_than_days: float) -> PurgeResult:
+    """Delete what is done with and older than ``older_than_days``."""
+    cutoff = utcnow() - datetime.timedelta(days=older_than_days)
+    IN = inbound_messages.c
+    applied = IN.processed_at.is_not(None) & (IN.processed_at < cutoff)
+    with tm:
+        highest = session.execute(select(IN.sender, func.max(IN.remote_id))
+                                  .where(applied).group_by(IN.sender)).all()
+        for sender, remote_id in highest:
+            queues.raise_purged_watermark(session, sender, remote_id)
+    result = PurgeResult(
+        outbound=_delete_pages(session, tm, outbound_messages,
+                               outbound_messages.c.delivered_at < cutoff),
+        inbound=_delete_pages(session, tm, inbound_messages, applied),
+        conflicts=_delete_pages(session, tm, communicator_conflicts,
+                                communicator_conflicts.c.created_at < cutoff))
+    with tm:
+        queues.set_state(session, STATE_KEY)
+    log.info('%s (older than %g days)', result, older_than_days)
+    return result
+
+
+def purge_if_due(session: Session, tm: transaction.TransactionManager,
+                 retention_days: int) -> PurgeResult | None:
+    """Purge at most once per :data:`AUTO_INTERVAL`; ``retention_days`` 0
+    keeps everything."""
+    if retention_days <= 0:
+        return None
+    with tm:
+        last = queues.get_states(session).get(STATE_KEY)
+    if last is not None and utcnow() - last[1] < AUTO_INTERVAL:
+        return None
+    return purge(session, tm, retention_days)
