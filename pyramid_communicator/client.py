@@ -50,7 +50,10 @@ class Client:
         self.http.auth = (settings.username, settings.password)
         self.http.verify = settings.verify
         self.http.headers.update({wire.NAME_HEADER: settings.name,
-                                  'Accept': 'application/json'})
+                                  'Accept': 'application/json',
+                                  'Accept-Encoding': 'gzip'})
+        #: Does the peer take gzip bodies?  Learnt from its replies.
+        self.peer_gzip = False
 
     def close(self) -> None:
         self.http.close()
@@ -79,13 +82,25 @@ class Client:
         return response
 
     def push(self, payload: bytes) -> None:
-        """POST an encoded array of messages; returns once acknowledged."""
-        self._request('POST', self.messages_url, data=payload,
-                      headers={'Content-Type': 'application/json'})
+        """POST an encoded array of messages; returns once acknowledged.
+
+        Compressed once the peer has said it takes gzip (our server from
+        protocol 2 on; the first request of a run goes plain)."""
+        headers = {'Content-Type': 'application/json'}
+        if self.peer_gzip:
+            payload = wire.gzip_body(payload)
+            headers['Content-Encoding'] = 'gzip'
+        response = self._request('POST', self.messages_url, data=payload, headers=headers)
+        self._learn(response)
+
+    def _learn(self, response: requests.Response) -> None:
+        protocol = response.headers.get(wire.PROTOCOL_HEADER, '')
+        self.peer_gzip = protocol.isdigit() and int(protocol) >= 2
 
     def pull(self, from_id: int) -> PullReply:
         response = self._request('GET', self.messages_url,
                                  params={'from_id': from_id, 'pending': '1'})
+        self._learn(response)
         try:
             messages = wire.parse_messages(response.content)
         except wire.WireError as exc:

@@ -68,6 +68,17 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     ).all()
 
 
+def within_bytes(rows: list[Row], limit: int) -> list[Row]:
+    """The leading rows whose bodies add up to at most ``limit`` bytes, and
+    always the first: a batch is bounded by size as well as by count."""
+    total = 0
+    for index, row in enumerate(rows):
+        total += len(row.body)
+        if total > limit and index > 0:
+            return rows[:index]
+    return rows
+
+
 def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     """The gem's view of the queue: every message with ``id >= from_id``."""
     return session.execute(

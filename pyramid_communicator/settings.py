@@ -115,6 +115,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
          "the peer's URL (plus any route prefix); required to run pcommunicate"),
         ('batch_size', _positive_int, 200,
          'messages per HTTP request and per database read, both directions'),
+        ('batch_bytes', _positive_int, 1024 * 1024,
+         'a batch also ends once its message bodies reach this many bytes '
+         '(at least one message goes)'),
         ('timeout', _positive_float, 10.0,
          'seconds the client waits to connect and for each reply'),
         ('max_body_bytes', _positive_int, 10 * 1024 * 1024,
@@ -146,6 +149,7 @@ class CommunicatorSettings:
     password: str
     base_uri: str | None = None
     batch_size: int = 200
+    batch_bytes: int = 1024 * 1024
     timeout: float = 10.0
     max_body_bytes: int = 10 * 1024 * 1024
     verify: bool | str = True

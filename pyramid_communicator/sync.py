@@ -96,7 +96,9 @@ class Communicator:
         pushed = after = 0
         while True:
             with self.tm:
-                rows = queues.pending_outbound(self.session, self.settings.batch_size, after)
+                rows = queues.within_bytes(
+                    queues.pending_outbound(self.session, self.settings.batch_size, after),
+                    self.settings.batch_bytes)
             if not rows:
                 break
             messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]

@@ -56,12 +56,24 @@ def _authenticate(request: Request, settings: CommunicatorSettings) -> Response 
 
 
 def _read_body(request: Request, limit: int) -> bytes | Response:
+    """The request body, decompressed; ``limit`` applies to both the bytes
+    received and the bytes they decompress to."""
     length = request.content_length
     if length is not None and length > limit:
         return _error(413, f'request body over {limit} bytes')
     body = request.body_file.read(limit + 1) if length is None else request.body
     if len(body) > limit:
         return _error(413, f'request body over {limit} bytes')
+    encoding = (request.headers.get('Content-Encoding') or 'identity').strip().lower()
+    if encoding == 'gzip':
+        try:
+            return wire.gunzip_body(body, limit)
+        except wire.TooLarge as exc:
+            return _error(413, str(exc))
+        except wire.WireError as exc:
+            return _error(400, str(exc))
+    if encoding != 'identity':
+        return _error(415, f'Content-Encoding {encoding} is not supported (gzip is)')
     return body
 
 
@@ -131,13 +143,21 @@ def get_messages(request: Request) -> Response:
     else:
         rows = queues.outbound_from(session, from_id, limit + 1)
     more = len(rows) > limit
-    rows = rows[:limit]
+    fetched = rows[:limit]
+    rows = queues.within_bytes(fetched, settings.batch_bytes)
+    more = more or len(rows) < len(fetched)
     messages = [wire.outbound_to_wire(row, settings.name) for row in rows]
     if query.get('pending') != '1':
         queues.mark_delivered(session, [m.id for m in messages])
     _apply_after_commit(request, settings)
+    body = wire.dumps(messages)
+    compress = (request.headers.get(wire.NAME_HEADER)
+                and 'gzip' in (request.headers.get('Accept-Encoding') or ''))
     response = Response(status=200, content_type=_reply_type(request), charset='utf-8',
-                        body=wire.dumps(messages))
+                        body=wire.gzip_body(body) if compress else body)
+    if compress:  # our client; the gem's gets the plain JSON it always did
+        response.content_encoding = 'gzip'
+        response.vary = ('Accept-Encoding',)
     # Not Response(headers=...): that replaces Content-Type and Content-Length.
     response.headers.update(_headers(settings, more))
     return response

@@ -212,7 +212,7 @@ def test_replies_carry_name_and_protocol_headers(app, facade) -> None:
     for reply in replies:
         assert reply.status_int in (200, 202)
         assert reply.headers['X-Communicator-Name'] == 'facade'
-        assert reply.headers['X-Communicator-Protocol'] == '1'
+        assert reply.headers['X-Communicator-Protocol'] == '2'
 
 
 def test_locally_originated_record_carries_app_name_and_its_id(app, facade) -> None:
