@@ -8,29 +8,24 @@ policy and recorded.  Tombstones keep deleted records deleted.
 
 A message without a version (from the Ruby gem) is applied as the gem
 did: its values overwrite ours.
+
+Reads and writes of records and of their sync metadata go through the
+batch's :class:`.working_set.WorkingSet`.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from . import conflicts, tracking
+from . import conflicts
 from .conflicts import Conflict, Custom, Edit
-from .records import (
-    Receiver,
-    decode_body,
-    fingerprint,
-    from_wire,
-    local_id,
-    receiver_for,
-    to_wire,
-)
+from .records import Receiver, decode_body, fingerprint, from_wire, receiver_for, to_wire
 from .versions import HERE, Incoming, Stamp, Version, covered, merge_clocks, named
 from .versions import from_wire as version_from_wire
+from .working_set import Identity, WorkingSet
 
 
 class Refused(Exception):
@@ -48,11 +43,11 @@ class Message:
     version: dict[str, Any] | None = None
 
 
-def apply_message(session: Session, local_name: str, message: Message) -> object | None:
-    """Apply ``message`` in ``session``'s transaction; returns the local
-    record written (None when nothing was: a stale update, a delete)."""
+def apply_message(work: WorkingSet, message: Message) -> object | None:
+    """Apply ``message`` to the working set; returns the local record
+    written (None when nothing was: a stale update, a delete)."""
     name, attributes = decode_body(message.body)
-    application = _Application(session, local_name, receiver_for(name), message)
+    application = _Application(work, receiver_for(name), message)
     if application.incoming is not None and application.incoming.deleted is not None:
         return application.delete()
     return application.upsert(attributes)
@@ -63,19 +58,17 @@ def _order(stamp: Stamp | None) -> tuple[int, str]:
 
 
 class _Application:
-    def __init__(self, session: Session, local_name: str, receiver: Receiver,
-                 message: Message) -> None:
-        self.session = session
-        self.connection = session.connection()
-        self.local_name = local_name
+    def __init__(self, work: WorkingSet, receiver: Receiver, message: Message) -> None:
+        self.work = work
+        self.local_name = work.local_name
         self.receiver = receiver
         self.name = receiver.name
         self.message = message
         self.incoming: Incoming | None = (
-            version_from_wire(message.version, local_name) if message.version else None)
+            version_from_wire(message.version, self.local_name) if message.version else None)
         self.key: tuple[str, int] | None = None
         if message.original_id is not None:
-            own = message.origin in (None, local_name)
+            own = message.origin in (None, self.local_name)
             self.key = (HERE if own else message.origin, message.original_id)
 
     # -- checks --------------------------------------------------------------
@@ -86,75 +79,63 @@ class _Application:
             raise Refused(f'{self.name} does not accept {operation}s from '
                           f'{self.message.sender}{hint}')
 
-    def find(self) -> Any:
+    def find(self) -> Identity | None:
         """The identity's row; refused for a record of ours never sent out."""
         if self.key is None:
             return None
-        row = tracking.find(self.connection, self.name, *self.key)
-        if row is None and self.key[0] == HERE:
+        identity = self.work.find(self.name, *self.key)
+        if identity is None and self.key[0] == HERE:
             raise Refused(f'{self.message.sender} addressed {self.name} {self.key[1]} of '
                           f'{self.local_name}, which was never sent to it')
-        return row
+        return identity
 
     # -- upsert --------------------------------------------------------------
 
     def upsert(self, attributes: dict[str, Any]) -> object | None:
-        row = self.find()
-        if row is not None and row.local_id is None:
-            return self.against_tombstone(row, attributes)
-        obj = tracked = None
-        if row is not None:
-            obj = self.session.get(self.receiver.cls, row.local_id, with_for_update=True)
-            if obj is None and self.key[0] == HERE:
-                raise LookupError(f'{self.name} {self.key[1]} of {self.local_name} '
-                                  'does not exist here')
-        if obj is not None:
+        identity = self.find()
+        if identity is not None and identity.tombstone:
+            return self.against_tombstone(identity, attributes)
+        record = identity.record if identity is not None else None
+        if identity is not None and record is None and self.key[0] == HERE:
+            raise LookupError(f'{self.name} {self.key[1]} of {self.local_name} '
+                              'does not exist here')
+        if record is not None:
             self.require('update')
-            tracked = tracking.of_record(self.connection, self.name, row.local_id)
         else:
             self.require('create')
-            obj = self.match(attributes)
-            if obj is not None:
-                tracked = tracking.of_record(self.connection, self.name, local_id(obj))
-        created = obj is None
+            if self.receiver.match_on:
+                record = self.work.match(self.receiver, attributes)
+        created = record is None
         if created:
-            obj = self.receiver.cls()
-        local = tracked.version if tracked is not None else Version()
-        version = self.merge(obj, local, attributes, created)
+            record = self.receiver.cls()
+        local = self.work.version_of(record) if not created else Version()
+        version = self.merge(record, local, attributes, created)
         if created:
-            self.session.add(obj)
+            self.work.created(self.receiver, record)
+            if not self.receiver.match_on:
+                # A unique key broken here is this message's failure, with
+                # a hint; flushed now only when the batch is retried alone.
+                self.note_unique_keys(record)
+        self.track(record, identity, version)
+        return record
+
+    def note_unique_keys(self, record: object) -> None:
+        if not self.work.alone:
+            return
         try:
-            self.session.flush()
+            self.work.session.flush()
         except IntegrityError as exc:
-            if created and not self.receiver.match_on:
-                exc.add_note(f'a {self.name} created on {self.message.sender} may have the '
-                             'unique key of a local one: receives_from(..., match_on=[...]) '
-                             'takes them as the same record')
+            exc.add_note(f'a {self.name} created on {self.message.sender} may have the '
+                         'unique key of a local one: receives_from(..., match_on=[...]) '
+                         'takes them as the same record')
             raise
-        self.track(obj, row, version)
-        return obj
 
-    def track(self, obj: object, row: Any, version: Version) -> None:
-        record_id = local_id(obj)
+    def track(self, record: object, identity: Identity | None, version: Version) -> None:
         stored = version if self.incoming is not None else None
-        if self.key is not None and (row is None or row.local_id != record_id):
-            tracking.add_identity(self.connection, self.name, *self.key, record_id, stored)
+        if self.key is not None and (identity is None or identity.record is not record):
+            self.work.map(self.name, *self.key, record, stored)
         if stored is not None:
-            tracking.save(self.connection, self.name, record_id, stored)
-
-    def match(self, attributes: dict[str, Any]) -> object | None:
-        """The local record with the same natural key (``match_on``)."""
-        if not self.receiver.match_on:
-            return None
-        columns = self.receiver.columns()
-        criteria = []
-        for key in self.receiver.match_on:
-            value = from_wire(columns[key], attributes.get(key))
-            if value is None:
-                return None
-            criteria.append(getattr(self.receiver.cls, key) == value)
-        statement = select(self.receiver.cls).where(*criteria).limit(1)
-        return self.session.scalars(statement.with_for_update()).first()
+            self.work.save(record, stored)
 
     def value(self, key: str, wire_value: Any) -> Any:
         """The local Python value for an attribute; a foreign key to a
@@ -167,19 +148,21 @@ class _Application:
 
     def resolve(self, target: Receiver, origin: str, original_id: int) -> int:
         own = origin == self.local_name
-        row = tracking.find(self.connection, target.name, HERE if own else origin,
-                            original_id)
-        if row is not None and row.local_id is not None:
-            return row.local_id
-        if own and row is None:
+        identity = self.work.find(target.name, HERE if own else origin, original_id)
+        if identity is not None and identity.record is not None:
+            return self.work.local_id(identity.record)
+        if identity is not None and identity.local_id is not None:
+            return identity.local_id
+        if own and identity is None:
             raise Refused(f'{self.message.sender} refers to {target.name} {original_id} of '
                           f'{self.local_name}, which was never sent to it')
         raise LookupError(f'refers to {target.name} {original_id} of {origin}, '
                           'which is not here (yet)')
 
-    def merge(self, obj: object, local: Version, attributes: dict[str, Any],
+    def merge(self, record: object, local: Version, attributes: dict[str, Any],
               created: bool) -> Version:
-        """Write the attributes the message wins into ``obj``; the merged version."""
+        """Write the attributes the message wins into ``record``; the merged
+        version."""
         incoming = self.incoming
         version = Version(clock=merge_clocks(local.clock, incoming.clock if incoming else {}),
                           stamps=dict(local.stamps))
@@ -192,7 +175,7 @@ class _Application:
                 continue
             remote = self.value(key, wire_value)
             if incoming is None or created:
-                setattr(obj, key, remote)
+                setattr(record, key, remote)
                 if incoming is not None and key in incoming.stamps:
                     version.stamps[key] = (*incoming.stamps[key], fingerprint(remote))
                 continue
@@ -202,21 +185,21 @@ class _Application:
             seen_here, seen_there = covered(s_in, local.clock), covered(s_loc, incoming.clock)
             if seen_here and not seen_there:
                 continue  # ours is newer: the message is stale for this attribute
-            current = getattr(obj, key)
+            current = getattr(record, key)
             if not seen_here and not seen_there and fingerprint(current) != fingerprint(remote):
-                kept, stamp = self.settle(obj, key, current, remote, s_loc, s_in)
-                setattr(obj, key, kept)
+                kept, stamp = self.settle(record, key, current, remote, s_loc, s_in)
+                setattr(record, key, kept)
                 version.stamps[key] = (*stamp, fingerprint(kept))
                 continue
             # Newer than ours, or the same value written on both sides: the
             # greater stamp stays, so that both sides keep the same one.
             if (seen_there and not seen_here) or (
                     _order(named(s_in, self.local_name)) > _order(named(s_loc, self.local_name))):
-                setattr(obj, key, remote)
+                setattr(record, key, remote)
                 version.stamps[key] = (*s_in, fingerprint(remote))
         return version
 
-    def settle(self, obj: object, key: str, current: Any, remote: Any,
+    def settle(self, record: object, key: str, current: Any, remote: Any,
                s_loc: Stamp | None, s_in: Stamp) -> tuple[Any, Stamp]:
         """Concurrent edits of one attribute: what the policy keeps, recorded."""
         policy = self.receiver.policy
@@ -237,27 +220,27 @@ class _Application:
         else:
             won = policy.winner(conflict)
             winner, stamp = ('remote', s_in) if won is theirs else ('local', s_loc or s_in)
-        self.record(obj, key, current, remote, s_loc, s_in, winner, kept)
+        self.record(record, key, current, remote, s_loc, s_in, winner, kept)
         return kept, stamp
 
-    def record(self, obj: object | None, attribute: str | None, local: Any, remote: Any,
+    def record(self, record: object | None, attribute: str | None, local: Any, remote: Any,
                s_loc: Stamp | None, s_in: Stamp | None, winner: str, kept: Any) -> None:
-        conflicts.record(
-            self.connection, name=self.name,
-            origin=self.message.origin or self.local_name,
-            original_id=self.message.original_id,
-            local_id=None if obj is None else local_id(obj), attribute=attribute,
+        identity = None if record is None else inspect(record).identity
+        local_id = identity[0] if identity else None
+        self.work.conflict(conflicts.row(
+            name=self.name, origin=self.message.origin or self.local_name,
+            original_id=self.message.original_id, local_id=local_id, attribute=attribute,
             local=to_wire(local), remote=to_wire(remote),
             local_stamp=named(s_loc, self.local_name),
             remote_stamp=named(s_in, self.local_name), winner=winner, kept=to_wire(kept),
-            peer=self.message.sender, policy=self.receiver.policy)
+            peer=self.message.sender, policy=self.receiver.policy))
 
     # -- tombstones and deletes ---------------------------------------------
 
-    def against_tombstone(self, row: Any, attributes: dict[str, Any]) -> object | None:
+    def against_tombstone(self, identity: Identity, attributes: dict[str, Any]) -> object | None:
         """An update for a record deleted here."""
         incoming = self.incoming
-        tomb = Version.loads(row.version)
+        tomb = identity.version or Version()
         if incoming is None:
             return None  # the gem knows no deletes: the record stays deleted
         if not covered(tomb.deleted, incoming.clock):
@@ -267,62 +250,59 @@ class _Application:
             deleter = named(tomb.deleted, self.local_name)
             apps = {named(s, self.local_name)[1] for s in newer}
             survives = self.receiver.policy.update_beats_delete(apps, deleter[1])
-            self.record(None, None, 'deleted', {k: v for k, v in attributes.items()},
-                        deleter, max(newer), 'remote' if survives else 'local',
+            self.record(None, None, 'deleted', dict(attributes), deleter, max(newer),
+                        'remote' if survives else 'local',
                         attributes if survives else 'deleted')
             if not survives:
-                tomb.clock = merge_clocks(tomb.clock, incoming.clock)
-                tracking.set_tombstone(self.connection, row.id, tomb)
+                self.work.set_version(identity, Version(
+                    clock=merge_clocks(tomb.clock, incoming.clock), deleted=tomb.deleted))
                 return None
         # Made after the delete was seen (a new life), or the policy says
         # the update survives: the record is created again.
         self.require('create')
-        obj = self.receiver.cls()
-        version = self.merge(obj, Version(clock=tomb.clock), attributes, created=True)
-        self.session.add(obj)
-        self.session.flush()
-        tracking.add_identity(self.connection, self.name, *self.key, local_id(obj), version)
-        return obj
+        record = self.receiver.cls()
+        version = self.merge(record, Version(clock=tomb.clock), attributes, created=True)
+        self.work.created(self.receiver, record)
+        self.work.map(self.name, *self.key, record, version)
+        return record
 
     def delete(self) -> None:
         self.require('delete')
         if self.key is None:
             raise ValueError('a delete needs the identity of the record (origin, original_id)')
         incoming = self.incoming
-        row = self.find()
-        if row is None or row.local_id is None:
+        identity = self.find()
+        if identity is None or identity.tombstone:
             # Never here, or deleted already: keep (or extend) the tombstone
             # so that a late create or update does not bring it back.
-            tomb = Version.loads(row.version) if row is not None else Version()
-            tomb.clock = merge_clocks(tomb.clock, incoming.clock)
-            tomb.deleted = tomb.deleted or incoming.deleted
-            tomb.stamps = {}
-            tracking.add_identity(self.connection, self.name, *self.key, None, tomb)
+            tomb = (identity.version if identity is not None else None) or Version()
+            self.work.map(self.name, *self.key, None, Version(
+                clock=merge_clocks(tomb.clock, incoming.clock),
+                deleted=tomb.deleted or incoming.deleted))
             return None
-        obj = self.session.get(self.receiver.cls, row.local_id, with_for_update=True)
-        tracked = tracking.of_record(self.connection, self.name, row.local_id)
-        local = tracked.version if tracked is not None else Version()
+        record = identity.record
+        local = self.work.version_of(record) if record is not None else (
+            identity.version or Version())
         concurrent = [(s[0], s[1]) for s in local.stamps.values()
                       if not covered((s[0], s[1]), incoming.clock)]
         deleter = named(incoming.deleted, self.local_name)
         if concurrent:
             apps = {named(s, self.local_name)[1] for s in concurrent}
             survives = self.receiver.policy.update_beats_delete(apps, deleter[1])
-            state = None if obj is None else _wire_state(self.receiver, obj)
-            self.record(obj, None, state, 'deleted', max(concurrent), deleter,
+            state = None if record is None else _wire_state(self.receiver, record)
+            self.record(record, None, state, 'deleted', max(concurrent), deleter,
                         'local' if survives else 'remote', state if survives else 'deleted')
             if survives:
                 local.clock = merge_clocks(local.clock, incoming.clock)
-                tracking.save(self.connection, self.name, row.local_id, local)
+                if record is not None:
+                    self.work.save(record, local)
                 return None
-        if obj is not None:
-            self.session.delete(obj)
-            self.session.flush()
-        tracking.bury(self.connection, self.name, row.local_id,
-                      Version(clock=merge_clocks(local.clock, incoming.clock),
-                              deleted=incoming.deleted))
+        if record is not None:
+            self.work.session.delete(record)
+        self.work.bury(record, identity, Version(
+            clock=merge_clocks(local.clock, incoming.clock), deleted=incoming.deleted))
         return None
 
 
-def _wire_state(receiver: Receiver, obj: object) -> dict[str, Any]:
-    return {key: to_wire(getattr(obj, key)) for key in receiver.columns()}
+def _wire_state(receiver: Receiver, record: object) -> dict[str, Any]:
+    return {key: to_wire(getattr(record, key)) for key in receiver.columns()}

@@ -20,9 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
-from .models import communicator_conflicts, utcnow
+from .models import utcnow
 from .versions import Stamp
 
 
@@ -108,22 +106,21 @@ def as_policy(conflicts: Policy | Callable[[Conflict], Any] | str | None) -> Pol
                      f'or a callable, not {conflicts!r}')
 
 
-def record(connection: Connection, *, name: str, origin: str | None,
-           original_id: int | None, local_id: int | None, attribute: str | None,
-           local: Any, remote: Any, local_stamp: Stamp | None,
-           remote_stamp: Stamp | None, winner: str, kept: Any, peer: str,
-           policy: Policy) -> None:
-    """Keep one conflict for operators: the record, both values, which won
-    and when.  ``attribute`` None is a delete against an update."""
+def row(*, name: str, origin: str | None, original_id: int | None,
+        local_id: int | None, attribute: str | None, local: Any, remote: Any,
+        local_stamp: Stamp | None, remote_stamp: Stamp | None, winner: str, kept: Any,
+        peer: str, policy: Policy) -> dict[str, Any]:
+    """A row of ``communicator_conflicts``: the record, both values, which
+    won and when.  ``attribute`` None is a delete against an update."""
     def encode(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=str)[:4000]
 
     def stamp(value: Stamp | None) -> str | None:
         return None if value is None else f'{value[0]}@{value[1]}'
 
-    connection.execute(communicator_conflicts.insert().values(
+    return dict(
         name=name, origin=origin, original_id=original_id, local_id=local_id,
         attribute=attribute, local_value=encode(local), remote_value=encode(remote),
         kept_value=encode(kept), local_stamp=stamp(local_stamp),
         remote_stamp=stamp(remote_stamp), winner=winner, policy=policy.label[:64],
-        peer=peer[:255], created_at=utcnow()))
+        peer=peer[:255], created_at=utcnow())

@@ -1,12 +1,19 @@
-"""Applying stored inbound messages, one transaction per message.
+"""Applying stored inbound messages, a batch per transaction.
 
-Savepoints would be cheaper but zope.sqlalchemy turns them off on SQLite;
-a transaction of its own per message works everywhere and lets several
-workers or runs apply the same queue at once (see ``queues.claim_inbound``).
-A message that fails is kept with its error and retried on later runs
-(one the peer was not allowed to send is kept as refused, not retried);
-later messages for the same record wait behind it so that updates are
-never applied out of order, while other records go on.
+A batch is applied optimistically in one transaction, reading and
+writing records and their metadata set-wise (:mod:`.working_set`).  If any message of
+it fails, the transaction rolls back and the batch is split in halves,
+each tried on its own, down to the single message that fails: that one is
+kept with its error (or as refused), the others are applied.  This needs
+no savepoints (which zope.sqlalchemy turns off on SQLite) and costs a few
+extra transactions only when something fails.
+
+The batch's messages are claimed by a conditional UPDATE in its
+transaction (``queues.claim_batch``), so several workers or runs can
+apply the same queue at once without applying anything twice.  A message
+that fails is retried on later runs; later messages for the same record
+wait behind it so that updates are never applied out of order, while
+other records go on.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from . import queues
 from .applying import Message, Refused, apply_message
 from .models import utcnow
 from .records import decode_body
+from .working_set import WorkingSet
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +81,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     later messages for its record.
 
     ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
-    not be the session of a request in progress: every message is
-    committed or rolled back on its own.
+    not be the session of a request in progress: every batch is committed
+    or rolled back on its own.
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -83,42 +91,72 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     while True:
         with tm:
             rows = queues.pending_inbound(session, batch_size, after, ids)
+        ready = []
         for row in rows:
             after = row.id
             key = _record_key(row, local_name)
             if key is not None and key in blocked:
                 result.waiting += 1
-                continue
-            if row.failed_at is not None and row.failed_at > retry_before:
+            elif row.failed_at is not None and row.failed_at > retry_before:
                 result.waiting += 1
                 if key is not None:
                     blocked.add(key)
-                continue
-            try:
-                with tm:
-                    if not queues.claim_inbound(session, row.id):
-                        continue  # another worker applied it meanwhile
-                    apply_message(session, local_name, Message(
-                        row.sender, row.body, row.origin, row.original_id,
-                        json.loads(row.refs) if row.refs else None,
-                        json.loads(row.version) if row.version else None))
-            except Refused as exc:
-                # The peer may not do this: kept with the reason, never
-                # retried by itself, and it holds nothing else back.
-                log.warning('inbound message %s refused: %s', row.id, exc)
-                with tm:
-                    queues.record_refusal(session, row.id, f'refused: {exc}')
-                result.failed += 1
-            except Exception as exc:
-                # Log the kind of error only: the text may quote record values.
-                log.warning('inbound message %s failed: %s', row.id, type(exc).__name__)
-                log.debug('inbound message %s failed', row.id, exc_info=True)
-                with tm:
-                    queues.record_failure(session, row.id, _describe(exc))
-                result.failed += 1
-                if key is not None:
-                    blocked.add(key)
             else:
-                result.applied += 1
+                ready.append((row, key))
+        _apply_batch(session, tm, local_name, ready, blocked, result)
         if len(rows) < batch_size:
             return result
+
+
+def _message(row) -> Message:
+    return Message(row.sender, row.body, row.origin, row.original_id,
+                   json.loads(row.refs) if row.refs else None,
+                   json.loads(row.version) if row.version else None)
+
+
+def _apply_batch(session: Session, tm: transaction.TransactionManager, local_name: str,
+                 batch: list[tuple], blocked: set[tuple], result: ApplyResult) -> None:
+    """Apply ``batch`` in one transaction, or in halves if that fails."""
+    ready = [(row, key) for row, key in batch if key is None or key not in blocked]
+    result.waiting += len(batch) - len(ready)  # behind a failure found in the other half
+    if not ready:
+        return
+    try:
+        with tm:
+            claimed = queues.claim_batch(session, [row.id for row, _ in ready])
+            messages = [_message(row) for row, _ in ready if row.id in claimed]
+            work = WorkingSet(session, local_name, alone=len(ready) == 1)
+            work.preload(messages)
+            with session.no_autoflush:
+                for message in messages:
+                    apply_message(work, message)
+            work.write()
+            applied = len(messages)  # the rest: another worker has them
+    except Exception as exc:
+        if len(ready) > 1:
+            half = len(ready) // 2
+            _apply_batch(session, tm, local_name, ready[:half], blocked, result)
+            _apply_batch(session, tm, local_name, ready[half:], blocked, result)
+            return
+        _keep_failure(session, tm, ready[0][0].id, exc)
+        result.failed += 1
+        if ready[0][1] is not None and not isinstance(exc, Refused):
+            blocked.add(ready[0][1])
+    else:
+        result.applied += applied
+
+
+def _keep_failure(session: Session, tm: transaction.TransactionManager,
+                  message_id: int, exc: Exception) -> None:
+    if isinstance(exc, Refused):
+        # The peer may not do this: kept with the reason, never retried by
+        # itself, and it holds nothing else back.
+        log.warning('inbound message %s refused: %s', message_id, exc)
+        with tm:
+            queues.record_refusal(session, message_id, f'refused: {exc}')
+        return
+    # Log the kind of error only: the text may quote record values.
+    log.warning('inbound message %s failed: %s', message_id, type(exc).__name__)
+    log.debug('inbound message %s failed', message_id, exc_info=True)
+    with tm:
+        queues.record_failure(session, message_id, _describe(exc))

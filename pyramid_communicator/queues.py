@@ -172,6 +172,29 @@ def claim_inbound(session: Session, message_id: int) -> bool:
     return result.rowcount == 1
 
 
+def claim_batch(session: Session, message_ids: Sequence[int]) -> set[int]:
+    """:func:`claim_inbound` for a batch, in one or two statements: the
+    ids this transaction claimed (another worker may hold the rest)."""
+    if not message_ids:
+        return set()
+    claimable = (IN.id.in_(list(message_ids)), IN.processed_at.is_(None),
+                 IN.given_up_at.is_(None), IN.refused_at.is_(None))
+    values = dict(processed_at=utcnow(), attempts=IN.attempts + 1, last_error=None,
+                  failed_at=None)
+    dialect = session.get_bind().dialect
+    if dialect.update_returning:  # PostgreSQL, SQLite: the UPDATE locks and tells
+        claimed = session.execute(update(inbound_messages).where(*claimable)
+                                  .values(**values).returning(IN.id)).scalars().all()
+    else:  # MariaDB/MySQL: lock the rows, then mark them
+        claimed = session.execute(select(IN.id).where(*claimable)
+                                  .with_for_update()).scalars().all()
+        if claimed:
+            session.execute(update(inbound_messages).where(IN.id.in_(claimed))
+                            .values(**values))
+    _changed(session)
+    return set(claimed)
+
+
 def record_failure(session: Session, message_id: int, error: str) -> None:
     session.execute(
         update(inbound_messages)

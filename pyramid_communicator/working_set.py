@@ -1,0 +1,278 @@
+"""The records a batch of inbound messages touches, read in a few queries
+and written back in a few.
+
+Applying message by message would cost half a dozen statements each
+(identity, record, version, mapping insert, version update); a batch
+instead loads every identity, record, alias and ``match_on`` candidate it
+needs up front (a query per record name), applies its messages to ORM
+objects in memory, and at the end flushes the ORM once and writes the
+mappings, versions and conflicts with one multi-row statement each.
+Created records go through the ORM, so the host's model events and
+validators run as usual.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import bindparam, inspect, select, update
+from sqlalchemy.orm import Session
+
+from .models import communicator_conflicts, communicator_mappings
+from .records import Receiver, decode_body, from_wire, receiver_for
+from .versions import HERE, Version
+
+M = communicator_mappings.c
+
+
+@dataclasses.dataclass(eq=False)
+class Identity:
+    """One row of ``communicator_mappings``, as the batch sees it."""
+    name: str
+    origin: str
+    original_id: int
+    row_id: int | None = None   # None until written
+    local_id: int | None = None
+    record: object | None = None  # the live local record, when there is one
+    version: Version | None = None
+    dirty: bool = False
+
+    @property
+    def tombstone(self) -> bool:
+        return self.local_id is None and self.record is None
+
+
+def _key(origin: str | None, original_id: int, local_name: str) -> tuple[str, int]:
+    return (HERE if origin in (None, local_name) else origin, original_id)
+
+
+class WorkingSet:
+    def __init__(self, session: Session, local_name: str, alone: bool = False) -> None:
+        self.session = session
+        self.local_name = local_name
+        #: A batch of one message (a failed batch split down): errors are
+        #: worth explaining, flushes cost nothing extra.
+        self.alone = alone
+        self.identities: dict[tuple[str, str, int], Identity] = {}
+        self.aliases: dict[int, list[Identity]] = defaultdict(list)  # id(record) ->
+        self.records: dict[tuple[str, int], object] = {}
+        self.natural: dict[tuple, object] = {}
+        self.conflicts: list[dict[str, Any]] = []
+
+    # -- reading -------------------------------------------------------------
+
+    def preload(self, messages: Iterable[Any]) -> None:
+        """Read what ``messages`` will need, a few queries per record name."""
+        wanted: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        creates: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for message in messages:
+            try:
+                name, attributes = decode_body(message.body)
+                receiver_for(name)
+            except (ValueError, LookupError):
+                continue  # fails on its own when applied
+            if message.original_id is not None:
+                wanted[name].add(_key(message.origin, message.original_id, self.local_name))
+            creates[name].append(attributes)
+            for ref_origin, ref_id in (message.refs or {}).values():
+                for target in receiver_for(name).references().values():
+                    wanted[target.name].add(_key(ref_origin, ref_id, self.local_name))
+        for name, keys in wanted.items():
+            self._load_identities(name, keys)
+        for name, attribute_list in creates.items():
+            self._load_natural(receiver_for(name), attribute_list)
+        by_name: dict[str, set[int]] = defaultdict(set)
+        for identity in self.identities.values():
+            if identity.local_id is not None:
+                by_name[identity.name].add(identity.local_id)
+        for name, ids in by_name.items():
+            self._load_records(receiver_for(name), ids)
+        self._load_aliases()
+
+    def _rows(self, statement) -> list:
+        return self.session.execute(statement).all()
+
+    def _remember(self, name: str, row: Any) -> Identity:
+        key = (name, row.origin, row.original_id)
+        identity = self.identities.get(key)
+        if identity is None:
+            identity = Identity(name, row.origin, row.original_id, row.id, row.local_id,
+                                version=Version.loads(row.version) if row.version else None)
+            self.identities[key] = identity
+        return identity
+
+    def _load_identities(self, name: str, keys: set[tuple[str, int]]) -> None:
+        keys = {key for key in keys if (name, *key) not in self.identities}
+        for chunk in _chunks(sorted(keys), 500):
+            origins = {origin for origin, _ in chunk}
+            ids = {original_id for _, original_id in chunk}
+            for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id, M.version)
+                                  .where(M.name == name, M.origin.in_(origins),
+                                         M.original_id.in_(ids))):
+                if (row.origin, row.original_id) in keys:
+                    self._remember(name, row)
+
+    def _load_records(self, receiver: Receiver, ids: set[int]) -> None:
+        mapper = inspect(receiver.cls)
+        pk = mapper.primary_key[0]
+        ids = {i for i in ids if (receiver.name, i) not in self.records}
+        for chunk in _chunks(sorted(ids), 500):
+            statement = select(receiver.cls).where(pk.in_(chunk)).with_for_update()
+            for record in self.session.scalars(statement):
+                self.records[(receiver.name, mapper.primary_key_from_instance(record)[0])] = \
+                    record
+
+    def _load_natural(self, receiver: Receiver, attribute_list: list[dict[str, Any]]) -> None:
+        """Local records whose ``match_on`` key a create may carry."""
+        if not receiver.match_on:
+            return
+        columns = receiver.columns()
+        first = receiver.match_on[0]
+        values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
+        values.discard(None)
+        mapper = inspect(receiver.cls)
+        for chunk in _chunks(sorted(values, key=repr), 500):
+            statement = (select(receiver.cls).where(getattr(receiver.cls, first).in_(chunk))
+                         .with_for_update())
+            for record in self.session.scalars(statement):
+                self.natural[self._natural_key(receiver, record)] = record
+                self.records.setdefault(
+                    (receiver.name, mapper.primary_key_from_instance(record)[0]), record)
+
+    def _load_aliases(self) -> None:
+        """Every identity of the records loaded: they share one version."""
+        by_name: dict[str, set[int]] = defaultdict(set)
+        for name, local_id in self.records:
+            by_name[name].add(local_id)
+        for name, ids in by_name.items():
+            for chunk in _chunks(sorted(ids), 500):
+                for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
+                                             M.version)
+                                      .where(M.name == name, M.local_id.in_(chunk))):
+                    self._remember(name, row)
+        for identity in self.identities.values():
+            if identity.local_id is not None:
+                identity.record = self.records.get((identity.name, identity.local_id))
+                if identity.record is not None:
+                    self.aliases[id(identity.record)].append(identity)
+
+    @staticmethod
+    def _natural_key(receiver: Receiver, record: object) -> tuple:
+        return (receiver.name, *(getattr(record, key) for key in receiver.match_on))
+
+    # -- what applying asks --------------------------------------------------
+
+    def find(self, name: str, origin: str, original_id: int) -> Identity | None:
+        identity = self.identities.get((name, origin, original_id))
+        if identity is None:
+            # Not preloaded (a malformed batch neighbour, say): ask the database.
+            self._load_identities(name, {(origin, original_id)})
+            identity = self.identities.get((name, origin, original_id))
+            if identity is not None and identity.local_id is not None:
+                self._load_records(receiver_for(name), {identity.local_id})
+                identity.record = self.records.get((name, identity.local_id))
+                if identity.record is not None:
+                    self.aliases[id(identity.record)].append(identity)
+        return identity
+
+    def version_of(self, record: object) -> Version:
+        for identity in self.aliases.get(id(record), ()):
+            if identity.version is not None:
+                return identity.version
+        return Version()
+
+    def match(self, receiver: Receiver, attributes: dict[str, Any]) -> object | None:
+        columns = receiver.columns()
+        key = [receiver.name]
+        for attribute in receiver.match_on:
+            value = from_wire(columns[attribute], attributes.get(attribute))
+            if value is None:
+                return None
+            key.append(value)
+        return self.natural.get(tuple(key))
+
+    def created(self, receiver: Receiver, record: object) -> None:
+        self.session.add(record)
+        if receiver.match_on:
+            self.natural[self._natural_key(receiver, record)] = record
+
+    def local_id(self, record: object) -> int:
+        """The record's primary key; a record created in this batch is
+        flushed for it (a later message refers to it)."""
+        state = inspect(record)
+        if state.identity is None:
+            self.session.flush()
+        return state.identity[0]
+
+    # -- writing -------------------------------------------------------------
+
+    def map(self, name: str, origin: str, original_id: int, record: object | None,
+            version: Version | None) -> Identity:
+        """Map an identity to ``record`` (None: keep it as a tombstone)."""
+        key = (name, origin, original_id)
+        identity = self.identities.get(key)
+        if identity is None:
+            identity = self.identities[key] = Identity(name, origin, original_id)
+        if identity.record is not None and identity.record is not record:
+            self.aliases[id(identity.record)].remove(identity)
+        identity.record, identity.version, identity.dirty = record, version, True
+        identity.local_id = None
+        if record is not None and identity not in self.aliases[id(record)]:
+            self.aliases[id(record)].append(identity)
+        return identity
+
+    def save(self, record: object, version: Version) -> None:
+        for identity in self.aliases.get(id(record), ()):
+            identity.version, identity.dirty = version, True
+
+    def bury(self, record: object | None, identity: Identity, version: Version) -> None:
+        """The record is deleted: its identities become tombstones."""
+        targets = list(self.aliases.pop(id(record), ())) if record is not None else []
+        if identity not in targets:
+            targets.append(identity)
+        for each in targets:
+            each.record, each.local_id, each.version, each.dirty = None, None, version, True
+
+    def set_version(self, identity: Identity, version: Version) -> None:
+        identity.version, identity.dirty = version, True
+
+    def conflict(self, row: dict[str, Any]) -> None:
+        """Keep a conflict (:func:`.conflicts.row`), written with the batch."""
+        self.conflicts.append(row)
+
+    def write(self) -> None:
+        """Flush the records, then the mappings and conflicts."""
+        self.session.flush()
+        inserts, updates = [], []
+        for identity in self.identities.values():
+            if not identity.dirty:
+                continue
+            local_id = identity.local_id
+            if identity.record is not None:
+                local_id = inspect(identity.record).identity[0]
+            values = {'local_id': local_id,
+                      'version': identity.version.dumps() if identity.version else None}
+            if identity.row_id is None:
+                inserts.append({'name': identity.name, 'origin': identity.origin,
+                                'original_id': identity.original_id, **values})
+            else:
+                updates.append({'_id': identity.row_id, **values})
+            identity.dirty = False
+        connection = self.session.connection()
+        for chunk in _chunks(inserts, 500):
+            connection.execute(communicator_mappings.insert(), chunk)
+        if updates:
+            connection.execute(
+                update(communicator_mappings).where(M.id == bindparam('_id'))
+                .values(local_id=bindparam('_local_id'), version=bindparam('_version')),
+                [{'_id': u['_id'], '_local_id': u['local_id'], '_version': u['version']}
+                 for u in updates])
+        if self.conflicts:
+            connection.execute(communicator_conflicts.insert(), self.conflicts)
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
