@@ -298,7 +298,7 @@ class _Application:
                     self.work.save(record, local)
                 return None
         if record is not None:
-            self.work.session.delete(record)
+            self.work.delete(self.receiver, record)
         self.work.bury(record, identity, Version(
             clock=merge_clocks(local.clock, incoming.clock), deleted=incoming.deleted))
         return None

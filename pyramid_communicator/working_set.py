@@ -191,12 +191,21 @@ class WorkingSet:
             if value is None:
                 return None
             key.append(value)
-        return self.natural.get(tuple(key))
+        record = self.natural.get(tuple(key))
+        if record is not None and self._natural_key(receiver, record) != tuple(key):
+            return None  # renamed earlier in this batch
+        return record
 
     def created(self, receiver: Receiver, record: object) -> None:
         self.session.add(record)
         if receiver.match_on:
             self.natural[self._natural_key(receiver, record)] = record
+
+    def delete(self, receiver: Receiver, record: object) -> None:
+        """Delete a record; a later create in the batch must not match it."""
+        self.session.delete(record)
+        if receiver.match_on:
+            self.natural.pop(self._natural_key(receiver, record), None)
 
     def local_id(self, record: object) -> int:
         """The record's primary key; a record created in this batch is
