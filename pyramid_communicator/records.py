@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import datetime
 import decimal
+import functools
 import json
 import uuid
 from typing import Any
@@ -57,6 +58,10 @@ class Receiver:
     def references(self) -> dict[str, Receiver]:
         """Attribute key -> receiver of the record a foreign key points at,
         for crossing columns whose foreign key targets a synced model."""
+        return self._references
+
+    @functools.cached_property
+    def _references(self) -> dict[str, Receiver]:
         found = {}
         for key, column in self.columns().items():
             for fk in column.foreign_keys:
@@ -67,6 +72,11 @@ class Receiver:
 
     def columns(self) -> dict[str, Any]:
         """Attribute key -> Column, for the attributes that may cross."""
+        return self._columns
+
+    @functools.cached_property
+    def _columns(self) -> dict[str, Any]:
+        # Computed once, after the mappers are configured (first use).
         mapper = inspect(self.cls)
         pk = set(self.primary_key)
         return {

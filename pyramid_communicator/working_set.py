@@ -56,6 +56,7 @@ class WorkingSet:
         #: worth explaining, flushes cost nothing extra.
         self.alone = alone
         self.identities: dict[tuple[str, str, int], Identity] = {}
+        self.looked_up: set[tuple[str, str, int]] = set()  # also those not found
         self.aliases: dict[int, list[Identity]] = defaultdict(list)  # id(record) ->
         self.records: dict[tuple[str, int], object] = {}
         self.natural: dict[tuple, object] = {}
@@ -104,7 +105,8 @@ class WorkingSet:
         return identity
 
     def _load_identities(self, name: str, keys: set[tuple[str, int]]) -> None:
-        keys = {key for key in keys if (name, *key) not in self.identities}
+        keys = {key for key in keys if (name, *key) not in self.looked_up}
+        self.looked_up.update((name, *key) for key in keys)
         for chunk in _chunks(sorted(keys), 500):
             origins = {origin for origin, _ in chunk}
             ids = {original_id for _, original_id in chunk}
@@ -166,7 +168,7 @@ class WorkingSet:
 
     def find(self, name: str, origin: str, original_id: int) -> Identity | None:
         identity = self.identities.get((name, origin, original_id))
-        if identity is None:
+        if identity is None and (name, origin, original_id) not in self.looked_up:
             # Not preloaded (a malformed batch neighbour, say): ask the database.
             self._load_identities(name, {(origin, original_id)})
             identity = self.identities.get((name, origin, original_id))
