@@ -105,6 +105,8 @@ class _Application:
             self.require('create')
             if self.receiver.match_on:
                 record = self.work.match(self.receiver, attributes)
+                if record is not None:
+                    self.matched(record)
         created = record is None
         if created:
             record = self.receiver.cls()
@@ -118,6 +120,17 @@ class _Application:
                 self.note_unique_keys(record)
         self.track(record, identity, version)
         return record
+
+    def matched(self, record: object) -> None:
+        """A create that meets a local record by its ``match_on`` key changes
+        that record: an update, allowed only of a record the peer knows
+        (one with an identity: sent to it, or received from it)."""
+        self.require('update')
+        if not self.work.aliases.get(id(record)):
+            raise Refused(f'{self.message.sender} sent a {self.name} whose '
+                          f'{", ".join(self.receiver.match_on)} matches {self.name} '
+                          f'{self.work.local_id(record)} of {self.local_name}, '
+                          'which was never sent to it')
 
     def note_unique_keys(self, record: object) -> None:
         if not self.work.alone:

@@ -7,7 +7,9 @@ its mapper events; ``publish`` and ``publish_delete`` do it by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -76,6 +78,8 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
             raise ValueError(f'match_on {missing} of {name!r}: not attributes that cross '
                              'the wire')
         register(receiver)
+        if autopublish:
+            _listen_to_sessions()
         if autopublish and not event.contains(cls, 'after_insert', _autopublish):
             event.listen(cls, 'after_insert', _autopublish)
             event.listen(cls, 'after_update', _autopublish)
@@ -86,59 +90,148 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
     return decorate
 
 
-def _refs(connection: Connection, receiver: Receiver, values: dict[str, Any]) -> str | None:
-    """JSON of the identities the record's foreign keys point at."""
-    refs = {}
-    for key, target in receiver.references().items():
-        value = values.get(key)
-        if value is not None:
-            tracked = tracking.of_record(connection, target.name, value, lock=False)
-            refs[key] = list(tracked.identity) if tracked else [None, value]
-    return json.dumps(refs, separators=(',', ':')) if refs else None
+@dataclasses.dataclass
+class _Change:
+    obj: object
+    record_id: int | None
+    deleted: bool = False
 
 
-def _stage(connection: Connection, receiver: Receiver, record_id: int | None,
-           values: dict[str, Any]) -> tuple[str | None, int | None, Version]:
-    """Stamp this change in the record's version; (origin, original_id,
-    version) of the message to send."""
-    if record_id is None:  # never flushed: sent without identity, untracked
-        version = Version()
-        version.edit({key: fingerprint(value) for key, value in values.items()})
-        return None, None, version
-    tracked = tracking.of_record(connection, receiver.name, record_id)
-    if tracked is None:
-        # First publish: the record gets its own identity.  An old
-        # tombstone of the same id (a database that reuses ids) hands on
-        # its clock, so the new record's edits are later than the delete.
-        tomb = tracking.find(connection, receiver.name, HERE, record_id, lock=True)
-        version = Version(clock=Version.loads(tomb.version).clock) if tomb else Version()
-        tracked = tracking.Tracked(receiver.name, record_id, [(HERE, record_id)], version)
-        changed = version.edit({key: fingerprint(value) for key, value in values.items()})
-        tracking.add_identity(connection, receiver.name, HERE, record_id, record_id, version)
-    else:
-        version = tracked.version
-        changed = version.edit({key: fingerprint(value) for key, value in values.items()})
-        if changed:
-            tracking.save(connection, receiver.name, record_id, version)
-    origin, original_id = tracked.identity
-    return origin, original_id, version
+class _Staging:
+    """What one publishing call (or one flush) changes, computed with a
+    query or two per model and written with a statement per kind."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.tracked: dict[str, dict[int, tracking.Tracked]] = {}
+        self.tombstones: dict[str, dict[int, Version]] = defaultdict(dict)
+        self.writes: dict[str, dict[str, dict[int, Version]]] = defaultdict(
+            lambda: {'created': {}, 'revived': {}, 'changed': {}, 'buried': {}})
+
+    def load(self, changes: list[_Change]) -> None:
+        """The changed records' versions, locked, and those of the records
+        their foreign keys point at: a query per model."""
+        changed: dict[str, set[int]] = defaultdict(set)
+        referenced: dict[str, set[int]] = defaultdict(set)
+        for change in changes:
+            receiver = receiver_of(change.obj)
+            if change.record_id is not None:
+                changed[receiver.name].add(change.record_id)
+            if not change.deleted:
+                for key, target in receiver.references().items():
+                    value = inspect(change.obj).dict.get(key)
+                    if value is not None:
+                        referenced[target.name].add(value)
+        for name, local_ids in changed.items():
+            self.tracked[name] = tracking.of_records(self.connection, name, local_ids,
+                                                     tombstones=self.tombstones[name])
+        for name, local_ids in referenced.items():
+            known = self.tracked.setdefault(name, {})
+            missing = local_ids - set(known) - changed.get(name, set())
+            known.update(tracking.of_records(self.connection, name, missing, lock=False))
+
+    def stage(self, change: _Change) -> dict[str, Any] | None:
+        """The outbound row for one change (None: nothing to send)."""
+        receiver = receiver_of(change.obj)
+        name = receiver.name
+        if change.deleted:
+            return self._delete(receiver, change.record_id)
+        values = record_values(change.obj)
+        fingerprints = {key: fingerprint(value) for key, value in values.items()}
+        if change.record_id is None:  # never flushed: sent without identity, untracked
+            version = Version()
+            version.edit(fingerprints)
+            identity = (None, None)
+        else:
+            tracked = self.tracked.setdefault(name, {}).get(change.record_id)
+            writes = self.writes[name]
+            if tracked is None:
+                # First publish: the record gets its own identity.  An old
+                # tombstone of the same id (a database that reuses ids)
+                # hands on its clock, so the new record's edits come later.
+                old = self.tombstones[name].get(change.record_id)
+                tracked = tracking.Tracked(name, change.record_id, [(HERE, change.record_id)],
+                                           Version(clock=old.clock) if old else Version())
+                self.tracked[name][change.record_id] = tracked
+                kind = 'revived' if old else 'created'
+                writes[kind][change.record_id] = tracked.version
+                tracked.version.edit(fingerprints)
+            elif tracked.version.edit(fingerprints):
+                if not any(change.record_id in writes[k] for k in ('created', 'revived')):
+                    writes['changed'][change.record_id] = tracked.version
+            version = tracked.version
+            identity = tracked.identity
+        return self._row(name, values, identity, self._refs(receiver, values), version)
+
+    def _delete(self, receiver: Receiver, record_id: int | None) -> dict[str, Any] | None:
+        if not receiver.deletes:
+            raise ValueError(f'{receiver.name} does not publish deletes: '
+                             f'receives_from({receiver.name!r}, deletes=True)')
+        tracked = self.tracked.get(receiver.name, {}).pop(record_id, None)
+        if tracked is None:
+            return None  # never sent anywhere: nobody else holds it
+        tracked.version.delete()
+        writes = self.writes[receiver.name]
+        for kind in ('created', 'revived', 'changed'):
+            writes[kind].pop(record_id, None)
+        writes['buried'][record_id] = tracked.version
+        return self._row(receiver.name, {}, tracked.identity, None, tracked.version)
+
+    def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
+        """JSON of the identities the record's foreign keys point at."""
+        refs = {}
+        for key, target in receiver.references().items():
+            value = values.get(key)
+            if value is not None:
+                tracked = self.tracked.get(target.name, {}).get(value)
+                refs[key] = list(tracked.identity) if tracked else [None, value]
+        return json.dumps(refs, separators=(',', ':')) if refs else None
+
+    @staticmethod
+    def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
+             version: Version) -> dict[str, Any]:
+        return {'body': encode_body(name, values), 'origin': identity[0],
+                'original_id': identity[1], 'refs': refs,
+                'version': json.dumps(to_wire(version, HERE), separators=(',', ':')),
+                'created_at': utcnow()}
+
+    def write(self) -> None:
+        for name, writes in self.writes.items():
+            tracking.write_versions(self.connection, name,
+                                    *(list(writes[kind].items()) for kind in
+                                      ('created', 'revived', 'changed', 'buried')))
 
 
-def _enqueue(connection: Connection, receiver: Receiver, body: str, origin: str | None,
-             original_id: int | None, refs: str | None, version: Version) -> int:
-    result = connection.execute(outbound_messages.insert().values(
-        body=body, origin=origin, original_id=original_id, refs=refs,
-        version=json.dumps(to_wire(version, HERE), separators=(',', ':')),
-        created_at=utcnow()))
-    return result.inserted_primary_key[0]
+def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dict[str, Any]]:
+    """Stamp the changes, write the records' new versions, and return the
+    outbound rows to insert, in the order of ``changes``."""
+    staging = _Staging(connection)
+    staging.load(changes)
+    rows = [row for row in map(staging.stage, changes) if row is not None]
+    staging.write()
+    return rows
 
 
-def _publish(connection: Connection, obj: object, record_id: int | None) -> int:
-    receiver = receiver_of(obj)
-    values = record_values(obj)
-    origin, original_id, version = _stage(connection, receiver, record_id, values)
-    return _enqueue(connection, receiver, encode_body(receiver.name, values), origin,
-                    original_id, _refs(connection, receiver, values), version)
+def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """One multi-row INSERT: the messages take their ids, and so their
+    place on the wire, in this order."""
+    for start in range(0, len(rows), 500):
+        connection.execute(outbound_messages.insert().values(rows[start:start + 500]))
+
+
+def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:
+    # A Core insert, not session.add: the message takes its id, and so its
+    # place on the wire, now, in publishing order (also among autopublished
+    # ones), without flushing anything else of the caller's.
+    connection = session.connection()
+    rows = _publish_changes(connection, [change])
+    if not rows:
+        return None
+    message_id = connection.execute(outbound_messages.insert().values(rows[0])) \
+        .inserted_primary_key[0]
+    mark_changed(session)
+    with session.no_autoflush:
+        return session.get(OutboundMessage, message_id)
 
 
 def publish(session: Session, obj: object) -> OutboundMessage:
@@ -151,29 +244,7 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     published without identity; the receiver then creates a new record
     with its own id (as the gem did).
     """
-    # A Core insert, not session.add: the message takes its id, and so its
-    # place on the wire, now, in publishing order (also among autopublished
-    # ones), without flushing anything else of the caller's.
-    message_id = _publish(session.connection(), obj, local_id(obj))
-    mark_changed(session)
-    with session.no_autoflush:
-        return session.get(OutboundMessage, message_id)
-
-
-def _delete(connection: Connection, obj: object, record_id: int | None) -> int | None:
-    receiver = receiver_of(obj)
-    if not receiver.deletes:
-        raise ValueError(f'{receiver.name} does not publish deletes: '
-                         f'receives_from({receiver.name!r}, deletes=True)')
-    tracked = None if record_id is None else tracking.of_record(
-        connection, receiver.name, record_id)
-    if tracked is None:
-        return None  # never sent anywhere: nobody else holds it
-    tracked.version.delete()
-    tracking.bury(connection, receiver.name, record_id, tracked.version)
-    origin, original_id = tracked.identity
-    return _enqueue(connection, receiver, encode_body(receiver.name, {}), origin,
-                    original_id, None, tracked.version)
+    return _publish_one(session, _Change(obj, local_id(obj)))
 
 
 def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
@@ -183,53 +254,68 @@ def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
     The peer deletes its copy and keeps a tombstone.  A record that was
     never published has no copy elsewhere: nothing is sent (None).
     """
-    message_id = _delete(session.connection(), obj, local_id(obj))
-    if message_id is None:
-        return None
-    mark_changed(session)
-    with session.no_autoflush:
-        return session.get(OutboundMessage, message_id)
-
-
-def _applying(target: object) -> bool:
-    session = object_session(target)
-    return session is not None and bool(session.info.get(APPLYING))
-
-
-def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
-    if _applying(target):
-        return
-    state = inspect(target)
-    receiver = receiver_of(target)
-    if state.has_identity and not _changed(state, receiver):
-        return
-    record_id = local_id(target)
-    if record_id is None and len(mapper.primary_key) == 1:
-        # after_insert runs before the session assigns the identity key;
-        # the new primary key is already in the instance's dict.
-        record_id = mapper.primary_key_from_instance(target)[0]
-    _publish(connection, target, record_id)
-
-
-def _autopublish_delete(mapper: Any, connection: Connection, target: object) -> None:
-    if _applying(target):
-        return
-    _delete(connection, target, local_id(target))
-
-
-def _changed(state: Any, receiver: Receiver) -> bool:
-    """Did any attribute that crosses the wire change in this flush?"""
-    return any(state.attrs[key].history.has_changes() for key in receiver.columns())
+    return _publish_one(session, _Change(obj, local_id(obj), deleted=True))
 
 
 def publish_records(session: Session, objs: Iterable[object]) -> int:
     """Publish the current state of each of ``objs`` (persistent records),
     in this order and in ``session``'s transaction; returns how many."""
     connection = session.connection()
-    count = 0
-    for obj in objs:
-        _publish(connection, obj, local_id(obj))
-        count += 1
-    if count:
+    rows = _publish_changes(connection, [_Change(obj, local_id(obj)) for obj in objs])
+    _insert(connection, rows)
+    if rows:
         mark_changed(session)
-    return count
+    return len(rows)
+
+
+# -- autopublish ----------------------------------------------------------------
+#
+# Mapper events only note what changed, in the order the flush writes it;
+# one after_flush hook per session publishes it all at once.
+
+PENDING = 'pyramid_communicator.pending'
+
+
+def _note(mapper: Any, target: object, deleted: bool) -> None:
+    session = object_session(target)
+    if session is None or session.info.get(APPLYING):
+        return
+    record_id = local_id(target)
+    if record_id is None and len(mapper.primary_key) == 1:
+        # after_insert runs before the session assigns the identity key;
+        # the new primary key is already in the instance's dict.
+        record_id = mapper.primary_key_from_instance(target)[0]
+    session.info.setdefault(PENDING, []).append(_Change(target, record_id, deleted))
+
+
+def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
+    state = inspect(target)
+    if state.has_identity and not _changed(state, receiver_of(target)):
+        return
+    _note(mapper, target, deleted=False)
+
+
+def _autopublish_delete(mapper: Any, connection: Connection, target: object) -> None:
+    _note(mapper, target, deleted=True)
+
+
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    session.info.pop(PENDING, None)  # what a failed flush noted is not published
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    changes = session.info.pop(PENDING, None)
+    if changes:
+        _insert(session.connection(), _publish_changes(session.connection(), changes))
+
+
+def _listen_to_sessions() -> None:
+    if not event.contains(Session, 'after_flush', _after_flush):
+        event.listen(Session, 'before_flush', _before_flush)
+        event.listen(Session, 'after_flush', _after_flush)
+
+
+def _changed(state: Any, receiver: Receiver) -> bool:
+    """Did any attribute that crosses the wire change in this flush?"""
+    return any(state.attrs[key].history.has_changes() for key in receiver.columns())
+

@@ -1,18 +1,20 @@
-"""The sync metadata of records: their identities across apps and their
-versions, in ``communicator_mappings``.
+"""The sync metadata of records as publishing sees it: identities and
+versions of local records, in ``communicator_mappings``.
 
-Core statements on the caller's connection, inside the caller's
-transaction: the host's (publishing) or the applier's.  Rows of a live
-record are read ``FOR UPDATE`` (PostgreSQL, MariaDB) after the record's own
-row was written or locked, so a publish and an apply of the same record
-take their locks in the same order and see each other's versions.
+Core statements on the host's connection, inside the host's transaction.
+Rows of a changed record are read ``FOR UPDATE`` (PostgreSQL, MariaDB)
+after the record's own row was written, so a publish and an apply of the
+same record take their locks in the same order (record, then metadata)
+and see each other's versions.  Applying reads and writes the same rows
+set-wise through :mod:`.working_set`.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
-from sqlalchemy import select, update
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
 
 from .models import communicator_mappings
 from .versions import HERE, Version
@@ -45,59 +47,57 @@ def _lockable(connection: Connection, statement):
     return statement.with_for_update()
 
 
-def of_record(connection: Connection, name: str, local_id: int,
-              lock: bool = True) -> Tracked | None:
-    """The identities and version of a live local record, if it has any."""
-    statement = (select(M.origin, M.original_id, M.version)
-                 .where(M.name == name, M.local_id == local_id).order_by(M.id))
-    rows = connection.execute(_lockable(connection, statement) if lock else statement).all()
-    if not rows:
-        return None
-    return Tracked(name, local_id, [(r.origin, r.original_id) for r in rows],
-                   Version.loads(next((r.version for r in rows if r.version), None)))
+def of_records(connection: Connection, name: str, local_ids: Iterable[int],
+               lock: bool = True, tombstones: dict[int, Version] | None = None
+               ) -> dict[int, Tracked]:
+    """:func:`of_record` for many records, in one query.  With
+    ``tombstones`` (a dict to fill), the same query also finds deleted
+    records of ours whose ids are in use again (a database that hands out
+    ids anew): a new record inherits their clock."""
+    ids = sorted(set(local_ids))
+    if not ids:
+        return {}
+    condition = M.local_id.in_(ids)
+    if tombstones is not None:
+        condition = condition | ((M.origin == HERE) & M.original_id.in_(ids)
+                                 & M.local_id.is_(None))
+    statement = (select(M.origin, M.original_id, M.version, M.local_id)
+                 .where(M.name == name, condition).order_by(M.id))
+    found: dict[int, Tracked] = {}
+    for row in connection.execute(_lockable(connection, statement) if lock else statement):
+        if row.local_id is None:
+            tombstones[row.original_id] = Version.loads(row.version)
+            continue
+        tracked = found.get(row.local_id)
+        if tracked is None:
+            tracked = found[row.local_id] = Tracked(name, row.local_id, [], Version())
+        tracked.identities.append((row.origin, row.original_id))
+        if row.version and not tracked.version.clock and not tracked.version.deleted:
+            tracked.version = Version.loads(row.version)
+    return found
 
 
-def find(connection: Connection, name: str, origin: str, original_id: int,
-         lock: bool = False) -> Row | None:
-    """The row of one identity (``origin`` ``''`` for this app's records)."""
-    statement = (select(M.id, M.local_id, M.version)
-                 .where(M.name == name, M.origin == origin, M.original_id == original_id))
-    if lock:
-        statement = _lockable(connection, statement)
-    return connection.execute(statement).first()
-
-
-def add_identity(connection: Connection, name: str, origin: str, original_id: int,
-                 local_id: int | None, version: Version | None) -> None:
-    """Map an identity to a local record (or, with ``local_id`` None, keep
-    it as a tombstone).  An existing row of that identity is taken over."""
-    values = dict(local_id=local_id, version=None if version is None else version.dumps())
-    updated = connection.execute(
-        update(communicator_mappings)
-        .where(M.name == name, M.origin == origin, M.original_id == original_id)
-        .values(**values))
-    if updated.rowcount == 0:
-        connection.execute(communicator_mappings.insert().values(
-            name=name, origin=origin, original_id=original_id, **values))
-
-
-def save(connection: Connection, name: str, local_id: int, version: Version) -> None:
-    """Store the version of a live record on each of its identities."""
-    connection.execute(
-        update(communicator_mappings)
-        .where(M.name == name, M.local_id == local_id)
-        .values(version=version.dumps()))
-
-
-def bury(connection: Connection, name: str, local_id: int, version: Version) -> None:
-    """The record is deleted here: its identities become tombstones, which
-    outlive it so that no late or concurrent update brings it back."""
-    connection.execute(
-        update(communicator_mappings)
-        .where(M.name == name, M.local_id == local_id)
-        .values(local_id=None, version=version.dumps()))
-
-
-def set_tombstone(connection: Connection, row_id: int, version: Version) -> None:
-    connection.execute(update(communicator_mappings).where(M.id == row_id)
-                       .values(version=version.dumps()))
+def write_versions(connection: Connection, name: str,
+                   created: list[tuple[int, Version]], revived: list[tuple[int, Version]],
+                   changed: list[tuple[int, Version]], buried: list[tuple[int, Version]]
+                   ) -> None:
+    """Write what publishing changed, a statement per kind: new identities
+    of our records, revived tombstones, new versions, tombstones."""
+    if created:
+        connection.execute(communicator_mappings.insert(), [
+            {'name': name, 'origin': HERE, 'original_id': local_id, 'local_id': local_id,
+             'version': version.dumps()} for local_id, version in created])
+    if revived:
+        connection.execute(
+            update(communicator_mappings)
+            .where(M.name == name, M.origin == HERE, M.original_id == bindparam('_id'))
+            .values(local_id=bindparam('_local_id'), version=bindparam('_version')),
+            [{'_id': i, '_local_id': i, '_version': v.dumps()} for i, v in revived])
+    by_record = update(communicator_mappings).where(M.name == name,
+                                                    M.local_id == bindparam('_id'))
+    if changed:
+        connection.execute(by_record.values(version=bindparam('_version')),
+                           [{'_id': i, '_version': v.dumps()} for i, v in changed])
+    if buried:
+        connection.execute(by_record.values(local_id=None, version=bindparam('_version')),
+                           [{'_id': i, '_version': v.dumps()} for i, v in buried])

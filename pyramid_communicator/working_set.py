@@ -96,12 +96,17 @@ class WorkingSet:
         return self.session.execute(statement).all()
 
     def _remember(self, name: str, row: Any) -> Identity:
+        """Keep a row read; a row read again (after its record was locked)
+        replaces what the first read saw."""
         key = (name, row.origin, row.original_id)
+        version = Version.loads(row.version) if row.version else None
         identity = self.identities.get(key)
         if identity is None:
             identity = Identity(name, row.origin, row.original_id, row.id, row.local_id,
-                                version=Version.loads(row.version) if row.version else None)
+                                version=version)
             self.identities[key] = identity
+        else:
+            identity.local_id, identity.version = row.local_id, version
         return identity
 
     def _load_identities(self, name: str, keys: set[tuple[str, int]]) -> None:
@@ -150,9 +155,12 @@ class WorkingSet:
             by_name[name].add(local_id)
         for name, ids in by_name.items():
             for chunk in _chunks(sorted(ids), 500):
+                # Read (again) and locked after the records, as publishing
+                # locks them: a version committed meanwhile is seen.
                 for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
                                              M.version)
-                                      .where(M.name == name, M.local_id.in_(chunk))):
+                                      .where(M.name == name, M.local_id.in_(chunk))
+                                      .with_for_update()):
                     self._remember(name, row)
         for identity in self.identities.values():
             if identity.local_id is not None:
