@@ -1,0 +1,94 @@
+"""Publishing and applying cost a constant number of statements per flush
+and per batch, not several per record (counted on the real database, so
+a change that brings back per-record queries shows up here)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+
+from sqlalchemy import event, select
+from test_records import deliver, settings_of
+
+from pyramid_communicator.demo.models import Comment, Post, Tag
+from pyramid_communicator.sync import apply_inbound
+from pyramid_communicator.wire import WireMessage
+
+
+@contextlib.contextmanager
+def statements(side) -> Iterator[Counter]:
+    """Count statements by (verb, table) on the side's engine."""
+    counts: Counter = Counter()
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        match = re.match(r'\s*(SELECT|INSERT INTO|UPDATE|DELETE FROM)\s.*?'
+                         r'(?:FROM\s+)?(\w+)', statement, re.S | re.I)
+        if match:
+            verb = match.group(1).split()[0].upper()
+            table = re.search(r'(?:FROM|INTO|UPDATE)\s+(\w+)', statement, re.I)
+            counts[(verb, table.group(1) if table else '?')] += 1
+
+    event.listen(side.engine, 'before_cursor_execute', count)
+    try:
+        yield counts
+    finally:
+        event.remove(side.engine, 'before_cursor_execute', count)
+
+
+def ours(counts: Counter) -> Counter:
+    return Counter({key: n for key, n in counts.items()
+                    if key[1].startswith(('communicator_', 'outbound_', 'inbound_'))})
+
+
+def autopublish_tags(side, count: int, start: int) -> Counter:
+    with statements(side) as counts, side.session() as session:
+        session.add_all(Tag(name=f'tag {start + i}', label='x') for i in range(count))
+        session.flush()
+    return ours(counts)
+
+
+def test_autopublishing_a_flush_costs_the_same_statements_for_1_or_50_records(make_side):
+    side = make_side('central')
+    one = autopublish_tags(side, 1, 0)
+    fifty = autopublish_tags(side, 50, 100)
+    assert one == fifty, (one, fifty)
+    assert sum(one.values()) <= 3  # the versions read, identities written, messages written
+    assert side.count('outbound_messages') == 51
+
+    with statements(side) as counts, side.session() as session:
+        for tag in session.scalars(select(Tag)):
+            tag.label = 'edited'
+    assert sum(ours(counts).values()) <= 3
+    assert side.count('outbound_messages') == 102
+
+
+def test_one_flush_publishes_in_flush_order(make_side):
+    side = make_side('central')
+    with side.session() as session:
+        post = Post(title='parent')
+        session.add(post)
+        session.flush()
+        session.add_all([Comment(post_id=post.id, body=f'c{i}') for i in range(5)])
+    bodies = [json.loads(row['body']) for row in side.rows('outbound_messages')]
+    assert [b['comment']['body'] for b in bodies] == [f'c{i}' for i in range(5)]
+
+
+def test_applying_a_batch_reads_metadata_with_a_constant_number_of_queries(make_side):
+    facade = make_side('facade')
+    for size in (5, 40):
+        first = 1000 * size
+        deliver(facade, *[WireMessage(first + i, json.dumps({'tag': {'name': f'n{first + i}'}}),
+                                      'central', first + i) for i in range(size)],
+                sender='central')
+        settings = dataclasses.replace(settings_of(facade), batch_size=100)
+        with statements(facade) as counts:
+            assert apply_inbound(facade.engine, settings).applied == size
+        per_table = {table: n for (verb, table), n in counts.items() if verb != 'SELECT'}
+        reads = sum(n for (verb, table), n in counts.items()
+                    if verb == 'SELECT' and table in ('communicator_mappings', 'tags'))
+        assert reads <= 3, counts  # identities, match_on candidates, aliases
+        assert per_table['communicator_mappings'] == 1  # one multi-row insert
+        assert per_table['inbound_messages'] == 1  # one claim
