@@ -22,7 +22,15 @@ from sqlalchemy.exc import IntegrityError
 
 from . import conflicts
 from .conflicts import Conflict, Custom, Edit
-from .records import Receiver, decode_body, fingerprint, from_wire, receiver_for, to_wire
+from .records import (
+    Receiver,
+    decode_body,
+    fingerprint,
+    from_wire,
+    natural_key,
+    receiver_for,
+    to_wire,
+)
 from .versions import HERE, Incoming, Stamp, Version, covered, merge_clocks, named
 from .versions import from_wire as version_from_wire
 from .working_set import Identity, WorkingSet
@@ -49,7 +57,7 @@ def apply_message(work: WorkingSet, message: Message) -> object | None:
     name, attributes = decode_body(message.body)
     application = _Application(work, receiver_for(name), message)
     if application.incoming is not None and application.incoming.deleted is not None:
-        return application.delete()
+        return application.delete(attributes)
     return application.upsert(attributes)
 
 
@@ -105,6 +113,12 @@ class _Application:
             self.require('create')
             if self.receiver.match_on:
                 record = self.work.match(self.receiver, attributes)
+                tomb = None if record is not None or self.key is None else \
+                    self.work.match_tombstone(self.receiver, attributes)
+                if tomb is not None:
+                    # The same record, deleted here meanwhile: it meets the delete.
+                    alias = self.work.map(self.name, *self.key, None, tomb)
+                    return self.against_tombstone(alias, attributes)
                 if record is not None:
                     self.matched(record)
         created = record is None
@@ -271,20 +285,28 @@ class _Application:
                     clock=merge_clocks(tomb.clock, incoming.clock), deleted=tomb.deleted))
                 return None
         # Made after the delete was seen (a new life), or the policy says
-        # the update survives: the record is created again.
+        # the update survives: the record is created again, or merged into
+        # the live one that has its natural key.
         self.require('create')
+        record = self.work.match(self.receiver, attributes) if self.receiver.match_on else None
+        if record is not None:
+            version = self.merge(record, self.work.version_of(record), attributes, created=False)
+            self.work.map(self.name, *self.key, record, version)
+            self.work.save(record, version)
+            return record
         record = self.receiver.cls()
         version = self.merge(record, Version(clock=tomb.clock), attributes, created=True)
         self.work.created(self.receiver, record)
         self.work.map(self.name, *self.key, record, version)
         return record
 
-    def delete(self) -> None:
+    def delete(self, attributes: dict[str, Any]) -> None:
         self.require('delete')
         if self.key is None:
             raise ValueError('a delete needs the identity of the record (origin, original_id)')
         incoming = self.incoming
         identity = self.find()
+        target = None
         if identity is None or identity.tombstone:
             # Never here, or deleted already: keep (or extend) the tombstone
             # so that a late create or update does not bring it back.
@@ -292,10 +314,23 @@ class _Application:
             self.work.map(self.name, *self.key, None, Version(
                 clock=merge_clocks(tomb.clock, incoming.clock),
                 deleted=tomb.deleted or incoming.deleted))
-            return None
-        record = identity.record
+        else:
+            target = identity.record
+            self.delete_record(target, identity, identity.version)
+        if self.receiver.match_on:
+            # The same natural key may live here under another identity (a
+            # record created again meanwhile): the delete meets it as well.
+            other = self.work.match(self.receiver, attributes)
+            if other is not None and other is not target:
+                self.delete_record(other, None, None)
+
+    def delete_record(self, record: object | None, identity: Identity | None,
+                      fallback: Version | None) -> None:
+        """Delete a record (None: one already gone without a tombstone),
+        unless an update concurrent with the delete survives by policy."""
+        incoming = self.incoming
         local = self.work.version_of(record) if record is not None else (
-            identity.version or Version())
+            fallback or Version())
         concurrent = [(s[0], s[1]) for s in local.stamps.values()
                       if not covered((s[0], s[1]), incoming.clock)]
         deleter = named(incoming.deleted, self.local_name)
@@ -309,12 +344,14 @@ class _Application:
                 local.clock = merge_clocks(local.clock, incoming.clock)
                 if record is not None:
                     self.work.save(record, local)
-                return None
+                return
+        natural = None
         if record is not None:
+            natural = natural_key(self.receiver, {key: getattr(record, key)
+                                                  for key in self.receiver.match_on})
             self.work.delete(self.receiver, record)
         self.work.bury(record, identity, Version(
-            clock=merge_clocks(local.clock, incoming.clock), deleted=incoming.deleted))
-        return None
+            clock=merge_clocks(local.clock, incoming.clock), deleted=incoming.deleted), natural)
 
 
 def _wire_state(receiver: Receiver, record: object) -> dict[str, Any]:

@@ -146,11 +146,27 @@ class Mapping(Base):
     local_id: Mapped[int | None] = mapped_column(BigInteger)
     #: JSON of :class:`.versions.Version`; NULL before the first versioned change.
     version: Mapped[str | None] = mapped_column(BodyText)
-
     __table_args__ = (
         UniqueConstraint('name', 'origin', 'original_id'),
         Index('ix_communicator_mappings_local', 'name', 'local_id'),
     )
+
+
+class NaturalTombstone(Base):
+    """The delete of a record of a ``match_on`` model, kept by its natural
+    key: the same record created elsewhere meanwhile meets the delete
+    instead of coming back, and one created again here comes after it.
+    Ids can be handed out anew (SQLite does); natural keys identify."""
+    __tablename__ = 'communicator_natural_tombstones'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    #: :func:`.records.natural_key` of the deleted record.
+    natural_key: Mapped[str] = mapped_column(String(32))
+    #: JSON of :class:`.versions.Version`: the delete's stamp and clock.
+    version: Mapped[str] = mapped_column(BodyText)
+
+    __table_args__ = (UniqueConstraint('name', 'natural_key'),)
 
 
 class ConflictRecord(Base):
@@ -195,3 +211,4 @@ inbound_messages = InboundMessage.__table__
 communicator_mappings = Mapping.__table__
 communicator_state = SyncState.__table__
 communicator_conflicts = ConflictRecord.__table__
+communicator_natural_tombstones = NaturalTombstone.__table__

@@ -28,11 +28,12 @@ from .records import (
     encode_body,
     fingerprint,
     local_id,
+    natural_key,
     receiver_of,
     record_values,
     register,
 )
-from .versions import HERE, Version, to_wire
+from .versions import HERE, Version, merge_clocks, to_wire
 
 T = TypeVar('T', bound=type)
 
@@ -105,6 +106,8 @@ class _Staging:
         self.connection = connection
         self.tracked: dict[str, dict[int, tracking.Tracked]] = {}
         self.tombstones: dict[str, dict[int, Version]] = defaultdict(dict)
+        self.natural: dict[str, dict[int, str | None]] = defaultdict(dict)
+        self.natural_clocks: dict[str, dict[str, Version]] = defaultdict(dict)
         self.writes: dict[str, dict[str, dict[int, Version]]] = defaultdict(
             lambda: {'created': {}, 'revived': {}, 'changed': {}, 'buried': {}})
 
@@ -125,17 +128,32 @@ class _Staging:
         for name, local_ids in changed.items():
             self.tracked[name] = tracking.of_records(self.connection, name, local_ids,
                                                      tombstones=self.tombstones[name])
+        self._natural_tombstones(changes)
         for name, local_ids in referenced.items():
             known = self.tracked.setdefault(name, {})
             missing = local_ids - set(known) - changed.get(name, set())
             known.update(tracking.of_records(self.connection, name, missing, lock=False))
+
+    def _natural_tombstones(self, changes: list[_Change]) -> None:
+        """A new record of a ``match_on`` model whose key belonged to a
+        record deleted here inherits that delete's clock: it comes after it."""
+        digests: dict[str, set[str]] = defaultdict(set)
+        for change in changes:
+            receiver = receiver_of(change.obj)
+            if (receiver.match_on and not change.deleted and change.record_id is not None
+                    and change.record_id not in self.tracked.get(receiver.name, {})):
+                key = natural_key(receiver, record_values(change.obj))
+                if key is not None:
+                    digests[receiver.name].add(key)
+        for name, keys in digests.items():
+            self.natural_clocks[name] = tracking.natural_tombstones(self.connection, name, keys)
 
     def stage(self, change: _Change) -> dict[str, Any] | None:
         """The outbound row for one change (None: nothing to send)."""
         receiver = receiver_of(change.obj)
         name = receiver.name
         if change.deleted:
-            return self._delete(receiver, change.record_id)
+            return self._delete(receiver, change.obj, change.record_id)
         values = record_values(change.obj)
         fingerprints = {key: fingerprint(value) for key, value in values.items()}
         if change.record_id is None:  # never flushed: sent without identity, untracked
@@ -150,8 +168,12 @@ class _Staging:
                 # tombstone of the same id (a database that reuses ids)
                 # hands on its clock, so the new record's edits come later.
                 old = self.tombstones[name].get(change.record_id)
+                clock = dict(old.clock) if old else {}
+                if receiver.match_on:
+                    same_key = self.natural_clocks[name].get(natural_key(receiver, values))
+                    clock = merge_clocks(clock, same_key.clock) if same_key else clock
                 tracked = tracking.Tracked(name, change.record_id, [(HERE, change.record_id)],
-                                           Version(clock=old.clock) if old else Version())
+                                           Version(clock=clock))
                 self.tracked[name][change.record_id] = tracked
                 kind = 'revived' if old else 'created'
                 writes[kind][change.record_id] = tracked.version
@@ -163,7 +185,8 @@ class _Staging:
             identity = tracked.identity
         return self._row(name, values, identity, self._refs(receiver, values), version)
 
-    def _delete(self, receiver: Receiver, record_id: int | None) -> dict[str, Any] | None:
+    def _delete(self, receiver: Receiver, obj: object,
+                record_id: int | None) -> dict[str, Any] | None:
         if not receiver.deletes:
             raise ValueError(f'{receiver.name} does not publish deletes: '
                              f'receives_from({receiver.name!r}, deletes=True)')
@@ -175,7 +198,11 @@ class _Staging:
         for kind in ('created', 'revived', 'changed'):
             writes[kind].pop(record_id, None)
         writes['buried'][record_id] = tracked.version
-        return self._row(receiver.name, {}, tracked.identity, None, tracked.version)
+        key_values = {key: getattr(obj, key) for key in receiver.match_on}
+        self.natural[receiver.name][record_id] = natural_key(receiver, key_values)
+        # The body names the natural key: the peer may hold the same record
+        # under another identity.
+        return self._row(receiver.name, key_values, tracked.identity, None, tracked.version)
 
     def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
         """JSON of the identities the record's foreign keys point at."""
@@ -200,6 +227,9 @@ class _Staging:
             tracking.write_versions(self.connection, name,
                                     *(list(writes[kind].items()) for kind in
                                       ('created', 'revived', 'changed', 'buried')))
+            tracking.bury_natural(self.connection, name, {
+                key: writes['buried'][i] for i, key in self.natural[name].items()
+                if key is not None and i in writes['buried']})
 
 
 def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dict[str, Any]]:

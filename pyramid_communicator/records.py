@@ -141,6 +141,17 @@ def fingerprint(value: Any) -> str:
     return digest(to_wire(value))
 
 
+def natural_key(receiver: Receiver, values: dict[str, Any]) -> str | None:
+    """A digest of a record's ``match_on`` values (Python values), or None
+    if the model has no natural key or a value is missing."""
+    if not receiver.match_on:
+        return None
+    parts = [values.get(key) for key in receiver.match_on]
+    if any(part is None for part in parts):
+        return None
+    return digest([fingerprint(part) for part in parts])
+
+
 def record_values(obj: object) -> dict[str, Any]:
     """The record's crossing attributes as wire values."""
     receiver = receiver_of(obj)

@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
-from .models import communicator_mappings
-from .versions import HERE, Version
+from .models import communicator_mappings, communicator_natural_tombstones
+from .versions import HERE, Version, merge_clocks
 
 M = communicator_mappings.c
+T = communicator_natural_tombstones.c
 
 
 @dataclasses.dataclass
@@ -48,7 +49,8 @@ def _lockable(connection: Connection, statement):
 
 
 def of_records(connection: Connection, name: str, local_ids: Iterable[int],
-               lock: bool = True, tombstones: dict[int, Version] | None = None
+               lock: bool = True,
+               tombstones: dict[int, Version] | None = None
                ) -> dict[int, Tracked]:
     """:func:`of_record` for many records, in one query.  With
     ``tombstones`` (a dict to fill), the same query also finds deleted
@@ -77,9 +79,40 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     return found
 
 
+def natural_tombstones(connection: Connection, name: str,
+                       digests: Iterable[str]) -> dict[str, Version]:
+    """Versions of deleted records with these natural keys (a record created
+    again under the same key comes after the delete)."""
+    digests = sorted(set(digests))
+    found: dict[str, Version] = {}
+    for start in range(0, len(digests), 500):
+        for row in connection.execute(select(T.natural_key, T.version).where(
+                T.name == name, T.natural_key.in_(digests[start:start + 500]))):
+            found[row.natural_key] = Version.loads(row.version)
+    return found
+
+
+def bury_natural(connection: Connection, name: str, deleted: dict[str, Version]) -> None:
+    """Keep (or merge into) the natural-key tombstones of deleted records."""
+    if not deleted:
+        return
+    known = natural_tombstones(connection, name, deleted)
+    for digest, version in deleted.items():
+        old = known.get(digest)
+        if old is None:
+            connection.execute(communicator_natural_tombstones.insert().values(
+                name=name, natural_key=digest, version=version.dumps()))
+            continue
+        merged = Version(clock=merge_clocks(old.clock, version.clock),
+                         deleted=max(d for d in (old.deleted, version.deleted) if d))
+        connection.execute(update(communicator_natural_tombstones)
+                           .where(T.name == name, T.natural_key == digest)
+                           .values(version=merged.dumps()))
+
+
 def write_versions(connection: Connection, name: str,
                    created: list[tuple[int, Version]], revived: list[tuple[int, Version]],
-                   changed: list[tuple[int, Version]], buried: list[tuple[int, Version]]
+                   changed: list[tuple[int, Version]], buried: list[tuple[int, Version]],
                    ) -> None:
     """Write what publishing changed, a statement per kind: new identities
     of our records, revived tombstones, new versions, tombstones."""

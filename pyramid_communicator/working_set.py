@@ -20,9 +20,10 @@ from typing import Any
 from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm import Session
 
+from . import tracking
 from .models import communicator_conflicts, communicator_mappings
-from .records import Receiver, decode_body, from_wire, receiver_for
-from .versions import HERE, Version
+from .records import Receiver, decode_body, from_wire, natural_key, receiver_for
+from .versions import HERE, Version, merge_clocks
 
 M = communicator_mappings.c
 
@@ -60,6 +61,9 @@ class WorkingSet:
         self.aliases: dict[int, list[Identity]] = defaultdict(list)  # id(record) ->
         self.records: dict[tuple[str, int], object] = {}
         self.natural: dict[tuple, object] = {}
+        #: (name, natural key digest) -> the version of a delete of that key
+        self.natural_tombstones: dict[tuple[str, str], Version] = {}
+        self.buried_keys: set[tuple[str, str]] = set()
         self.conflicts: list[dict[str, Any]] = []
 
     # -- reading -------------------------------------------------------------
@@ -136,6 +140,13 @@ class WorkingSet:
         if not receiver.match_on:
             return
         columns = receiver.columns()
+        digests = {natural_key(receiver, {key: from_wire(columns[key], attrs.get(key))
+                                          for key in receiver.match_on})
+                   for attrs in attribute_list}
+        digests.discard(None)
+        for key, version in tracking.natural_tombstones(self.session.connection(),
+                                                        receiver.name, digests).items():
+            self.natural_tombstones[(receiver.name, key)] = version
         first = receiver.match_on[0]
         values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
         values.discard(None)
@@ -206,6 +217,13 @@ class WorkingSet:
             return None  # renamed earlier in this batch
         return record
 
+    def match_tombstone(self, receiver: Receiver, attributes: dict[str, Any]) -> Version | None:
+        """The delete of a record here that had the same natural key."""
+        columns = receiver.columns()
+        digest = natural_key(receiver, {key: from_wire(columns[key], attributes.get(key))
+                                        for key in receiver.match_on})
+        return self.natural_tombstones.get((receiver.name, digest))
+
     def created(self, receiver: Receiver, record: object) -> None:
         self.session.add(record)
         if receiver.match_on:
@@ -246,13 +264,22 @@ class WorkingSet:
         for identity in self.aliases.get(id(record), ()):
             identity.version, identity.dirty = version, True
 
-    def bury(self, record: object | None, identity: Identity, version: Version) -> None:
+    def bury(self, record: object | None, identity: Identity | None, version: Version,
+             natural: str | None = None) -> None:
         """The record is deleted: its identities become tombstones."""
         targets = list(self.aliases.pop(id(record), ())) if record is not None else []
-        if identity not in targets:
+        if identity is not None and identity not in targets:
             targets.append(identity)
         for each in targets:
             each.record, each.local_id, each.version, each.dirty = None, None, version, True
+        if natural is not None and targets:
+            key = (targets[0].name, natural)
+            old = self.natural_tombstones.get(key)
+            if old is not None:  # merged with an earlier delete of the same key
+                version = Version(clock=merge_clocks(old.clock, version.clock),
+                                  deleted=max(d for d in (old.deleted, version.deleted) if d))
+            self.natural_tombstones[key] = version
+            self.buried_keys.add(key)
 
     def set_version(self, identity: Identity, version: Version) -> None:
         identity.version, identity.dirty = version, True
@@ -290,6 +317,11 @@ class WorkingSet:
                  for u in updates])
         if self.conflicts:
             connection.execute(communicator_conflicts.insert(), self.conflicts)
+        by_name: dict[str, dict[str, Version]] = defaultdict(dict)
+        for name, key in self.buried_keys:
+            by_name[name][key] = self.natural_tombstones[(name, key)]
+        for name, deleted in by_name.items():
+            tracking.bury_natural(connection, name, deleted)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
