@@ -74,6 +74,8 @@ class _Application:
         self.message = message
         self.incoming: Incoming | None = (
             version_from_wire(message.version, self.local_name) if message.version else None)
+        #: The life of the identity the message addresses (see .versions).
+        self.life = self.incoming.life if self.incoming is not None else 0
         self.key: tuple[str, int] | None = None
         if message.original_id is not None:
             own = message.origin in (None, self.local_name)
@@ -101,6 +103,13 @@ class _Application:
 
     def upsert(self, attributes: dict[str, Any]) -> object | None:
         identity = self.find()
+        if identity is not None and self.incoming is not None:
+            known = identity.life
+            if self.life < known:
+                return None  # about a record that had this id before: it is gone
+            if self.life > known:  # a new record under a reused id
+                self.reuse(identity)
+                identity = None
         if identity is not None and identity.tombstone:
             return self.against_tombstone(identity, attributes)
         record = identity.record if identity is not None else None
@@ -117,7 +126,8 @@ class _Application:
                     self.work.match_tombstone(self.receiver, attributes)
                 if tomb is not None:
                     # The same record, deleted here meanwhile: it meets the delete.
-                    alias = self.work.map(self.name, *self.key, None, tomb)
+                    alias = self.work.map(self.name, *self.key, None, Version(
+                        clock=tomb.clock, deleted=tomb.deleted), self.life)
                     return self.against_tombstone(alias, attributes)
                 if record is not None:
                     self.matched(record)
@@ -157,10 +167,17 @@ class _Application:
                          'takes them as the same record')
             raise
 
+    def reuse(self, identity: Identity) -> None:
+        """The sender handed the id of a deleted record to a new one: what
+        we hold under the identity (a tombstone, or a record whose delete
+        never came) is another record.  The identity is mapped anew."""
+        if identity.record is not None:
+            self.work.detach(identity)
+
     def track(self, record: object, identity: Identity | None, version: Version) -> None:
         stored = version if self.incoming is not None else None
         if self.key is not None and (identity is None or identity.record is not record):
-            self.work.map(self.name, *self.key, record, stored)
+            self.work.map(self.name, *self.key, record, stored, self.life)
         if stored is not None:
             self.work.save(record, stored)
 
@@ -291,13 +308,13 @@ class _Application:
         record = self.work.match(self.receiver, attributes) if self.receiver.match_on else None
         if record is not None:
             version = self.merge(record, self.work.version_of(record), attributes, created=False)
-            self.work.map(self.name, *self.key, record, version)
+            self.work.map(self.name, *self.key, record, version, self.life)
             self.work.save(record, version)
             return record
         record = self.receiver.cls()
         version = self.merge(record, Version(clock=tomb.clock), attributes, created=True)
         self.work.created(self.receiver, record)
-        self.work.map(self.name, *self.key, record, version)
+        self.work.map(self.name, *self.key, record, version, self.life)
         return record
 
     def delete(self, attributes: dict[str, Any]) -> None:
@@ -307,13 +324,16 @@ class _Application:
         incoming = self.incoming
         identity = self.find()
         target = None
+        if identity is not None and incoming.life < identity.life:
+            return  # about a record that had this id before: it is gone
         if identity is None or identity.tombstone:
             # Never here, or deleted already: keep (or extend) the tombstone
             # so that a late create or update does not bring it back.
             tomb = (identity.version if identity is not None else None) or Version()
             self.work.map(self.name, *self.key, None, Version(
                 clock=merge_clocks(tomb.clock, incoming.clock),
-                deleted=tomb.deleted or incoming.deleted))
+                deleted=tomb.deleted or incoming.deleted),
+                max(identity.life if identity is not None else 0, incoming.life))
         else:
             target = identity.record
             self.delete_record(target, identity, identity.version)

@@ -146,6 +146,8 @@ class Mapping(Base):
     local_id: Mapped[int | None] = mapped_column(BigInteger)
     #: JSON of :class:`.versions.Version`; NULL before the first versioned change.
     version: Mapped[str | None] = mapped_column(BodyText)
+    #: How many records had this identity before (ids handed out anew).
+    life: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (
         UniqueConstraint('name', 'origin', 'original_id'),
         Index('ix_communicator_mappings_local', 'name', 'local_id'),

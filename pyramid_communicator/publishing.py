@@ -33,7 +33,7 @@ from .records import (
     record_values,
     register,
 )
-from .versions import HERE, Version, merge_clocks, to_wire
+from .versions import HERE, Version, to_wire
 
 T = TypeVar('T', bound=type)
 
@@ -105,7 +105,7 @@ class _Staging:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.tracked: dict[str, dict[int, tracking.Tracked]] = {}
-        self.tombstones: dict[str, dict[int, Version]] = defaultdict(dict)
+        self.tombstones: dict[str, dict[int, tuple[Version, int]]] = defaultdict(dict)
         self.natural: dict[str, dict[int, str | None]] = defaultdict(dict)
         self.natural_clocks: dict[str, dict[str, Version]] = defaultdict(dict)
         self.writes: dict[str, dict[str, dict[int, Version]]] = defaultdict(
@@ -164,16 +164,17 @@ class _Staging:
             tracked = self.tracked.setdefault(name, {}).get(change.record_id)
             writes = self.writes[name]
             if tracked is None:
-                # First publish: the record gets its own identity.  An old
-                # tombstone of the same id (a database that reuses ids)
-                # hands on its clock, so the new record's edits come later.
+                # First publish: the record gets its own identity, in a new
+                # life if a deleted record of ours had the same id.
                 old = self.tombstones[name].get(change.record_id)
-                clock = dict(old.clock) if old else {}
+                clock = {}
                 if receiver.match_on:
                     same_key = self.natural_clocks[name].get(natural_key(receiver, values))
-                    clock = merge_clocks(clock, same_key.clock) if same_key else clock
+                    clock = dict(same_key.clock) if same_key else clock
+                life = old[1] + 1 if old else 0
                 tracked = tracking.Tracked(name, change.record_id, [(HERE, change.record_id)],
-                                           Version(clock=clock))
+                                           Version(clock=clock),
+                                           {(HERE, change.record_id): life})
                 self.tracked[name][change.record_id] = tracked
                 kind = 'revived' if old else 'created'
                 writes[kind][change.record_id] = tracked.version
@@ -183,7 +184,8 @@ class _Staging:
                     writes['changed'][change.record_id] = tracked.version
             version = tracked.version
             identity = tracked.identity
-        return self._row(name, values, identity, self._refs(receiver, values), version)
+        return self._row(name, values, identity, self._refs(receiver, values), version,
+                         tracked.life if change.record_id is not None else 0)
 
     def _delete(self, receiver: Receiver, obj: object,
                 record_id: int | None) -> dict[str, Any] | None:
@@ -202,7 +204,8 @@ class _Staging:
         self.natural[receiver.name][record_id] = natural_key(receiver, key_values)
         # The body names the natural key: the peer may hold the same record
         # under another identity.
-        return self._row(receiver.name, key_values, tracked.identity, None, tracked.version)
+        return self._row(receiver.name, key_values, tracked.identity, None, tracked.version,
+                         tracked.life)
 
     def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
         """JSON of the identities the record's foreign keys point at."""
@@ -216,17 +219,20 @@ class _Staging:
 
     @staticmethod
     def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
-             version: Version) -> dict[str, Any]:
+             version: Version, life: int) -> dict[str, Any]:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
-                'version': json.dumps(to_wire(version, HERE), separators=(',', ':')),
+                'version': json.dumps(to_wire(version, HERE, life), separators=(',', ':')),
                 'created_at': utcnow()}
 
     def write(self) -> None:
         for name, writes in self.writes.items():
-            tracking.write_versions(self.connection, name,
-                                    *(list(writes[kind].items()) for kind in
-                                      ('created', 'revived', 'changed', 'buried')))
+            tracked = self.tracked.get(name, {})
+            tracking.write_versions(
+                self.connection, name, list(writes['created'].items()),
+                [(i, v, tracked[i].life if i in tracked else 0)
+                 for i, v in writes['revived'].items()],
+                list(writes['changed'].items()), list(writes['buried'].items()))
             tracking.bury_natural(self.connection, name, {
                 key: writes['buried'][i] for i, key in self.natural[name].items()
                 if key is not None and i in writes['buried']})

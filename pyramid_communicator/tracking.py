@@ -30,6 +30,7 @@ class Tracked:
     local_id: int
     identities: list[tuple[str, int]]
     version: Version
+    lives: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
 
     @property
     def identity(self) -> tuple[str | None, int]:
@@ -41,6 +42,11 @@ class Tracked:
             return None, own[0]
         return min(self.identities)
 
+    @property
+    def life(self) -> int:
+        origin, original_id = self.identity
+        return self.lives.get((origin or HERE, original_id), 0)
+
 
 def _lockable(connection: Connection, statement):
     if connection.dialect.name == 'sqlite':  # the write lock is the database's
@@ -50,7 +56,7 @@ def _lockable(connection: Connection, statement):
 
 def of_records(connection: Connection, name: str, local_ids: Iterable[int],
                lock: bool = True,
-               tombstones: dict[int, Version] | None = None
+               tombstones: dict[int, tuple[Version, int]] | None = None
                ) -> dict[int, Tracked]:
     """:func:`of_record` for many records, in one query.  With
     ``tombstones`` (a dict to fill), the same query also finds deleted
@@ -63,17 +69,18 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     if tombstones is not None:
         condition = condition | ((M.origin == HERE) & M.original_id.in_(ids)
                                  & M.local_id.is_(None))
-    statement = (select(M.origin, M.original_id, M.version, M.local_id)
+    statement = (select(M.origin, M.original_id, M.version, M.local_id, M.life)
                  .where(M.name == name, condition).order_by(M.id))
     found: dict[int, Tracked] = {}
     for row in connection.execute(_lockable(connection, statement) if lock else statement):
         if row.local_id is None:
-            tombstones[row.original_id] = Version.loads(row.version)
+            tombstones[row.original_id] = (Version.loads(row.version), row.life or 0)
             continue
         tracked = found.get(row.local_id)
         if tracked is None:
             tracked = found[row.local_id] = Tracked(name, row.local_id, [], Version())
         tracked.identities.append((row.origin, row.original_id))
+        tracked.lives[(row.origin, row.original_id)] = row.life or 0
         if row.version and not tracked.version.clock and not tracked.version.deleted:
             tracked.version = Version.loads(row.version)
     return found
@@ -111,7 +118,7 @@ def bury_natural(connection: Connection, name: str, deleted: dict[str, Version])
 
 
 def write_versions(connection: Connection, name: str,
-                   created: list[tuple[int, Version]], revived: list[tuple[int, Version]],
+                   created: list[tuple[int, Version]], revived: list[tuple[int, Version, int]],
                    changed: list[tuple[int, Version]], buried: list[tuple[int, Version]],
                    ) -> None:
     """Write what publishing changed, a statement per kind: new identities
@@ -119,13 +126,15 @@ def write_versions(connection: Connection, name: str,
     if created:
         connection.execute(communicator_mappings.insert(), [
             {'name': name, 'origin': HERE, 'original_id': local_id, 'local_id': local_id,
-             'version': version.dumps()} for local_id, version in created])
+             'version': version.dumps(), 'life': 0} for local_id, version in created])
     if revived:
         connection.execute(
             update(communicator_mappings)
             .where(M.name == name, M.origin == HERE, M.original_id == bindparam('_id'))
-            .values(local_id=bindparam('_local_id'), version=bindparam('_version')),
-            [{'_id': i, '_local_id': i, '_version': v.dumps()} for i, v in revived])
+            .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
+                    life=bindparam('_life')),
+            [{'_id': i, '_local_id': i, '_version': v.dumps(), '_life': life}
+             for i, v, life in revived])
     by_record = update(communicator_mappings).where(M.name == name,
                                                     M.local_id == bindparam('_id'))
     if changed:

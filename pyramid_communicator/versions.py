@@ -16,6 +16,12 @@ A record's version is
 - a *stamp* per attribute: the edit that wrote the attribute's value;
 - a *deleted* stamp once the record is a tombstone.
 
+Each identity (origin, original id) also has a *life*, kept beside the
+version: 0, and one more each time the origin app hands the id of a
+deleted record to a new record (SQLite does that), so that the new record
+is never taken for the deleted one.  A message carries the life of the
+identity it addresses.
+
 Stored versions name this app ``''`` (as ``outbound_messages.origin``
 NULL means "here"): the add-on learns its own name from the settings, but
 ``publish`` runs in any session of the host.  :func:`to_wire` and
@@ -131,11 +137,13 @@ def _here(app: str, local_name: str) -> str:
     return HERE if app == local_name else app
 
 
-def to_wire(version: Version, local_name: str) -> dict[str, Any]:
-    """The ``version`` of a message: clock, stamps (or the deletion), with
-    this app named."""
+def to_wire(version: Version, local_name: str, life: int = 0) -> dict[str, Any]:
+    """The ``version`` of a message: clock, stamps (or the deletion) and
+    the identity's life, with this app named."""
     data: dict[str, Any] = {
         'clock': {_name(app, local_name): hlc for app, hlc in sorted(version.clock.items())}}
+    if life:
+        data['life'] = life
     if version.deleted is not None:
         data['deleted'] = [version.deleted[0], _name(version.deleted[1], local_name)]
     else:
@@ -150,6 +158,7 @@ class Incoming:
     clock: dict[str, int]
     stamps: dict[str, Stamp]
     deleted: Stamp | None
+    life: int = 0
 
 
 def from_wire(data: dict[str, Any], local_name: str) -> Incoming:
@@ -159,12 +168,14 @@ def from_wire(data: dict[str, Any], local_name: str) -> Incoming:
     deleted = data.get('deleted')
     if deleted is not None:
         deleted = (deleted[0], _here(deleted[1], local_name))
-    return Incoming(clock, stamps, deleted)
+    return Incoming(clock, stamps, deleted, data.get('life') or 0)
 
 
 def valid_wire_version(data: Any) -> bool:
     """Is this a well-formed ``version`` of a message?"""
-    if not isinstance(data, dict) or not set(data) <= {'clock', 'stamps', 'deleted'}:
+    if not isinstance(data, dict) or not set(data) <= {'clock', 'stamps', 'deleted', 'life'}:
+        return False
+    if 'life' in data and not _hlc(data['life']):
         return False
     clock = data.get('clock')
     if not isinstance(clock, dict) or len(clock) > 1000:

@@ -103,6 +103,8 @@ def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
     def name(app: str) -> str:
         return local_name if app == HERE else app
     named = {'clock': {name(app): hlc for app, hlc in version['clock'].items()}}
+    if version.get('life'):
+        named['life'] = version['life']
     if version.get('deleted'):
         named['deleted'] = [version['deleted'][0], name(version['deleted'][1])]
     else:

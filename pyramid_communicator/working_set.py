@@ -38,6 +38,7 @@ class Identity:
     local_id: int | None = None
     record: object | None = None  # the live local record, when there is one
     version: Version | None = None
+    life: int = 0
     dirty: bool = False
 
     @property
@@ -107,10 +108,11 @@ class WorkingSet:
         identity = self.identities.get(key)
         if identity is None:
             identity = Identity(name, row.origin, row.original_id, row.id, row.local_id,
-                                version=version)
+                                version=version, life=row.life or 0)
             self.identities[key] = identity
         else:
             identity.local_id, identity.version = row.local_id, version
+            identity.life = row.life or 0
         return identity
 
     def _load_identities(self, name: str, keys: set[tuple[str, int]]) -> None:
@@ -119,7 +121,8 @@ class WorkingSet:
         for chunk in _chunks(sorted(keys), 500):
             origins = {origin for origin, _ in chunk}
             ids = {original_id for _, original_id in chunk}
-            for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id, M.version)
+            for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id, M.version,
+                                         M.life)
                                   .where(M.name == name, M.origin.in_(origins),
                                          M.original_id.in_(ids))):
                 if (row.origin, row.original_id) in keys:
@@ -169,7 +172,7 @@ class WorkingSet:
                 # Read (again) and locked after the records, as publishing
                 # locks them: a version committed meanwhile is seen.
                 for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
-                                             M.version)
+                                             M.version, M.life)
                                       .where(M.name == name, M.local_id.in_(chunk))
                                       .with_for_update()):
                     self._remember(name, row)
@@ -246,8 +249,9 @@ class WorkingSet:
     # -- writing -------------------------------------------------------------
 
     def map(self, name: str, origin: str, original_id: int, record: object | None,
-            version: Version | None) -> Identity:
-        """Map an identity to ``record`` (None: keep it as a tombstone)."""
+            version: Version | None, life: int | None = None) -> Identity:
+        """Map an identity to ``record`` (None: keep it as a tombstone), in
+        ``life`` if given."""
         key = (name, origin, original_id)
         identity = self.identities.get(key)
         if identity is None:
@@ -256,9 +260,18 @@ class WorkingSet:
             self.aliases[id(identity.record)].remove(identity)
         identity.record, identity.version, identity.dirty = record, version, True
         identity.local_id = None
+        if life is not None:
+            identity.life = life
         if record is not None and identity not in self.aliases[id(record)]:
             self.aliases[id(record)].append(identity)
         return identity
+
+    def detach(self, identity: Identity) -> None:
+        """The identity no longer stands for its record (left as it is)."""
+        if identity.record is not None:
+            self.aliases[id(identity.record)].remove(identity)
+        identity.record = identity.local_id = None
+        identity.dirty = True
 
     def save(self, record: object, version: Version) -> None:
         for identity in self.aliases.get(id(record), ()):
@@ -299,7 +312,8 @@ class WorkingSet:
             if identity.record is not None:
                 local_id = inspect(identity.record).identity[0]
             values = {'local_id': local_id,
-                      'version': identity.version.dumps() if identity.version else None}
+                      'version': identity.version.dumps() if identity.version else None,
+                      'life': identity.life}
             if identity.row_id is None:
                 inserts.append({'name': identity.name, 'origin': identity.origin,
                                 'original_id': identity.original_id, **values})
@@ -312,9 +326,10 @@ class WorkingSet:
         if updates:
             connection.execute(
                 update(communicator_mappings).where(M.id == bindparam('_id'))
-                .values(local_id=bindparam('_local_id'), version=bindparam('_version')),
-                [{'_id': u['_id'], '_local_id': u['local_id'], '_version': u['version']}
-                 for u in updates])
+                .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
+                        life=bindparam('_life')),
+                [{'_id': u['_id'], '_local_id': u['local_id'], '_version': u['version'],
+                  '_life': u['life']} for u in updates])
         if self.conflicts:
             connection.execute(communicator_conflicts.insert(), self.conflicts)
         by_name: dict[str, dict[str, Version]] = defaultdict(dict)
