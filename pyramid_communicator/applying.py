@@ -339,10 +339,19 @@ class _Application:
             self.delete_record(target, identity, identity.version)
         if self.receiver.match_on:
             # The same natural key may live here under another identity (a
-            # record created again meanwhile): the delete meets it as well.
+            # record created again meanwhile): the delete meets it as well;
+            # and it is kept by that key, which a record created here later
+            # must come after.
             other = self.work.match(self.receiver, attributes)
             if other is not None and other is not target:
                 self.delete_record(other, None, None)
+            columns = self.receiver.columns()
+            natural = natural_key(self.receiver, {
+                key: from_wire(columns[key], attributes.get(key))
+                for key in self.receiver.match_on})
+            if natural is not None:
+                self.work.bury_key(self.name, natural, Version(
+                    clock=dict(incoming.clock), deleted=incoming.deleted))
 
     def delete_record(self, record: object | None, identity: Identity | None,
                       fallback: Version | None) -> None:

@@ -286,13 +286,17 @@ class WorkingSet:
         for each in targets:
             each.record, each.local_id, each.version, each.dirty = None, None, version, True
         if natural is not None and targets:
-            key = (targets[0].name, natural)
-            old = self.natural_tombstones.get(key)
-            if old is not None:  # merged with an earlier delete of the same key
-                version = Version(clock=merge_clocks(old.clock, version.clock),
-                                  deleted=max(d for d in (old.deleted, version.deleted) if d))
-            self.natural_tombstones[key] = version
-            self.buried_keys.add(key)
+            self.bury_key(targets[0].name, natural, version)
+
+    def bury_key(self, name: str, natural: str, version: Version) -> None:
+        """Keep a delete by its natural key, merged with earlier ones."""
+        key = (name, natural)
+        old = self.natural_tombstones.get(key)
+        if old is not None:
+            version = Version(clock=merge_clocks(old.clock, version.clock),
+                              deleted=max(d for d in (old.deleted, version.deleted) if d))
+        self.natural_tombstones[key] = version
+        self.buried_keys.add(key)
 
     def set_version(self, identity: Identity, version: Version) -> None:
         identity.version, identity.dirty = version, True
