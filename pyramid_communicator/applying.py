@@ -121,14 +121,17 @@ class _Application:
         else:
             self.require('create')
             if self.receiver.match_on:
-                record = self.work.match(self.receiver, attributes)
-                tomb = None if record is not None or self.key is None else \
+                tomb = None if self.key is None else \
                     self.work.match_tombstone(self.receiver, attributes)
-                if tomb is not None:
-                    # The same record, deleted here meanwhile: it meets the delete.
+                if tomb is not None and self.incoming is not None and \
+                        not covered(tomb.deleted, self.incoming.clock):
+                    # The same record (by its key), deleted here while the
+                    # sender did not know: it meets the delete first, even if
+                    # a record created here after the delete has the key now.
                     alias = self.work.map(self.name, *self.key, None, Version(
                         clock=tomb.clock, deleted=tomb.deleted), self.life)
                     return self.against_tombstone(alias, attributes)
+                record = self.work.match(self.receiver, attributes)
                 if record is not None:
                     self.matched(record)
         created = record is None
