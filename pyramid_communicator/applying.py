@@ -124,12 +124,13 @@ class _Application:
                 tomb = None if self.key is None else \
                     self.work.match_tombstone(self.receiver, attributes)
                 if tomb is not None and self.incoming is not None and \
-                        not covered(tomb.deleted, self.incoming.clock):
+                        not tomb.deletes_seen(self.incoming.clock):
                     # The same record (by its key), deleted here while the
                     # sender did not know: it meets the delete first, even if
                     # a record created here after the delete has the key now.
                     alias = self.work.map(self.name, *self.key, None, Version(
-                        clock=tomb.clock, deleted=tomb.deleted), self.life)
+                        clock=tomb.clock, deleted=tomb.deleted, deletes=tomb.deletes),
+                        self.life)
                     return self.against_tombstone(alias, attributes)
                 record = self.work.match(self.receiver, attributes)
                 if record is not None:
@@ -290,7 +291,7 @@ class _Application:
         tomb = identity.version or Version()
         if incoming is None:
             return None  # the gem knows no deletes: the record stays deleted
-        if not covered(tomb.deleted, incoming.clock):
+        if not tomb.deletes_seen(incoming.clock):
             newer = [s for s in incoming.stamps.values() if not covered(s, tomb.clock)]
             if not newer:
                 return None  # stale: made before the delete, and already seen
@@ -302,7 +303,8 @@ class _Application:
                         attributes if survives else 'deleted')
             if not survives:
                 self.work.set_version(identity, Version(
-                    clock=merge_clocks(tomb.clock, incoming.clock), deleted=tomb.deleted))
+                    clock=merge_clocks(tomb.clock, incoming.clock), deleted=tomb.deleted,
+                    deletes=tomb.deletes))
                 return None
         # Made after the delete was seen (a new life), or the policy says
         # the update survives: the record is created again, or merged into
@@ -328,14 +330,13 @@ class _Application:
         identity = self.find()
         target = None
         if identity is not None and incoming.life < identity.life:
-            return  # about a record that had this id before: it is gone
-        if identity is None or identity.tombstone:
+            pass  # about a record that had this id before: it is gone
+        elif identity is None or identity.tombstone:
             # Never here, or deleted already: keep (or extend) the tombstone
             # so that a late create or update does not bring it back.
             tomb = (identity.version if identity is not None else None) or Version()
-            self.work.map(self.name, *self.key, None, Version(
-                clock=merge_clocks(tomb.clock, incoming.clock),
-                deleted=tomb.deleted or incoming.deleted),
+            self.work.map(self.name, *self.key, None, tomb.with_delete(
+                Version(clock=dict(incoming.clock), deleted=incoming.deleted)),
                 max(identity.life if identity is not None else 0, incoming.life))
         else:
             target = identity.record

@@ -249,10 +249,11 @@ def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dic
 
 
 def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """One multi-row INSERT: the messages take their ids, and so their
-    place on the wire, in this order."""
-    for start in range(0, len(rows), 500):
-        connection.execute(outbound_messages.insert().values(rows[start:start + 500]))
+    """One INSERT for all rows (executemany, which SQLAlchemy sends as
+    multi-row statements): the messages take their ids, and so their place
+    on the wire, in this order."""
+    if rows:
+        connection.execute(outbound_messages.insert(), rows)
 
 
 def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:

@@ -48,12 +48,11 @@ def _insert_ignoring_duplicates(session: Session, table: Table,
         statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
     else:  # pragma: no cover - other backends: plain insert, unique index guards
         statement = insert(table)
-    stored = 0
-    for start in range(0, len(rows), 500):  # one multi-row statement per chunk
-        result = session.execute(statement.values(rows[start:start + 500]))
-        stored += max(result.rowcount, 0)
+    # executemany: compiled once, sent as multi-row statements by SQLAlchemy
+    # ("insertmanyvalues"), instead of a statement compiled per chunk.
+    result = session.execute(statement, rows)
     _changed(session)
-    return stored
+    return max(result.rowcount, 0)
 
 
 # -- outbound ---------------------------------------------------------------

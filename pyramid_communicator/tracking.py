@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from .models import communicator_mappings, communicator_natural_tombstones
-from .versions import HERE, Version, merge_clocks
+from .versions import HERE, Version
 
 M = communicator_mappings.c
 T = communicator_natural_tombstones.c
@@ -106,12 +106,11 @@ def bury_natural(connection: Connection, name: str, deleted: dict[str, Version])
     known = natural_tombstones(connection, name, deleted)
     for digest, version in deleted.items():
         old = known.get(digest)
+        merged = (old or Version()).with_delete(version)
         if old is None:
             connection.execute(communicator_natural_tombstones.insert().values(
-                name=name, natural_key=digest, version=version.dumps()))
+                name=name, natural_key=digest, version=merged.dumps()))
             continue
-        merged = Version(clock=merge_clocks(old.clock, version.clock),
-                         deleted=max(d for d in (old.deleted, version.deleted) if d))
         connection.execute(update(communicator_natural_tombstones)
                            .where(T.name == name, T.natural_key == digest)
                            .values(version=merged.dumps()))

@@ -81,6 +81,27 @@ class Version:
     #: attribute -> (hlc, app, digest of the value that edit wrote)
     stamps: dict[str, tuple[int, str, str]] = dataclasses.field(default_factory=dict)
     deleted: Stamp | None = None
+    #: For a natural-key tombstone: per app, its latest delete of the key.
+    deletes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def deletes_seen(self, clock: dict[str, int]) -> bool:
+        """Had a side with this clock seen every delete this tombstone keeps?"""
+        if self.deletes:
+            return all(clock.get(app, 0) >= hlc for app, hlc in self.deletes.items())
+        return covered(self.deleted, clock)
+
+    def with_delete(self, other: Version) -> Version:
+        """This tombstone merged with another delete of the same key."""
+        deletes = dict(self.deletes)
+        for tomb in (self, other):
+            if tomb.deleted is not None:
+                app, hlc = tomb.deleted[1], tomb.deleted[0]
+                deletes[app] = max(deletes.get(app, 0), hlc)
+            for app, hlc in tomb.deletes.items():
+                deletes[app] = max(deletes.get(app, 0), hlc)
+        latest = max((d for d in (self.deleted, other.deleted) if d), default=None)
+        return Version(clock=merge_clocks(self.clock, other.clock), deleted=latest,
+                       deletes=deletes)
 
     def stamp(self, attribute: str) -> Stamp | None:
         found = self.stamps.get(attribute)
@@ -114,10 +135,12 @@ class Version:
     # -- storage (JSON in communicator_mappings) -------------------------------
 
     def dumps(self) -> str:
-        return json.dumps({'clock': self.clock,
-                           'stamps': {k: list(v) for k, v in self.stamps.items()},
-                           'deleted': list(self.deleted) if self.deleted else None},
-                          separators=(',', ':'), sort_keys=True)
+        data = {'clock': self.clock,
+                'stamps': {k: list(v) for k, v in self.stamps.items()},
+                'deleted': list(self.deleted) if self.deleted else None}
+        if self.deletes:
+            data['deletes'] = self.deletes
+        return json.dumps(data, separators=(',', ':'), sort_keys=True)
 
     @classmethod
     def loads(cls, text: str | None) -> Version:
@@ -126,7 +149,8 @@ class Version:
         data = json.loads(text)
         return cls(dict(data.get('clock') or {}),
                    {k: (v[0], v[1], v[2]) for k, v in (data.get('stamps') or {}).items()},
-                   tuple(data['deleted']) if data.get('deleted') else None)
+                   tuple(data['deleted']) if data.get('deleted') else None,
+                   dict(data.get('deletes') or {}))
 
 
 def _name(app: str, local_name: str) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from . import tracking
 from .models import communicator_conflicts, communicator_mappings
 from .records import Receiver, decode_body, from_wire, natural_key, receiver_for
-from .versions import HERE, Version, merge_clocks
+from .versions import HERE, Version
 
 M = communicator_mappings.c
 
@@ -291,11 +291,8 @@ class WorkingSet:
     def bury_key(self, name: str, natural: str, version: Version) -> None:
         """Keep a delete by its natural key, merged with earlier ones."""
         key = (name, natural)
-        old = self.natural_tombstones.get(key)
-        if old is not None:
-            version = Version(clock=merge_clocks(old.clock, version.clock),
-                              deleted=max(d for d in (old.deleted, version.deleted) if d))
-        self.natural_tombstones[key] = version
+        old = self.natural_tombstones.get(key) or Version()
+        self.natural_tombstones[key] = old.with_delete(version)
         self.buried_keys.add(key)
 
     def set_version(self, identity: Identity, version: Version) -> None:
