@@ -31,7 +31,18 @@ from .records import (
     receiver_for,
     to_wire,
 )
-from .versions import HERE, Incoming, Stamp, Version, covered, merge_clocks, named
+from .versions import (
+    FUTURE_LIMIT,
+    HERE,
+    Incoming,
+    Stamp,
+    Version,
+    covered,
+    latest_hlc,
+    merge_clocks,
+    named,
+    now_hlc,
+)
 from .versions import from_wire as version_from_wire
 from .working_set import Identity, WorkingSet
 
@@ -56,6 +67,10 @@ def apply_message(work: WorkingSet, message: Message) -> object | None:
     written (None when nothing was: a stale update, a delete)."""
     name, attributes = decode_body(message.body)
     application = _Application(work, receiver_for(name), message)
+    if application.incoming is not None and \
+            latest_hlc(application.incoming) > now_hlc() + FUTURE_LIMIT:
+        raise Refused(f'the version {message.sender} sent is more than a day ahead of '
+                      "this host's clock")
     if application.incoming is not None and application.incoming.deleted is not None:
         return application.delete(attributes)
     return application.upsert(attributes)

@@ -43,6 +43,11 @@ HERE = ''
 #: our clocks overflow a BIGINT or a JSON double).
 MAX_HLC = 2 ** 62
 
+#: A peer's clock may be minutes off, not days: a version further ahead
+#: of ours than this is refused, so that no peer can push our clocks
+#: towards :data:`MAX_HLC`.
+FUTURE_LIMIT = 24 * 3600 * 1_000_000
+
 Stamp = tuple[int, str]
 
 
@@ -183,6 +188,13 @@ class Incoming:
     stamps: dict[str, Stamp]
     deleted: Stamp | None
     life: int = 0
+
+
+def latest_hlc(incoming: Incoming) -> int:
+    hlcs = list(incoming.clock.values()) + [hlc for hlc, _ in incoming.stamps.values()]
+    if incoming.deleted is not None:
+        hlcs.append(incoming.deleted[0])
+    return max(hlcs, default=0)
 
 
 def from_wire(data: dict[str, Any], local_name: str) -> Incoming:

@@ -877,3 +877,49 @@ def test_a_create_only_model_refuses_a_create_that_meets_a_record_by_match_on(si
     [refused] = inbound_failures(central)
     assert refused['last_error'] == (
         'refused: conflicts_ballot does not accept updates from facade')
+
+
+# -- clocks ---------------------------------------------------------------------
+
+def test_a_host_whose_clock_is_ten_minutes_slow_still_wins_with_a_later_edit(
+        make_side, monkeypatch):
+    """Wall clocks may be minutes apart: an edit made after another was
+    received wins, even on the host whose clock is behind; and concurrent
+    edits end the same on both sides whatever the skew."""
+    central, facade = make_side('central'), make_side('facade')
+    slow = 10 * 60 * 1_000_000  # ten minutes, in microseconds
+    real = now_hlc
+    tag_id = add(facade, Tag(name='skew', label='from the facade'))
+    forward(facade, central)
+
+    monkeypatch.setattr('pyramid_communicator.versions.now_hlc', lambda: real() - slow)
+    with central.session() as session:  # central, slow, edits after it received
+        session.scalars(select(Tag)).one().label = 'central, later'
+    forward(central, facade)
+    assert tags(central) == tags(facade)
+    assert tags(facade)['skew'][0] == 'central, later'
+    assert conflicts(central) == conflicts(facade) == []
+
+    # Concurrent edits: both sides settle on the same value.
+    with central.session() as session:
+        session.scalars(select(Tag)).one().color = 'slow central'
+    monkeypatch.setattr('pyramid_communicator.versions.now_hlc', real)
+    with facade.session() as session:
+        session.get(Tag, tag_id).color = 'facade'
+    exchange(central, facade)
+    assert tags(central) == tags(facade)
+    assert len(conflicts(central)) == len(conflicts(facade)) == 1
+
+
+def test_a_version_from_far_in_the_future_is_refused(make_side):
+    """No peer may push our clocks towards their limit."""
+    facade = make_side('facade')
+    future = now_hlc() + 2 * 24 * 3600 * 1_000_000
+    deliver(facade, 'central', WireMessage(
+        1, json.dumps({'tag': {'name': 'late'}}), 'central', 1, None,
+        {'clock': {'central': future}, 'stamps': {'name': [future, 'central']}}))
+    result = apply_inbound(facade.engine, settings_of(facade))
+    assert (result.applied, result.failed) == (0, 1)
+    [row] = facade.rows('inbound_messages')
+    assert row['refused_at'] is not None and 'a day ahead' in row['last_error']
+    assert facade.count('tags') == 0
