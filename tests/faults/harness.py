@@ -12,8 +12,9 @@ The pieces are independent so that other tests can reuse them:
   harness can ``kill -9`` at any moment.
 - :class:`DatabaseLock` makes the facade's database refuse writes for a
   while from a connection of its own.
-- :class:`Workload` writes records with unique markers on both sides, and
-  :func:`measure` compares both databases afterwards.
+- :class:`Workload` writes records with unique markers on both sides,
+  :class:`TagWorkload` edits the same Tags on both sides at once (and
+  deletes some), and :func:`measure` compares both databases afterwards.
 - :func:`run_scenario` ties them together: warm up, inject faults for a
   number of runs, recover with runs without faults, measure.
 
@@ -46,6 +47,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
+from convergence import TAG_ATTRS, Editor, conflicts, differences
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
@@ -63,6 +65,9 @@ MAX_RECOVERY_RUNS = 6
 FAULT_TIMEOUT = 1.0
 #: The client's timeout in recovery runs: slow is not a fault there.
 RECOVERY_TIMEOUT = 20.0
+#: Fault runs per ``COMMUNICATOR_FAULT_RUNS``, for scenarios that go
+#: through a list of faults in turn.
+RUNS_FACTOR = {'concurrent_edits': 2}
 #: ``communicator.retry_delay`` on both apps: short, so that a message that
 #: failed during a fault is retried within the recovery runs, but not 0,
 #: so that the delay itself is exercised.
@@ -76,6 +81,10 @@ _HOP_BY_HOP = frozenset({'connection', 'keep-alive', 'proxy-connection', 'te', '
 def fault_runs() -> int:
     """Fault runs per scenario: short for CI, ``COMMUNICATOR_FAULT_RUNS`` for long."""
     return max(1, int(os.environ.get('COMMUNICATOR_FAULT_RUNS', DEFAULT_RUNS)))
+
+
+def scenario_runs(name: str) -> int:
+    return fault_runs() * RUNS_FACTOR.get(name, 1)
 
 
 def fault_seed() -> int:
@@ -586,6 +595,114 @@ class Workload:
                     self.update(record)
 
 
+@dataclasses.dataclass
+class TagRecord:
+    """A tag the :class:`TagWorkload` created: the value last written to
+    each attribute, by either side, and who deleted it."""
+    name: str
+    values: dict[str, Any]
+    deleted_by: str | None = None
+    #: Writes by side, for the problems list.
+    history: list[str] = dataclasses.field(default_factory=list)
+
+
+class TagWorkload:
+    """Edits the same Tags on both sides, as the demo app does
+    (autopublished, deletes travel): creates on either side, updates of
+    tags both sides hold (so the same record changes on both before they
+    exchange), and deletes, on either side, of tags the other may be
+    changing.
+
+    Every create has a name of its own: the convergence test covers two
+    sides creating the same name (``match_on``).  Every update changes
+    the values it writes (a write of the value already there is no edit),
+    and writes happen one after another, so the value last written to an
+    attribute is the newest edit and must win on both sides (the default
+    policy), and a tag deleted on either side must be gone on both.
+    """
+
+    def __init__(self, central: SideLike, facade: SideLike, facade_url: str) -> None:
+        self.editor = Editor({'central': central, 'facade': facade}, random.Random(),
+                             facade_url=facade_url)
+        self.tags: dict[str, TagRecord] = {}
+        self.edits = 0
+
+    def create(self, side: str) -> None:
+        name = self.editor.unique(f'{side[0]}tag-')
+        values = self.editor.tag_values(side)
+        self.editor.create_tag(side, name, values)
+        self.tags[name] = TagRecord(name, dict(values), history=[f'{side} created {values}'])
+        self.edits += 1
+
+    def update(self, side: str, name: str, current: dict) -> None:
+        values = {}
+        for key in self.editor.tag_keys():
+            value = self.editor.tag_values(side, (key,))[key]
+            while value == current[key]:
+                value = self.editor.tag_values(side, (key,))[key]
+            values[key] = value
+        self.editor.update_tag(side, name, values)
+        record = self.tags[name]
+        record.values.update(values)
+        record.history.append(f'{side} set {values}')
+        self.edits += 1
+
+    def delete(self, side: str, name: str) -> None:
+        self.editor.delete_tag(side, name)
+        record = self.tags[name]
+        record.deleted_by = record.deleted_by or side
+        record.history.append(f'{side} deleted it')
+        self.edits += 1
+
+    def round(self, rng: random.Random, size: int = 3,
+              sides: tuple[str, ...] = ('central', 'facade')) -> None:
+        """A few new tags, updates of tags each side holds (the same ones
+        on both, when both hold them), and sometimes a delete."""
+        self.editor.rng = rng
+        for _ in range(rng.randint(1, size)):
+            self.create(rng.choice(sides))
+        held = {side: self.editor.tags(side) for side in sides}
+        shared = sorted(set.intersection(*(set(rows) for rows in held.values())))
+        for side in sides:
+            names = shared if shared and rng.random() < 0.7 else sorted(held[side])
+            for name in rng.sample(names, min(len(names), rng.randint(1, size))):
+                self.update(side, name, held[side][name])
+        if rng.random() < 0.6:
+            side = rng.choice(sides)
+            names = sorted(self.editor.tags(side))
+            if names:
+                self.delete(side, rng.choice(names))
+
+
+def measure_tags(central: SideLike, facade: SideLike, tags: dict[str, TagRecord],
+                 figures: Figures) -> None:
+    """Tags against what the :class:`TagWorkload` wrote: a tag nobody
+    deleted missing on a side is lost; a deleted tag still there, or an
+    attribute whose value is not the one last written, is out of order."""
+    for side in (central, facade):
+        rows = {row['name']: row for row in side.rows('tags')}
+        for name, record in tags.items():
+            row = rows.pop(name, None)
+            if record.deleted_by is not None:
+                if row is not None:
+                    figures.out_of_order += 1
+                    figures.problems.append(f'tag {name} deleted by {record.deleted_by} is '
+                                            f'on {side.name}: {record.history}')
+            elif row is None:
+                figures.lost += 1
+                figures.problems.append(f'tag {name} missing on {side.name}: '
+                                        f'{record.history}')
+            else:
+                stale = {key: row[key] for key in TAG_ATTRS if row[key] != record.values[key]}
+                if stale:
+                    figures.out_of_order += 1
+                    figures.problems.append(f'tag {name} on {side.name} has {stale}, last '
+                                            f'written {record.values}: {record.history}')
+        for name in rows:
+            figures.duplicated += 1
+            figures.problems.append(f'{side.name} has a tag nobody wrote: {name!r}')
+
+
 # -- measuring ---------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -598,6 +715,10 @@ class Figures:
     #: Inbound messages that took more than one attempt: the failure and
     #: retry path was exercised (not a fault of the add-on).
     retried: int = 0
+    #: Conflicts the apps recorded (both sides), and records whose synced
+    #: state differs between the sides (see :func:`convergence.differences`).
+    conflicts: int = 0
+    divergences: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -622,7 +743,8 @@ def settled(central: SideLike, facade: SideLike) -> bool:
         for side in (central, facade))
 
 
-def measure(central: SideLike, facade: SideLike, records: dict[str, Record]) -> Figures:
+def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
+            tags: dict[str, TagRecord] | None = None) -> Figures:
     """Compare both databases with what the workload wrote.
 
     lost: an outbound message with no processed inbound row on the peer,
@@ -632,7 +754,9 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record]) -> 
     mappings of one local record. out of order: a post whose body is not
     its latest version, or two messages for one record stored or applied
     in an order other than the sender's (inbound id and processed_at
-    against remote_id).
+    against remote_id). Tags: see :func:`measure_tags`. divergences:
+    records whose synced state differs between the sides; final states
+    equal: none, and the same posts.
     """
     figures = Figures()
     sides = {'central': central, 'facade': facade}
@@ -676,7 +800,8 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record]) -> 
                     figures.problems.append(f'{peer.name} applied {name}#{after["remote_id"]} '
                                             f'before #{before["remote_id"]} ({key})')
         figures.retried += sum(1 for row in inbound if row['attempts'] > 1)
-        local_ids = [row['local_id'] for row in side.rows('communicator_mappings')
+        local_ids = [(row['name'], row['local_id'])
+                     for row in side.rows('communicator_mappings')
                      if row['origin'] and row['local_id'] is not None]
         figures.duplicated += len(local_ids) - len(set(local_ids))
     states = {}
@@ -702,7 +827,13 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record]) -> 
         for title, bodies in titles.items():
             figures.duplicated += len(bodies)
             figures.problems.append(f'{name} has posts nobody wrote: {title!r} x{len(bodies)}')
-    figures.final_states_equal = states['central'] == states['facade']
+    if tags is not None:
+        measure_tags(central, facade, tags, figures)
+    found = differences(central, facade)
+    figures.divergences = len(found)
+    figures.problems += found
+    figures.conflicts = conflicts(central, facade)
+    figures.final_states_equal = states['central'] == states['facade'] and not found
     return figures
 
 
@@ -720,23 +851,27 @@ class Rig:
     recovery_ini: Path
     batch_size: int
     workload: Workload = dataclasses.field(init=False)
+    tags: TagWorkload = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.workload = Workload(self.central, self.facade, self.facade_server)
+        self.tags = TagWorkload(self.central, self.facade, self.facade_server.url)
 
     def pending_batches(self, side: SideLike) -> int:
         """HTTP batches the next push (central) or pull (facade) will take."""
         pending = side.count('outbound_messages', 'delivered_at IS NULL')
         return max(1, math.ceil(pending / self.batch_size))
 
-    def kill_on(self, fault: Fault) -> RunOutcome:
+    def kill_on(self, fault: Fault, during: Callable[[], None] | None = None) -> RunOutcome:
         """Run pcommunicate with ``fault`` armed; ``kill -9`` it while the
-        proxy holds the matching request."""
+        proxy holds the matching request (after calling ``during``, if given)."""
         self.proxy.arm(fault)
         process = self.runner.start()
         try:
             if wait_until(lambda: fault.fired.is_set() or process.poll() is not None,
                           HOLD_LIMIT) and fault.fired.is_set():
+                if during is not None:
+                    during()
                 return self.runner.kill(process)
             return self.runner.finish(process)
         finally:
@@ -872,6 +1007,46 @@ def proxy_stall(rig: Rig, rng: random.Random, run: int) -> bool:
     return _proxy_fault('stall', rig, rng, run)
 
 
+#: The faults the concurrent edits meet, in turn: (action, method, path).
+CONCURRENT_FAULTS = (
+    ('kill_before', 'POST', '/messages.json'),
+    ('kill_after', 'POST', '/messages.json'),
+    ('drop_after', 'POST', '/messages/delivered.json'),
+    ('kill_after', 'GET', '/messages.json'),
+    ('stall', 'POST', '/messages.json'),
+    ('drop_after', 'POST', '/messages.json'),
+)
+
+
+def concurrent_edits(rig: Rig, rng: random.Random, run: int) -> bool:
+    """Both sides edit the same Tags, and delete some, before every run
+    and again while it is held at a fault or stalled, under the faults of
+    :data:`CONCURRENT_FAULTS` in turn: kill -9 before the push reaches the
+    facade, after the facade committed it (re-sent), in a pull (served,
+    not stored); a lost acknowledgement and a lost push reply (served and
+    sent again); a stalled push the facade applies late, after central's
+    next edits."""
+    rig.workload.round(rng, size=2)
+    rig.tags.round(rng)
+    action, method, path = CONCURRENT_FAULTS[run % len(CONCURRENT_FAULTS)]
+    if action.startswith('kill'):
+        # Nobody writes either database while the proxy holds the request:
+        # the facade has answered it (or never seen it), central waits.
+        fault = Fault(action, method, path)
+        return rig.kill_on(fault, during=lambda: rig.tags.round(rng, size=2)).killed
+    stall = FAULT_TIMEOUT + rng.uniform(0.5, 1.5)
+    fault = rig.proxy.arm(Fault(action, method, path, stall=stall))
+    try:
+        rig.runner.run()
+    finally:
+        rig.proxy.disarm(fault)
+    # The stalled push reaches the facade while central edits (only
+    # central: the facade is applying it meanwhile).
+    rig.tags.round(rng, size=2, sides=('central',) if action == 'stall' else (
+        'central', 'facade'))
+    return fault.fired.is_set()
+
+
 QUEUE_TABLES = ('inbound_messages', 'outbound_messages', 'communicator_state')
 RECORD_TABLES = ('posts', 'communicator_mappings')
 ALL_TABLES = QUEUE_TABLES + RECORD_TABLES
@@ -918,6 +1093,8 @@ SCENARIOS: dict[str, tuple[str, Callable[[Rig, random.Random, int], bool]]] = {
     'proxy_500': ('proxy answers 500', proxy_error_500),
     'proxy_stall': ('proxy stalls past the timeout', proxy_stall),
     'facade_db_locked': ("facade's database refuses writes", facade_database_refuses_writes),
+    'concurrent_edits': ('concurrent edits of tags on both sides, faults in turn',
+                         concurrent_edits),
 }
 
 
@@ -935,6 +1112,8 @@ class ScenarioResult:
     recovery_exits: list[int]
     last_recovery_output: str
     crashes: list[str]
+    #: Creates, updates and deletes of tags by the :class:`TagWorkload`.
+    tag_edits: int = 0
 
 
 def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> ScenarioResult:
@@ -945,6 +1124,8 @@ def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> Scenario
     # updates of a record that originated on the peer.
     workload.create('central', 2, prefix='x', owner='facade')
     workload.create('facade', 2, prefix='y', owner='central', bulk=True)
+    if name == 'concurrent_edits':
+        rig.tags.round(rng)
     rig.recover()
     first = len(rig.runner.outcomes)
     hits = sum(bool(inject(rig, rng, run)) for run in range(runs))
@@ -956,23 +1137,24 @@ def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> Scenario
             crashes.append(outcome.output[-1500:])
     recovery_runs, outcomes = rig.recover()
     crashes += [o.output[-1500:] for o in outcomes if o.crashed]
-    figures = measure(rig.central, rig.facade, workload.records)
+    figures = measure(rig.central, rig.facade, workload.records, rig.tags.tags)
     return ScenarioResult(title, rig.backend, runs, hits, recovery_runs, figures,
                           dict(exits), [o.returncode for o in outcomes],
-                          outcomes[-1].output[-1500:], crashes)
+                          outcomes[-1].output[-1500:], crashes, rig.tags.edits)
 
 
 # -- the table ---------------------------------------------------------------------
 
 COLUMNS = ('scenario', 'runs', 'faults hit', 'messages', 'lost', 'duplicated',
-           'out of order', 'final states equal', 'recovery runs')
+           'out of order', 'final states equal', 'recovery runs', 'conflicts', 'divergences')
 
 
 def format_table(results: list[ScenarioResult], backend: str = '', seed: int | None = None,
                  ) -> str:
     rows = [(r.scenario, r.runs, r.faults_hit, r.figures.messages, r.figures.lost,
              r.figures.duplicated, r.figures.out_of_order,
-             'yes' if r.figures.final_states_equal else 'NO', r.recovery_runs)
+             'yes' if r.figures.final_states_equal else 'NO', r.recovery_runs,
+             r.figures.conflicts, r.figures.divergences)
             for r in results]
     cells = [COLUMNS] + [tuple(str(c) for c in row) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
@@ -997,5 +1179,6 @@ def format_notes(results: list[ScenarioResult]) -> str:
         exits = ', '.join(f'{code}: {count}' for code, count in sorted(r.exits.items()))
         lines.append(f'{r.scenario}: fault-run exits {{{exits}}}; recovery-run exits '
                      f'{r.recovery_exits}; inbound messages retried after a failure: '
-                     f'{r.figures.retried}')
+                     f'{r.figures.retried}' + (f'; tag edits: {r.tag_edits}' if r.tag_edits
+                                                else ''))
     return '\n'.join(lines)

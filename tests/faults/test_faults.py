@@ -1,8 +1,10 @@
 """Faults between two real apps over real HTTP: ``kill -9`` of
 pcommunicate, a proxy that loses replies, fails or stalls, and a facade
-database that refuses writes. After each scenario, runs without faults
-must bring both sides to the same state with nothing lost, duplicated or
-applied out of order.
+database that refuses writes; and both sides editing (and deleting) the
+same Tags before, between and during runs that meet those faults. After
+each scenario, runs without faults must bring both sides to the same
+state (no divergence) with nothing lost, duplicated or applied out of
+order (for Tags: the value last written wins, a deleted tag stays gone).
 
 Short by default; ``COMMUNICATOR_FAULT_RUNS=50 pytest -m faults -s`` for
 a long run (``COMMUNICATOR_FAULT_SEED`` replays one).
@@ -13,7 +15,7 @@ import random
 
 import pytest
 
-from .harness import SCENARIOS, fault_runs, format_notes, format_table, run_scenario
+from .harness import SCENARIOS, format_notes, format_table, run_scenario, scenario_runs
 
 pytestmark = pytest.mark.faults
 
@@ -27,7 +29,7 @@ def test_fault_scenario(name, make_rig, fault_table, fault_seed_value, backend):
     rig = make_rig(db_timeouts=name == 'facade_db_locked')
     rng = random.Random(f'{fault_seed_value}:{name}')
 
-    result = run_scenario(rig, name, fault_runs(), rng)
+    result = run_scenario(rig, name, scenario_runs(name), rng)
     fault_table.append(result)
     print('\n' + format_table([result], backend, fault_seed_value))
     print(format_notes([result]))
@@ -36,6 +38,7 @@ def test_fault_scenario(name, make_rig, fault_table, fault_seed_value, backend):
     problems = '\n'.join(figures.problems[:40])
     assert result.recovery_exits[-1] == 0, result.last_recovery_output
     assert (figures.lost, figures.duplicated, figures.out_of_order) == (0, 0, 0), problems
+    assert figures.divergences == 0, problems
     assert figures.final_states_equal, problems
     assert not result.crashes, result.crashes[0]
     if name not in MAY_MISS:
