@@ -107,6 +107,13 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     Returns how many were new (as far as the database reports it)."""
     now = utcnow()
     purged = purged_watermark(session, sender)
+    messages = list(messages)
+    # Skip what is stored already (a re-send): the INSERT below then rarely
+    # meets rows of a concurrent request, which on InnoDB can deadlock.
+    stored = set(session.execute(
+        select(IN.remote_id).where(IN.sender == sender,
+                                   IN.remote_id.in_([m.id for m in messages]))).scalars())
+    messages = [m for m in messages if m.id not in stored]
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
              'refs': json.dumps(m.refs) if m.refs else None,

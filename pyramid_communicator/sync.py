@@ -46,6 +46,11 @@ def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
     Changes made through it are applied messages, so autopublish leaves
     them alone (no echo back to the sender).
     """
+    if bind.dialect.name in ('mysql', 'mariadb'):
+        # InnoDB's REPEATABLE READ takes gap locks on the index ranges a
+        # batch reads FOR UPDATE, which would block (and deadlock with) the
+        # host's inserts; READ COMMITTED locks the rows found, as PostgreSQL.
+        bind = bind.execution_options(isolation_level='READ COMMITTED')
     session = Session(bind=bind, info={APPLYING: True})
     register(session, transaction_manager=tm)
     return session

@@ -48,12 +48,6 @@ class Tracked:
         return self.lives.get((origin or HERE, original_id), 0)
 
 
-def _lockable(connection: Connection, statement):
-    if connection.dialect.name == 'sqlite':  # the write lock is the database's
-        return statement
-    return statement.with_for_update()
-
-
 def of_records(connection: Connection, name: str, local_ids: Iterable[int],
                lock: bool = True,
                tombstones: dict[int, tuple[Version, int]] | None = None
@@ -72,7 +66,15 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     statement = (select(M.origin, M.original_id, M.version, M.local_id, M.life)
                  .where(M.name == name, condition).order_by(M.id))
     found: dict[int, Tracked] = {}
-    for row in connection.execute(_lockable(connection, statement) if lock else statement):
+    rows = connection.execute(statement).all()
+    if lock and rows and connection.dialect.name != 'sqlite':
+        # Lock by primary key only (a range read FOR UPDATE would take gap
+        # locks on MariaDB in the host's REPEATABLE READ transaction) and
+        # read the rows as committed now, not as the snapshot saw them.
+        ids = select(M.id).where(M.name == name, condition)
+        statement = statement.where(M.id.in_([r[0] for r in connection.execute(ids)]))
+        rows = connection.execute(statement.with_for_update()).all()
+    for row in rows:
         if row.local_id is None:
             tombstones[row.original_id] = (Version.loads(row.version), row.life or 0)
             continue

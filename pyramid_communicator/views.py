@@ -200,8 +200,12 @@ def post_messages(request: Request) -> Response:
     sender = name or extract_http_basic_credentials(request).username[:255]
     session = _dbsession(request, settings)
     if messages:
-        queues.store_inbound(session, sender, messages)
+        # The state row first: its lock queues concurrent POSTs (racing
+        # re-sends of one batch), so that each sees what the one before
+        # stored instead of inserting the same rows at the same moment,
+        # which InnoDB can answer with a deadlock.
         queues.set_state(session, 'last_received_at', sender)
+        queues.store_inbound(session, sender, messages)
     _apply_after_commit(request, settings)
     # The sender's name only when it gave one: never the Basic user name.
     log.info('received %d messages from %s', len(messages), name or 'a client without a name')
