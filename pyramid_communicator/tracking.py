@@ -63,17 +63,16 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     if tombstones is not None:
         condition = condition | ((M.origin == HERE) & M.original_id.in_(ids)
                                  & M.local_id.is_(None))
-    statement = (select(M.origin, M.original_id, M.version, M.local_id, M.life)
-                 .where(M.name == name, condition).order_by(M.id))
+    columns = (M.id, M.origin, M.original_id, M.version, M.local_id, M.life)
     found: dict[int, Tracked] = {}
-    rows = connection.execute(statement).all()
+    rows = connection.execute(select(*columns).where(M.name == name, condition)
+                              .order_by(M.id)).all()
     if lock and rows and connection.dialect.name != 'sqlite':
         # Lock by primary key only (a range read FOR UPDATE would take gap
         # locks on MariaDB in the host's REPEATABLE READ transaction) and
         # read the rows as committed now, not as the snapshot saw them.
-        ids = select(M.id).where(M.name == name, condition)
-        statement = statement.where(M.id.in_([r[0] for r in connection.execute(ids)]))
-        rows = connection.execute(statement.with_for_update()).all()
+        rows = connection.execute(select(*columns).where(M.id.in_([r.id for r in rows]))
+                                  .order_by(M.id).with_for_update()).all()
     for row in rows:
         if row.local_id is None:
             tombstones[row.original_id] = (Version.loads(row.version), row.life or 0)

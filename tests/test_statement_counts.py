@@ -63,7 +63,9 @@ def test_autopublishing_a_flush_costs_the_same_statements_for_1_or_50_records(ma
     with statements(side) as counts, side.session() as session:
         for tag in session.scalars(select(Tag)):
             tag.label = 'edited'
-    assert sum(ours(counts).values()) <= 3
+    # versions read (and locked by primary key on PostgreSQL and MariaDB),
+    # versions written, messages written
+    assert sum(ours(counts).values()) <= 4, counts
     assert side.count('outbound_messages') == 102
 
 
