@@ -30,6 +30,11 @@ tests_require = demo_require + [
     'ruff',
 ]
 
+# Sphinx brings its default theme (alabaster); nothing else is needed.
+docs_require = [
+    'Sphinx >= 7.4',
+]
+
 setup(
     name='pyramid_communicator',
     version='0.1.0',
@@ -48,7 +53,8 @@ setup(
     zip_safe=False,
     python_requires='>=3.11',
     install_requires=requires,
-    extras_require={'demo': demo_require, 'testing': tests_require},
+    extras_require={'demo': demo_require, 'testing': tests_require,
+                    'docs': docs_require},
     entry_points={
         'console_scripts': [
             'pcommunicate = pyramid_communicator.scripts.pcommunicate:main',

@@ -32,6 +32,7 @@ NAMING_CONVENTION = {
     'pk': 'pk_%(table_name)s',
 }
 
+#: The add-on's tables, on a ``MetaData`` of their own, apart from the host's.
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 #: Message bodies can be large; MySQL's TEXT stops at 64 KiB.
