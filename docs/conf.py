@@ -30,5 +30,5 @@ html_theme_options = {'description': 'Keep two Pyramid apps in sync', 'fixed_sid
 smartquotes_action = 'qe'
 
 autodoc_member_order = 'bysource'
-autodoc_typehints = 'description'
+autodoc_typehints = 'signature'
 autodoc_default_options = {'members': True}
