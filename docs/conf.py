@@ -22,7 +22,6 @@ extensions = [
 
 exclude_patterns = ['_build']
 templates_path = []
-html_static_path = ['_static']
 html_theme = 'alabaster'
 html_theme_options = {'description': 'Keep two Pyramid apps in sync', 'fixed_sidebar': True}
 
@@ -31,4 +30,3 @@ smartquotes_action = 'qe'
 
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
-autodoc_default_options = {'members': True}
