@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import alembic
@@ -164,14 +165,14 @@ def heads(config: Config, url: str) -> set[str]:
         engine.dispose()
 
 
-def schema(url: str) -> dict[str, dict]:
+def schema(url: str, names: Iterable[str] = models.metadata.tables) -> dict[str, dict]:
     """Our tables as the database reports them, down to what ``alembic
     check`` does not compare (MySQL's fractional seconds, defaults)."""
     engine = create_engine(url)
     found = {}
     try:
         inspector = inspect(engine)
-        for table in sorted(models.metadata.tables):
+        for table in sorted(names):
             found[table] = {
                 'columns': {c['name']: (repr(c['type']), c['nullable'], c.get('default'))
                             for c in inspector.get_columns(table)},
@@ -200,6 +201,16 @@ def created_schema(databases) -> dict[str, dict]:
     models.metadata.create_all(engine)
     engine.dispose()
     return schema(url)
+
+
+@pytest.fixture(scope='module')
+def created_010_schema(databases) -> dict[str, dict]:
+    """Our tables as 0.1.0's ``metadata.create_all`` made them."""
+    url = databases.url('migrate_reference_010')
+    engine = create_engine(url)
+    V010.create_all(engine)
+    engine.dispose()
+    return schema(url, V010.tables)
 
 
 def tables(url: str) -> set[str]:
@@ -285,7 +296,8 @@ def test_upgrade_heads_on_an_empty_database_yields_exactly_the_metadata(database
     assert {'posts', 'comments', 'tags'} <= tables(url)
 
 
-def test_downgrade_to_the_branch_base_and_up_again(databases, tmp_path, created_schema):
+def test_downgrade_to_the_branch_base_and_up_again(databases, tmp_path, created_schema,
+                                                   created_010_schema):
     url = databases.url('migrate_downgrade')
     config = host(tmp_path, url)
     command.upgrade(config, 'heads')
@@ -308,6 +320,7 @@ def test_downgrade_to_the_branch_base_and_up_again(databases, tmp_path, created_
     command.downgrade(config, 'communicator_0001')  # back to 0.1.0's schema
 
     assert heads(config, url) == {'host_0001', 'communicator_0001'}
+    assert schema(url, V010.tables) == created_010_schema
     assert [(r['body'], r['original_id']) for r in side.rows('outbound_messages')] == [
         (post_body('kept'), 1)]
     assert [(r['name'], r['origin'], r['original_id'], r['local_id'])

@@ -12,12 +12,18 @@ its colon), and in the host's ``env.py``::
 
     target_metadata = [Base.metadata, pyramid_communicator.models.metadata]
 
-``alembic upgrade heads`` then creates or upgrades our tables beside the
-host's.  Our revisions own our tables: every change of
-:mod:`pyramid_communicator.models` comes with a new revision here, so a
-host's autogenerate finds nothing to write about them once it ran
-``alembic upgrade heads``.  A host that wants its autogenerate never to
-look at them passes :func:`include_object` to ``context.configure``.
+``alembic upgrade heads`` (plural: two branches) then creates or upgrades
+our tables beside the host's.  Our revisions own our tables: every change
+of :mod:`pyramid_communicator.models` comes with a new revision here, so
+a host's autogenerate (which Alembic runs only against a database at all
+heads) finds nothing to write about them.  An ``env.py`` that does not
+list our metadata would autogenerate ``drop_table`` for each of them;
+passing :func:`include_object` to ``context.configure`` keeps
+autogenerate and ``alembic check`` away from them instead.
+
+A database whose tables ``metadata.create_all`` made under 0.1.0 is taken
+over by ``alembic upgrade heads``; one made under 0.2.0 is already
+current: ``alembic stamp communicator@head``.
 
 This module imports neither Alembic nor anything that needs it: the
 add-on itself runs without Alembic installed.
