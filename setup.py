@@ -21,7 +21,13 @@ demo_require = [
     'waitress >= 2.1',
 ]
 
-tests_require = demo_require + [
+#: The add-on's Alembic revisions (``pyramid_communicator:migrations``) run
+#: in the host's Alembic environment; the add-on itself never imports it.
+migrations_require = [
+    'alembic >= 1.13',
+]
+
+tests_require = demo_require + migrations_require + [
     'WebTest >= 3.0',
     'pytest >= 7.4',
     'psycopg[binary] >= 3.1',
@@ -53,8 +59,12 @@ setup(
     zip_safe=False,
     python_requires='>=3.11',
     install_requires=requires,
-    extras_require={'demo': demo_require, 'testing': tests_require,
-                    'docs': docs_require},
+    extras_require={
+        'demo': demo_require,
+        'docs': docs_require,
+        'migrations': migrations_require,
+        'testing': tests_require,
+    },
     entry_points={
         'console_scripts': [
             'pcommunicate = pyramid_communicator.scripts.pcommunicate:main',

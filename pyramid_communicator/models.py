@@ -1,7 +1,10 @@
 """The add-on's tables, on their own :data:`metadata`.
 
-A host app creates them with ``metadata.create_all(engine)`` or includes
-``metadata`` in its Alembic ``target_metadata``.  They are plain
+A host app creates them with the add-on's Alembic revisions (version
+location ``pyramid_communicator:migrations``, see
+:mod:`pyramid_communicator.migrations`) and includes ``metadata`` in its
+``target_metadata``; ``metadata.create_all(engine)`` is the shortcut for
+tests and demos.  Every change here needs a new revision there.  They are plain
 declarative classes on a registry of our own, so they never mix with the
 host's ``Base``.
 """
@@ -71,6 +74,9 @@ class OutboundMessage(Base):
     #: JSON: the record's version (see :mod:`.versions`); NULL for a
     #: message from a peer without versions (the gem).
     version: Mapped[str | None] = mapped_column(BodyText)
+    #: The message format (``wire.FORMAT_VERSION`` when published); 1 for
+    #: rows from before formats were numbered.
+    format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
 
@@ -106,6 +112,8 @@ class InboundMessage(Base):
     original_id: Mapped[int | None] = mapped_column(BigInteger)
     refs: Mapped[str | None] = mapped_column(Text)
     version: Mapped[str | None] = mapped_column(BodyText)
+    #: The sender's message format; 1 (the gem's) when the message names none.
+    format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
