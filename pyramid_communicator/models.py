@@ -70,6 +70,9 @@ class OutboundMessage(Base):
     #: JSON: the record's version (see :mod:`.versions`); NULL for a
     #: message from a peer without versions (the gem).
     version: Mapped[str | None] = mapped_column(BodyText)
+    #: The wire format the message was written in (:data:`.wire.FORMAT_VERSION`
+    #: when published; 1 for rows older than the column).
+    format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
 
@@ -105,6 +108,9 @@ class InboundMessage(Base):
     original_id: Mapped[int | None] = mapped_column(BigInteger)
     refs: Mapped[str | None] = mapped_column(Text)
     version: Mapped[str | None] = mapped_column(BodyText)
+    #: The format the sender wrote it in; one newer than this app's
+    #: :data:`.wire.FORMAT_VERSION` waits, pending, for an upgrade.
+    format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
