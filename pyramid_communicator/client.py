@@ -51,8 +51,9 @@ class Client:
         self.http.auth = (settings.username, settings.password)
         self.verify = settings.verify
         #: Mutual TLS: our certificate, and its key when it is a file apart.
-        self.cert = ((settings.cert, settings.key) if settings.key else settings.cert) \
-            if settings.cert else None
+        self.cert: str | tuple[str, str] | None = settings.cert
+        if settings.cert and settings.key:
+            self.cert = (settings.cert, settings.key)
         self.http.headers.update({wire.NAME_HEADER: settings.name,
                                   'Accept': 'application/json',
                                   'Accept-Encoding': 'gzip'})

@@ -111,7 +111,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"{out['total']} in all",
         f"inbound:  {inb['pending']} pending (oldest {age(inb['oldest_pending_age_seconds'])}), "
         f"{inb['failed']} failed, {inb['refused']} refused, {inb['given_up']} given up, "
-        f"{inb['waiting_upgrade']} waiting_upgrade, {inb['total']} in all",
+        + (f"{inb['waiting_upgrade']} waiting_upgrade (a newer format: upgrade this app), "
+           if inb.get('waiting_upgrade') else '')
+        + f"{inb['total']} in all",
         f"conflicts: {status['conflicts']['recent']} in the last "
         f"{status['conflicts']['recent_hours']}h, {status['conflicts']['total']} in all "
         "(--status --json lists them)",
