@@ -164,8 +164,10 @@ def test_newer_format_pulled_by_pcommunicate_waits_and_applies_after_upgrade(pai
     facade.update_post(post['id'], title='two')  # same record, current format
     facade.create_post(title='unrelated')
 
-    assert summary(central.sync()) == dict(pushed=0, pulled=3, applied=1, failed=0,
-                                           waiting=2)
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert summary(result.stdout) == dict(pushed=0, pulled=3, applied=1, failed=0, waiting=2)
+    assert '1 inbound messages are of a newer format' in result.stderr  # for cron's mail
     assert set(posts_by_title(central.side)) == {'unrelated'}
     formats = sorted(row['format'] for row in central.side.rows('inbound_messages'))
     assert formats == [2, 2, FUTURE]
