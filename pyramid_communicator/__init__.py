@@ -3,9 +3,9 @@ inbound/outbound queues (a Python re-creation of the Ruby gem
 ``communicator``).
 
 Wire it into an app that already has ``pyramid_tm`` and a
-``request.dbsession`` joined to ``request.tm``::
+``request.dbsession`` joined to ``request.tm``, as the Pyramid
+cookiecutter's ``.models`` include sets up::
 
-    config.include('pyramid_tm')
     config.include('.models')
     config.include('pyramid_communicator')
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 
 import requests
@@ -48,7 +49,11 @@ class Client:
         self.timeout = settings.timeout
         self.http = http or requests.Session()
         self.http.auth = (settings.username, settings.password)
-        self.http.verify = settings.verify
+        self.verify = settings.verify
+        #: Mutual TLS: our certificate, and its key when it is a file apart.
+        self.cert: str | tuple[str, str] | None = settings.cert
+        if settings.cert and settings.key:
+            self.cert = (settings.cert, settings.key)
         self.http.headers.update({wire.NAME_HEADER: settings.name,
                                   'Accept': 'application/json',
                                   'Accept-Encoding': 'gzip'})
@@ -60,11 +65,14 @@ class Client:
 
     def _request(self, method: str, url: str, **kwargs) -> requests.Response:
         try:
-            response = self.http.request(method, url, timeout=self.timeout, **kwargs)
+            # verify per request: on a session, requests lets REQUESTS_CA_BUNDLE
+            # (or CURL_CA_BUNDLE) in the environment override it.
+            response = self.http.request(method, url, timeout=self.timeout,
+                                         verify=self.verify, cert=self.cert, **kwargs)
         except requests.Timeout:
             raise PeerError(f'{url} did not answer within {self.timeout:g} seconds') from None
         except requests.exceptions.SSLError as exc:
-            raise PeerError(f'TLS verification of {url} failed: {_first_line(exc)}') from None
+            raise PeerError(self._tls_failure(url, exc)) from None
         except requests.ConnectionError as exc:
             raise PeerError(f'cannot reach {url}: {_reason(exc)}') from None
         except requests.RequestException as exc:
@@ -80,6 +88,23 @@ class Client:
             raise PeerError(f'{url} answered HTTP {response.status_code}'
                             + (f': {detail}' if detail else ''))
         return response
+
+    def _tls_failure(self, url: str, exc: Exception) -> str:
+        """One line for a failed handshake, saying which setting to look at."""
+        text = _first_line(exc)
+        found = _SSL_REASON.search(text)
+        if found is None:
+            return f'TLS handshake with {url} failed: {text[:300]}'
+        code, reason = found.group(1), found.group(2).strip()
+        if code == 'CERTIFICATE_VERIFY_FAILED':
+            return (f'TLS verification of {url} failed: {reason} (communicator.verify '
+                    'names the CA bundle of a private CA)')
+        if code.endswith(_CLIENT_CERT_ALERTS):
+            hint = ('the peer refused our client certificate (communicator.cert)'
+                    if self.cert else 'the peer requires a client certificate: set '
+                    'communicator.cert (and communicator.key)')
+            return f'TLS handshake with {url} failed: {reason}; {hint}'
+        return f'TLS handshake with {url} failed: {reason}'
 
     def push(self, payload: bytes) -> None:
         """POST an encoded array of messages; returns once acknowledged.
@@ -114,6 +139,13 @@ class Client:
 
     def acknowledge(self, ids: Sequence[int]) -> None:
         self._request('POST', self.delivered_url, json={'ids': list(ids)})
+
+
+#: OpenSSL's words inside requests' message: "[SSL: CODE] reason (_ssl.c:123)".
+_SSL_REASON = re.compile(r'\[SSL: ([A-Z0-9_]+)\] ([^(]+)')
+#: Alerts a server sends about the client's certificate, or its absence.
+_CLIENT_CERT_ALERTS = ('CERTIFICATE_REQUIRED', 'HANDSHAKE_FAILURE', 'BAD_CERTIFICATE',
+                       'UNKNOWN_CA', 'CERTIFICATE_UNKNOWN', 'ACCESS_DENIED')
 
 
 def _first_line(value: object) -> str:

@@ -14,6 +14,14 @@ apply the same queue at once without applying anything twice.  A message
 that fails is retried on later runs; later messages for the same record
 wait behind it so that updates are never applied out of order, while
 other records go on.
+
+A message of a newer format than this version knows
+(:data:`.wire.FORMAT_VERSION`) is neither applied nor failed: it stays
+pending, counted as waiting for an upgrade, and holds back later messages
+for its record like a failure does, until a run of the upgraded version
+applies them in order.  (A record is recognised by the name in the body,
+which a future format may not let us read; such a message holds back
+nothing but itself.)
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import transaction
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from . import queues
+from . import queues, wire
 from .applying import Message, Refused, apply_message
 from .models import utcnow
 from .records import decode_body
@@ -40,12 +48,17 @@ log = logging.getLogger(__name__)
 class ApplyResult:
     applied: int = 0
     failed: int = 0
+    #: Held back this run: behind a failure of the same record, failed
+    #: within ``retry_delay``, or waiting for an upgrade.
     waiting: int = 0
+    #: Of ``waiting``: messages of a newer format than this version knows.
+    waiting_upgrade: int = 0
 
     def __iadd__(self, other: ApplyResult) -> ApplyResult:
         self.applied += other.applied
         self.failed += other.failed
         self.waiting += other.waiting
+        self.waiting_upgrade += other.waiting_upgrade
         return self
 
 
@@ -95,7 +108,12 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
         for row in rows:
             after = row.id
             key = _record_key(row, local_name)
-            if key is not None and key in blocked:
+            if row.format > wire.FORMAT_VERSION:
+                result.waiting += 1
+                result.waiting_upgrade += 1
+                if key is not None:
+                    blocked.add(key)
+            elif key is not None and key in blocked:
                 result.waiting += 1
             elif row.failed_at is not None and row.failed_at > retry_before:
                 result.waiting += 1

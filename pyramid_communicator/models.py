@@ -74,8 +74,8 @@ class OutboundMessage(Base):
     #: JSON: the record's version (see :mod:`.versions`); NULL for a
     #: message from a peer without versions (the gem).
     version: Mapped[str | None] = mapped_column(BodyText)
-    #: The message format (``wire.FORMAT_VERSION`` when published); 1 for
-    #: rows from before formats were numbered.
+    #: The wire format the message was written in (:data:`.wire.FORMAT_VERSION`
+    #: when published; 1 for rows older than the column).
     format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
@@ -112,7 +112,8 @@ class InboundMessage(Base):
     original_id: Mapped[int | None] = mapped_column(BigInteger)
     refs: Mapped[str | None] = mapped_column(Text)
     version: Mapped[str | None] = mapped_column(BodyText)
-    #: The sender's message format; 1 (the gem's) when the message names none.
+    #: The format the sender wrote it in; one newer than this app's
+    #: :data:`.wire.FORMAT_VERSION` waits, pending, for an upgrade.
     format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)

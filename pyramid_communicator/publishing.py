@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session
 from zope.sqlalchemy import mark_changed
 
-from . import tracking
+from . import tracking, wire
 from .conflicts import Conflict, Policy, as_policy
 from .models import OutboundMessage, outbound_messages, utcnow
 from .records import (
@@ -223,7 +223,7 @@ class _Staging:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
                 'version': json.dumps(to_wire(version, HERE, life), separators=(',', ':')),
-                'created_at': utcnow()}
+                'format': wire.FORMAT_VERSION, 'created_at': utcnow()}
 
     def write(self) -> None:
         for name, writes in self.writes.items():

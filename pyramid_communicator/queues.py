@@ -18,6 +18,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
+from . import wire
 from .models import communicator_state, inbound_messages, outbound_messages, utcnow
 from .wire import WireMessage
 
@@ -61,7 +62,8 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     """Undelivered messages in id order.  No cursor survives a run: an id
     that commits late is still undelivered next time, never skipped."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version,
+               OUT.format)
         .where(OUT.delivered_at.is_(None), OUT.id > after_id)
         .order_by(OUT.id).limit(limit)
     ).all()
@@ -81,7 +83,8 @@ def within_bytes(rows: list[Row], limit: int) -> list[Row]:
 def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     """The gem's view of the queue: every message with ``id >= from_id``."""
     return session.execute(
-        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version)
+        select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version,
+               OUT.format)
         .where(OUT.id >= from_id).order_by(OUT.id).limit(limit)
     ).all()
 
@@ -118,7 +121,8 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
              'origin': m.origin, 'original_id': m.original_id,
              'refs': json.dumps(m.refs) if m.refs else None,
              'version': json.dumps(m.version, separators=(',', ':')) if m.version else None,
-             'created_at': now, 'attempts': 0} for m in messages if m.id > purged]
+             'format': m.format, 'created_at': now, 'attempts': 0}
+            for m in messages if m.id > purged]
     return _insert_ignoring_duplicates(session, inbound_messages, rows,
                                        ('sender', 'remote_id'))
 
@@ -152,13 +156,19 @@ def raise_purged_watermark(session: Session, sender: str, remote_id: int) -> Non
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
     query = (select(IN.id, IN.sender, IN.body, IN.origin, IN.original_id, IN.refs,
-                    IN.version, IN.failed_at)
+                    IN.version, IN.format, IN.failed_at)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
                     IN.refused_at.is_(None), IN.id > after_id)
              .order_by(IN.id).limit(limit))
     if ids is not None:
         query = query.where(IN.id.in_(ids))
     return session.execute(query).all()
+
+
+def understood():
+    """Messages of a format this version knows; newer ones wait, pending,
+    for the upgrade (never claimed, so never applied, failed or dropped)."""
+    return IN.format <= wire.FORMAT_VERSION
 
 
 def claim_inbound(session: Session, message_id: int) -> bool:
@@ -171,7 +181,7 @@ def claim_inbound(session: Session, message_id: int) -> bool:
     result = session.execute(
         update(inbound_messages)
         .where(IN.id == message_id, IN.processed_at.is_(None), IN.given_up_at.is_(None),
-               IN.refused_at.is_(None))
+               IN.refused_at.is_(None), understood())
         .values(processed_at=utcnow(), attempts=IN.attempts + 1,
                 last_error=None, failed_at=None))
     _changed(session)
@@ -184,7 +194,7 @@ def claim_batch(session: Session, message_ids: Sequence[int]) -> set[int]:
     if not message_ids:
         return set()
     claimable = (IN.id.in_(list(message_ids)), IN.processed_at.is_(None),
-                 IN.given_up_at.is_(None), IN.refused_at.is_(None))
+                 IN.given_up_at.is_(None), IN.refused_at.is_(None), understood())
     values = dict(processed_at=utcnow(), attempts=IN.attempts + 1, last_error=None,
                   failed_at=None)
     dialect = session.get_bind().dialect

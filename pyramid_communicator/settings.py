@@ -9,6 +9,7 @@ a request.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 from collections.abc import Mapping as MappingType
@@ -88,6 +89,15 @@ def _verify(value: str) -> bool | str:
     return value
 
 
+def _file(value: str) -> str:
+    """A path that must name a readable file now, not at the first run."""
+    if not os.path.isfile(value):
+        raise ValueError('no such file')
+    if not os.access(value, os.R_OK):
+        raise ValueError('file is not readable')
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     key: str
@@ -125,6 +135,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'splits pushes to stay under it'),
         ('verify', _verify, True,
          'TLS verification: true, false, or the path of a CA bundle file'),
+        ('cert', _file, None,
+         'client certificate (PEM file) that pcommunicate presents to a peer '
+         'requiring mutual TLS; may hold the key too'),
+        ('key', _file, None,
+         'private key (PEM file, unencrypted) of communicator.cert, when not in that file'),
         ('dbsession', _identifier, 'dbsession',
          "name of the request attribute holding the host's SQLAlchemy session"),
         ('apply_on_receive', _bool, True,
@@ -153,6 +168,8 @@ class CommunicatorSettings:
     timeout: float = 10.0
     max_body_bytes: int = 10 * 1024 * 1024
     verify: bool | str = True
+    cert: str | None = None
+    key: str | None = None
     dbsession: str = 'dbsession'
     apply_on_receive: bool = True
     retry_delay: int = 30
@@ -184,6 +201,9 @@ def parse_settings(settings: MappingType[str, Any]) -> CommunicatorSettings:
             values[row.key] = row.convert(raw if isinstance(raw, str) else str(raw))
         except ValueError as exc:
             raise ConfigurationError(f'{key} = {raw!r} is invalid: {exc}') from None
+    if values['key'] and not values['cert']:
+        raise ConfigurationError(f'{PREFIX}key is set but {PREFIX}cert is not: the key '
+                                 'belongs to a client certificate')
     return CommunicatorSettings(**values)
 
 

@@ -54,6 +54,8 @@ def queue_status(session: Session, name: str, failures: int = 20,
         select(_count(pending), _oldest(pending, IN.created_at),
                _count(pending & IN.failed_at.is_not(None)), _count(refused),
                _count(IN.given_up_at.is_not(None)), func.count())).one()
+    waiting_upgrade = int(session.execute(
+        select(_count(pending & ~queues.understood()))).scalar_one())
     failed_rows = session.execute(
         select(IN.id, IN.sender, IN.remote_id, IN.attempts, IN.last_error, IN.failed_at,
                IN.refused_at)
@@ -77,7 +79,7 @@ def queue_status(session: Session, name: str, failures: int = 20,
                      'total': out_total},
         'inbound': {'pending': in_pending, 'oldest_pending_age_seconds': _age(in_oldest),
                     'failed': in_failed, 'refused': in_refused, 'given_up': in_given_up,
-                    'total': in_total},
+                    'waiting_upgrade': waiting_upgrade, 'total': in_total},
         'failures': [{'id': r.id, 'sender': r.sender, 'remote_id': r.remote_id,
                       'attempts': r.attempts, 'error': r.last_error,
                       'failed_at': _iso(r.failed_at), 'refused': r.refused_at is not None}
@@ -109,7 +111,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"{out['total']} in all",
         f"inbound:  {inb['pending']} pending (oldest {age(inb['oldest_pending_age_seconds'])}), "
         f"{inb['failed']} failed, {inb['refused']} refused, {inb['given_up']} given up, "
-        f"{inb['total']} in all",
+        + (f"{inb['waiting_upgrade']} waiting_upgrade (a newer format: upgrade this app), "
+           if inb.get('waiting_upgrade') else '')
+        + f"{inb['total']} in all",
         f"conflicts: {status['conflicts']['recent']} in the last "
         f"{status['conflicts']['recent_hours']}h, {status['conflicts']['total']} in all "
         "(--status --json lists them)",

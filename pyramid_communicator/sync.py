@@ -189,6 +189,9 @@ class Communicator:
         if pull:
             summary.pulled = self.pull()
         result = self.apply()
+        if result.waiting_upgrade:  # cron mails it: someone must upgrade this app
+            log.warning('%d inbound messages are of a newer format than this version '
+                        'knows; they wait for an upgrade', result.waiting_upgrade)
         purge_if_due(self.session, self.tm, self.settings.retention_days)
         if held_up is not None:
             raise held_up

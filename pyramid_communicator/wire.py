@@ -26,6 +26,11 @@ NAME_HEADER = 'X-Communicator-Name'
 #: gzip-compressed request bodies.
 PROTOCOL_HEADER = 'X-Communicator-Protocol'
 PROTOCOL_VERSION = '2'
+#: The format of the messages this version writes, sent as each message's
+#: ``"format"`` key.  The gem's messages have none: format 1.  A receiver
+#: keeps a message of a newer format than its own unapplied until it is
+#: upgraded (see :mod:`.inbox`), so a sender may upgrade first.
+FORMAT_VERSION = 2
 #: zlib level for bodies between our own apps: cheap on CPU, and JSON of
 #: records still shrinks severalfold.
 GZIP_LEVEL = 1
@@ -72,10 +77,13 @@ class WireMessage:
     #: "stamps": {attribute: [hlc, app]}}`` or, for a delete, ``{"clock":
     #: ..., "deleted": [hlc, app]}`` (see :mod:`.versions`).
     version: dict[str, Any] | None = None
+    #: Our extension: the format the sender wrote the message in (absent
+    #: on the wire: 1, the gem's).
+    format: int = 1
 
     def to_json(self) -> dict[str, Any]:
         data = {'id': self.id, 'body': self.body, 'origin': self.origin,
-                'original_id': self.original_id}
+                'original_id': self.original_id, 'format': self.format}
         if self.refs:
             data['refs'] = self.refs
         if self.version is not None:
@@ -95,7 +103,8 @@ def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
     version = None
     if getattr(row, 'version', None):
         version = _named(json.loads(row.version), local_name)
-    return WireMessage(row.id, row.body, origin, row.original_id, refs, version)
+    return WireMessage(row.id, row.body, origin, row.original_id, refs, version,
+                       getattr(row, 'format', None) or 1)
 
 
 def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
@@ -158,13 +167,22 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         if message_id in seen:
             raise WireError(f'{where}: id {message_id} appears twice')
         seen.add(message_id)
+        message_format = item.get('format')
+        if message_format is None:  # the gem's, or a sender's explicit null
+            message_format = 1
+        if not _is_int(message_format) or not 0 < message_format < 2 ** 31:
+            raise WireError(f'{where}: "format" must be a positive integer')
+        # A newer format than ours may say things differently: store what
+        # the columns need, and check the rest once we understand it.
+        known = message_format <= FORMAT_VERSION
         body = item.get('body')
         if not isinstance(body, str):
             raise WireError(f'{where}: "body" must be a string')
         if not _storable(body):
             raise WireError(f'{where}: "body" must be UTF-8 text without NUL characters')
         try:
-            decode_body(body)
+            if known:
+                decode_body(body)
         except RecursionError:
             raise WireError(f'{where}: "body" is nested too deeply') from None
         except ValueError as exc:
@@ -177,14 +195,14 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
         if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
             raise WireError(f'{where}: "original_id" must be an integer or null')
         refs = item.get('refs')
-        if refs is not None and not _valid_refs(refs):
+        if refs is not None and known and not _valid_refs(refs):
             raise WireError(f'{where}: "refs" must map column names to [origin, id]')
         version = item.get('version')
-        if version is not None and not valid_wire_version(version):
+        if version is not None and known and not valid_wire_version(version):
             raise WireError(f'{where}: "version" must be {{"clock": {{app: hlc}}, '
                             '"stamps": {attribute: [hlc, app]}} or a deletion')
         messages.append(WireMessage(message_id, body, origin, original_id, refs or None,
-                                    version))
+                                    version, message_format))
     return messages
 
 

@@ -127,7 +127,7 @@ def test_get_serves_messages_from_id_ascending_and_marks_them_delivered(app, fac
     served = response.json
     assert [m['id'] for m in served] == ids[1:]
     for item in served:
-        assert set(item) == {'id', 'body', 'origin', 'original_id', 'version'}
+        assert set(item) == {'id', 'body', 'origin', 'original_id', 'version', 'format'}
         assert isinstance(item['body'], str)
     # The gem's client counts what it got as delivered; the first stays pending.
     assert delivered_ids(facade) == ids[1:]
