@@ -8,6 +8,7 @@ cron mails and logs keep the one summary line.  The bars are tqdm's
 """
 from __future__ import annotations
 
+import os
 from typing import TextIO
 
 from tqdm import tqdm
@@ -34,8 +35,19 @@ class Progress:
     def bar(self, label: str, total: int | None = None, unit: str = 'messages') -> tqdm:
         """A bar to ``update(n)`` and ``close()`` (or use in ``with``); a
         no-op when nothing is shown."""
+        columns, lines = _size(self.stream)
         return tqdm(total=total, desc=label, unit=' ' + unit, file=self.stream,
-                    disable=self.stream is None, leave=True, dynamic_ncols=True)
+                    disable=self.stream is None, leave=True, ncols=columns, nrows=lines)
+
+
+def _size(stream: TextIO | None) -> tuple[int | None, int | None]:
+    """The terminal's size; 80x24 for one that reports none (a bare pty),
+    where tqdm would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None, None
+    return size.columns or 80, size.lines or 24
 
 
 class Totals:
