@@ -14,6 +14,7 @@ requires = [
     'zope.sqlalchemy >= 3.0',
     'transaction >= 3.0',
     'requests >= 2.28',
+    'tqdm >= 4.60',
 ]
 
 demo_require = [

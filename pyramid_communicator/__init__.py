@@ -26,7 +26,7 @@ __all__ = ['includeme', 'publish', 'publish_delete', 'receives_from', 'authority
 
 
 def includeme(config: Configurator) -> None:
-    """Read ``communicator.*`` settings and add the message routes.
+    """Read ``communicator.*`` settings and add the message and status routes.
 
     Use ``config.include('pyramid_communicator', route_prefix='/sync')`` to
     mount the routes under a prefix.  Nothing of the host's security,
@@ -39,6 +39,7 @@ def includeme(config: Configurator) -> None:
     config.registry[REGISTRY_KEY] = settings
     config.add_route('communicator.messages', '/messages.json')
     config.add_route('communicator.delivered', '/messages/delivered.json')
+    config.add_route('communicator.status', '/status.json')
     common = dict(permission=NO_PERMISSION_REQUIRED, require_csrf=False)
     config.add_view(views.get_messages, route_name='communicator.messages',
                     request_method='GET', **common)
@@ -46,7 +47,9 @@ def includeme(config: Configurator) -> None:
                     request_method='POST', **common)
     config.add_view(views.post_delivered, route_name='communicator.delivered',
                     request_method='POST', **common)
-    for route_name in ('communicator.messages', 'communicator.delivered'):
+    config.add_view(views.get_status, route_name='communicator.status',
+                    request_method='GET', **common)
+    for route_name in views.ALLOWED:
         config.add_view(views.method_not_allowed, route_name=route_name, **common)
     # Once the host's own includes have run: is the session attribute there?
     config.action(None, _check_dbsession, args=(config, settings.dbsession), order=1)

@@ -46,6 +46,7 @@ class Client:
         self.base_uri = require_base_uri(settings)
         self.messages_url = self.base_uri + '/messages.json'
         self.delivered_url = self.base_uri + '/messages/delivered.json'
+        self.status_url = self.base_uri + '/status.json'
         self.timeout = settings.timeout
         self.http = http or requests.Session()
         self.http.auth = (settings.username, settings.password)
@@ -63,7 +64,8 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def _request(self, method: str, url: str, **kwargs) -> requests.Response:
+    def _request(self, method: str, url: str, missing_ok: bool = False,
+                 **kwargs) -> requests.Response:
         try:
             # verify per request: on a session, requests lets REQUESTS_CA_BUNDLE
             # (or CURL_CA_BUNDLE) in the environment override it.
@@ -83,6 +85,8 @@ class Client:
                 'check communicator.username and communicator.password')
         if response.status_code == 413:
             raise BodyTooLarge(f'{url} refused the request as too large (HTTP 413)')
+        if response.status_code == 404 and missing_ok:
+            return response
         if not 200 <= response.status_code < 300:
             detail = _first_line(response.text[:200]) if response.text else ''
             raise PeerError(f'{url} answered HTTP {response.status_code}'
@@ -136,6 +140,20 @@ class Client:
             sender=response.headers.get(wire.NAME_HEADER) or self.base_uri,
             acknowledges=wire.PROTOCOL_HEADER in response.headers,
         )
+
+    def status(self) -> dict | None:
+        """The peer's ``GET /status.json`` (our extension), or None when it
+        has no such route (the gem: 404)."""
+        response = self._request('GET', self.status_url, missing_ok=True)
+        if response.status_code == 404:
+            return None
+        try:
+            status = response.json()
+        except ValueError:
+            status = None
+        if not isinstance(status, dict) or not isinstance(status.get('outbound'), dict):
+            raise PeerError(f'{self.status_url} sent an invalid reply (not a status)')
+        return status
 
     def acknowledge(self, ids: Sequence[int]) -> None:
         self._request('POST', self.delivered_url, json={'ids': list(ids)})

@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import transaction
 from sqlalchemy.exc import DBAPIError
@@ -85,7 +85,8 @@ def _describe(exc: BaseException) -> str:
 def apply_pending(session: Session, tm: transaction.TransactionManager,
                   local_name: str, batch_size: int,
                   ids: Sequence[int] | None = None,
-                  retry_delay: float = 0) -> ApplyResult:
+                  retry_delay: float = 0,
+                  progress: Callable[[int], None] | None = None) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed less than ``retry_delay`` seconds ago is not
@@ -95,7 +96,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
 
     ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
     not be the session of a request in progress: every batch is committed
-    or rolled back on its own.
+    or rolled back on its own.  ``progress`` is told how many messages each
+    batch went through (applied, failed or left waiting).
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -122,6 +124,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
             else:
                 ready.append((row, key))
         _apply_batch(session, tm, local_name, ready, blocked, result)
+        if progress is not None and rows:
+            progress(len(rows))
         if len(rows) < batch_size:
             return result
 

@@ -69,6 +69,10 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     ).all()
 
 
+def count_pending_outbound(session: Session) -> int:
+    return session.execute(select(func.count()).where(OUT.delivered_at.is_(None))).scalar_one()
+
+
 def within_bytes(rows: list[Row], limit: int) -> list[Row]:
     """The leading rows whose bodies add up to at most ``limit`` bytes, and
     always the first: a batch is bounded by size as well as by count."""
@@ -171,6 +175,14 @@ def understood():
     return IN.format <= wire.FORMAT_VERSION
 
 
+def count_pending_inbound(session: Session) -> int:
+    """How many pending messages a run can apply (a newer format waits)."""
+    return session.execute(
+        select(func.count()).where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
+                                   IN.refused_at.is_(None),
+                                   understood())).scalar_one()
+
+
 def claim_inbound(session: Session, message_id: int) -> bool:
     """Mark one message processed, first thing in its own transaction.
 
@@ -233,6 +245,10 @@ def record_refusal(session: Session, message_id: int, reason: str) -> None:
 
 # -- state ------------------------------------------------------------------
 
+#: The row holding the outcome of the last ``pcommunicate`` run.
+LAST_RUN_KEY = 'last_run'
+
+
 def set_state(session: Session, key: str, value: str | None = None) -> None:
     """Record a fact such as the time of the last successful push."""
     now = utcnow()
@@ -244,6 +260,19 @@ def set_state(session: Session, key: str, value: str | None = None) -> None:
                                     [{'key': key, 'value': value, 'updated_at': now}],
                                     ('key',))
     _changed(session)
+
+
+def touch_state(session: Session, key: str, value: str | None = None,
+                every: float = 5) -> None:
+    """:func:`set_state`, but only when the row is missing, says something
+    else or is older than ``every`` seconds: a read-only request (a pull)
+    stays read-only, without taking a write lock, on most calls."""
+    table = communicator_state.c
+    row = session.execute(select(table.value, table.updated_at)
+                          .where(table.key == key)).first()
+    if (row is None or row.value != value
+            or row.updated_at < utcnow() - datetime.timedelta(seconds=every)):
+        set_state(session, key, value)
 
 
 def delete_state(session: Session, key: str) -> None:

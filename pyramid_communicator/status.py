@@ -1,7 +1,13 @@
 """What operators ask of the queues: how deep, how old, what failed; and
-the two things they do about failures: retry now, or give up on one."""
+the two things they do about failures: retry now, or give up on one.
+
+One function, :func:`queue_status`, computes a side's status: ``pcommunicate
+--status`` shows it for the local app, and ``GET /status.json`` serves it
+so that central can show (and ``--drain`` can check) the facade's too.
+"""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from collections.abc import Sequence
@@ -12,6 +18,7 @@ from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
 from . import queues
+from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 
 log = logging.getLogger(__name__)
@@ -21,6 +28,34 @@ IN = inbound_messages.c
 CONFLICT = communicator_conflicts.c
 #: Conflicts of the last this-many hours count as recent in ``--status``.
 RECENT_HOURS = 24
+
+#: Inbound messages that wait for their turn (``queues.pending_inbound``).
+_PENDING = IN.processed_at.is_(None) & IN.given_up_at.is_(None) & IN.refused_at.is_(None)
+_REFUSED = IN.processed_at.is_(None) & IN.refused_at.is_not(None)
+
+
+def _inbound_counts() -> dict[str, Any]:
+    """The inbound counts of a status, in the order shown: one entry per
+    count (a new kind of message held back is one more line here)."""
+    return {
+        'pending': _PENDING,
+        'failed': _PENDING & IN.failed_at.is_not(None),
+        'refused': _REFUSED,
+        'given_up': IN.given_up_at.is_not(None),
+        'waiting_upgrade': _PENDING & ~queues.understood(),
+    }
+
+
+#: What ``--drain`` waits for, per side: (queue, count, words).  Counts a
+#: side does not report (an older peer) are taken as 0.
+LEFT_BY_DRAIN = (
+    ('outbound', 'pending', 'outbound pending'),
+    ('inbound', 'pending', 'inbound pending'),
+    ('inbound', 'failed', 'failed'),
+    ('inbound', 'waiting_upgrade', 'waiting for an upgrade'),
+)
+#: Counts that no further exchange clears: only an operator (or an upgrade).
+STUCK = ('failed', 'waiting_upgrade')
 
 
 def _age(oldest) -> float | None:
@@ -40,27 +75,24 @@ def _oldest(condition, column):
     return func.min(case((condition, column)))
 
 
-def queue_status(session: Session, name: str, failures: int = 20,
+def queue_status(session: Session, name: str, failures: int = 50,
                  conflicts: int = 50) -> dict[str, Any]:
-    """Queue depths, oldest pending ages, failures, refusals, conflicts and
-    last exchanges."""
+    """Queue depths, oldest pending ages, failures (the latest
+    ``failures``), refusals, conflicts and last exchanges: read-only, in
+    the caller's transaction."""
     waiting = OUT.delivered_at.is_(None)
     out_pending, out_oldest, out_total = session.execute(
         select(_count(waiting), _oldest(waiting, OUT.created_at), func.count())
     ).one()
-    refused = IN.processed_at.is_(None) & IN.refused_at.is_not(None)
-    pending = IN.processed_at.is_(None) & IN.given_up_at.is_(None) & IN.refused_at.is_(None)
-    in_pending, in_oldest, in_failed, in_refused, in_given_up, in_total = session.execute(
-        select(_count(pending), _oldest(pending, IN.created_at),
-               _count(pending & IN.failed_at.is_not(None)), _count(refused),
-               _count(IN.given_up_at.is_not(None)), func.count())).one()
-    waiting_upgrade = int(session.execute(
-        select(_count(pending & ~queues.understood()))).scalar_one())
+    counts = _inbound_counts()
+    *in_counts, in_oldest, in_total = session.execute(
+        select(*map(_count, counts.values()), _oldest(_PENDING, IN.created_at),
+               func.count())).one()
     failed_rows = session.execute(
         select(IN.id, IN.sender, IN.remote_id, IN.attempts, IN.last_error, IN.failed_at,
                IN.refused_at)
-        .where((pending & IN.failed_at.is_not(None)) | refused)
-        .order_by(IN.id).limit(failures)).all()
+        .where((_PENDING & IN.failed_at.is_not(None)) | _REFUSED)
+        .order_by(IN.id.desc()).limit(failures)).all()
     since = utcnow() - datetime.timedelta(hours=RECENT_HOURS)
     recent, conflict_total = session.execute(
         select(_count(CONFLICT.created_at >= since), func.count())
@@ -68,24 +100,24 @@ def queue_status(session: Session, name: str, failures: int = 20,
     conflict_rows = session.execute(
         select(communicator_conflicts).order_by(CONFLICT.id.desc()).limit(conflicts)).all()
     states = queues.get_states(session)
+    last_run = states.get(queues.LAST_RUN_KEY)
     # SUM() comes back as Decimal on MariaDB
-    (out_pending, out_total, in_pending, in_failed, in_refused, in_given_up, in_total,
-     recent, conflict_total) = map(int, (out_pending, out_total, in_pending, in_failed,
-                                         in_refused, in_given_up, in_total, recent,
-                                         conflict_total))
+    inbound = {key: int(value) for key, value in zip(counts, in_counts, strict=True)}
+    inbound['oldest_pending_age_seconds'] = _age(in_oldest)
+    inbound['total'] = int(in_total)
     return {
         'name': name,
-        'outbound': {'pending': out_pending, 'oldest_pending_age_seconds': _age(out_oldest),
-                     'total': out_total},
-        'inbound': {'pending': in_pending, 'oldest_pending_age_seconds': _age(in_oldest),
-                    'failed': in_failed, 'refused': in_refused, 'given_up': in_given_up,
-                    'waiting_upgrade': waiting_upgrade, 'total': in_total},
+        'outbound': {'pending': int(out_pending),
+                     'oldest_pending_age_seconds': _age(out_oldest),
+                     'total': int(out_total)},
+        'inbound': inbound,
         'failures': [{'id': r.id, 'sender': r.sender, 'remote_id': r.remote_id,
                       'attempts': r.attempts, 'error': r.last_error,
                       'failed_at': _iso(r.failed_at), 'refused': r.refused_at is not None}
-                     for r in failed_rows],
+                     for r in reversed(failed_rows)],
         'conflicts': {
-            'recent': recent, 'recent_hours': RECENT_HOURS, 'total': conflict_total,
+            'recent': int(recent), 'recent_hours': RECENT_HOURS,
+            'total': int(conflict_total),
             'latest': [{'id': r.id, 'record': r.name, 'origin': r.origin,
                         'original_id': r.original_id, 'local_id': r.local_id,
                         'attribute': r.attribute, 'local_value': r.local_value,
@@ -95,25 +127,32 @@ def queue_status(session: Session, name: str, failures: int = 20,
                         'at': _iso(r.created_at)} for r in conflict_rows]},
         'last_exchanges': {key: {'at': _iso(at), 'peer': value}
                            for key, (value, at) in sorted(states.items())
-                           if key.startswith('last_')},
+                           if key.startswith('last_') and key.endswith('_at')},
+        'last_run': None if last_run is None else {'at': _iso(last_run[1]),
+                                                   'result': last_run[0]},
     }
 
 
-def format_status(status: dict[str, Any]) -> str:
+def _words(key: str) -> str:
+    return key.replace('_', ' ')
+
+
+def format_status(status: dict[str, Any], title: str | None = None) -> str:
     out, inb = status['outbound'], status['inbound']
 
     def age(seconds):
         return '-' if seconds is None else f'{seconds:.0f}s'
 
+    # waiting_upgrade is news only when there are any
+    counts = [f'{value} {_words(key)}' for key, value in inb.items()
+              if key not in ('pending', 'oldest_pending_age_seconds', 'total')
+              and (value or key != 'waiting_upgrade')]
     lines = [
-        f"communicator {status['name']}",
+        title or f"communicator {status['name']}",
         f"outbound: {out['pending']} pending (oldest {age(out['oldest_pending_age_seconds'])}), "
         f"{out['total']} in all",
         f"inbound:  {inb['pending']} pending (oldest {age(inb['oldest_pending_age_seconds'])}), "
-        f"{inb['failed']} failed, {inb['refused']} refused, {inb['given_up']} given up, "
-        + (f"{inb['waiting_upgrade']} waiting_upgrade (a newer format: upgrade this app), "
-           if inb.get('waiting_upgrade') else '')
-        + f"{inb['total']} in all",
+        + ''.join(f'{count}, ' for count in counts) + f"{inb['total']} in all",
         f"conflicts: {status['conflicts']['recent']} in the last "
         f"{status['conflicts']['recent_hours']}h, {status['conflicts']['total']} in all "
         "(--status --json lists them)",
@@ -121,12 +160,81 @@ def format_status(status: dict[str, Any]) -> str:
     for key, value in status['last_exchanges'].items():
         peer = f" ({value['peer']})" if value['peer'] else ''
         lines.append(f"{key}: {value['at']}{peer}")
+    last_run = status.get('last_run')
+    if last_run:
+        lines.append(f"last run: {last_run['at']} {last_run['result']}")
     for failure in status['failures']:
-        error = (failure['error'] or '').splitlines()[0][:160] if failure['error'] else ''
         kind = 'refused' if failure['refused'] else 'failed'
         lines.append(f"{kind} #{failure['id']} (from {failure['sender']} "
-                     f"#{failure['remote_id']}, {failure['attempts']} attempts): {error}")
+                     f"#{failure['remote_id']}, {failure['attempts']} attempts): "
+                     f"{_first_line(failure['error'])}")
     return '\n'.join(lines)
+
+
+def _first_line(error: str | None, width: int = 160) -> str:
+    return error.splitlines()[0][:width] if error else ''
+
+
+# -- the peer's side ------------------------------------------------------------
+
+#: ``PeerStatus.state``: the peer answered with its status; it has no
+#: status route (the Ruby gem, or a version before 0.2.0); it could not be
+#: asked (unreachable, credentials refused, an HTTP error).
+OK, NOT_AVAILABLE, FAILED = 'ok', 'not available', 'unreachable'
+
+
+@dataclasses.dataclass
+class PeerStatus:
+    url: str
+    state: str
+    status: dict[str, Any] | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {'url': self.url, 'state': self.state, 'error': self.error,
+                'status': self.status}
+
+
+def peer_status(client: Client) -> PeerStatus:
+    """Ask the peer for its status over HTTP.  Call it with no database
+    transaction open."""
+    try:
+        status = client.status()
+    except PeerError as exc:
+        return PeerStatus(client.base_uri, FAILED, error=str(exc))
+    if status is None:
+        return PeerStatus(client.base_uri, NOT_AVAILABLE,
+                          error=f'{client.status_url} does not exist (HTTP 404)')
+    return PeerStatus(client.base_uri, OK, status=status)
+
+
+def format_peer_status(peer: PeerStatus) -> str:
+    if peer.state == OK:
+        return format_status(peer.status,
+                             f"communicator {peer.status.get('name')} (peer, {peer.url})")
+    if peer.state == NOT_AVAILABLE:
+        return (f'peer {peer.url}: status not available (it serves no /status.json: '
+                'the Ruby gem, or pyramid_communicator before 0.2.0)')
+    return f'peer {peer.url}: status unreachable: {peer.error}'
+
+
+# -- what a drain waits for --------------------------------------------------------
+
+def left_in(status: dict[str, Any]) -> tuple[list[str], bool]:
+    """What keeps this side from being drained, in words (empty when it
+    is drained), and whether any of it is stuck (no exchange clears it)."""
+    words, stuck = [], False
+    for queue, key, text in LEFT_BY_DRAIN:
+        count = status.get(queue, {}).get(key, 0)
+        if count:
+            stuck = stuck or key in STUCK
+            words.append(f'{count} {text}')
+            if key == 'failed':
+                failed = [f for f in status.get('failures', ()) if not f['refused']]
+                if failed:
+                    first = failed[0]
+                    words[-1] += f" (id {first['id']}: {_first_line(first['error'], 120)})"
+    return words, stuck
 
 
 def give_up(session: Session, message_ids: Sequence[int], by: str, reason: str) -> int:

@@ -19,6 +19,7 @@ from zope.sqlalchemy import register
 from . import queues, wire
 from .client import BodyTooLarge, Client, PeerError
 from .inbox import ApplyResult, apply_pending
+from .progress import NO_PROGRESS, Progress
 from .records import APPLYING
 from .retention import purge_if_due
 from .settings import CommunicatorSettings
@@ -38,6 +39,11 @@ class Summary:
     def __str__(self) -> str:
         return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
                 f'failed={self.failed} waiting={self.waiting} seconds={self.seconds:.2f}')
+
+    def __iadd__(self, other: Summary) -> Summary:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        return self
 
 
 def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
@@ -83,12 +89,14 @@ class Communicator:
 
     def __init__(self, settings: CommunicatorSettings, bind: Engine,
                  client: Client | None = None,
-                 tm: transaction.TransactionManager | None = None) -> None:
+                 tm: transaction.TransactionManager | None = None,
+                 progress: Progress = NO_PROGRESS) -> None:
         self.settings = settings
         self.bind = bind
         self.client = client or Client(settings)
         self.tm = tm or transaction.TransactionManager(explicit=True)
         self.session = make_session(bind, self.tm)
+        self.progress = progress
 
     def close(self) -> None:
         self.session.close()
@@ -99,26 +107,37 @@ class Communicator:
     def push(self) -> int:
         """Send undelivered outbound messages until none are left."""
         pushed = after = 0
-        while True:
+        total = None
+        if self.progress.shown:
             with self.tm:
-                rows = queues.within_bytes(
-                    queues.pending_outbound(self.session, self.settings.batch_size, after),
-                    self.settings.batch_bytes)
-            if not rows:
-                break
-            messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
-            self._send(messages)
-            with self.tm:
-                queues.mark_delivered(self.session, [m.id for m in messages])
-                queues.set_state(self.session, 'last_push_at')
-            pushed += len(messages)
-            after = rows[-1].id
-            log.info('pushed %d messages (up to id %d)', len(messages), after)
+                total = queues.count_pending_outbound(self.session)
+        with self.progress.bar('push', total) as bar:
+            while sent := self._push_batch(after):
+                count, after = sent
+                pushed += count
+                bar.update(count)
         if pushed == 0:
             self.client.push(b'[]')  # still an exchange: the peer retries its failures
             with self.tm:
                 queues.set_state(self.session, 'last_push_at')
         return pushed
+
+    def _push_batch(self, after: int) -> tuple[int, int] | None:
+        """Send the batch after id ``after``: how many went, and the last
+        id; None when nothing is left."""
+        with self.tm:
+            rows = queues.within_bytes(
+                queues.pending_outbound(self.session, self.settings.batch_size, after),
+                self.settings.batch_bytes)
+        if not rows:
+            return None
+        messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
+        self._send(messages)
+        with self.tm:
+            queues.mark_delivered(self.session, [m.id for m in messages])
+            queues.set_state(self.session, 'last_push_at')
+        log.info('pushed %d messages (up to id %d)', len(messages), rows[-1].id)
+        return len(messages), rows[-1].id
 
     def _send(self, messages: list[wire.WireMessage]) -> None:
         """POST messages, in halves when they exceed the body size limit."""
@@ -145,39 +164,74 @@ class Communicator:
         pulled = 0
         sender = self.client.base_uri
         previous: list[int] = []
-        while True:
-            with self.tm:
-                from_id = queues.last_remote_id(self.session, sender) + 1
-            reply = self.client.pull(from_id)
-            sender = reply.sender
-            ids = [m.id for m in reply.messages]
-            if ids and ids == previous:
-                raise PeerError(f'{self.client.messages_url} serves the same messages again '
-                                'after they were acknowledged')
-            previous = ids
-            if reply.messages:
+        total = self._peer_pending() if self.progress.shown else None
+        with self.progress.bar('pull', total) as bar:
+            while True:
                 with self.tm:
-                    queues.store_inbound(self.session, sender, reply.messages)
-                if reply.acknowledges:
-                    self.client.acknowledge([m.id for m in reply.messages])
-                pulled += len(reply.messages)
-                log.info('pulled %d messages from %s', len(reply.messages), sender)
-            # Our server says when more wait; the gem's serves all at once
-            # and the cursor moves on until a reply is empty.
-            if not reply.messages or (reply.acknowledges and not reply.more):
-                break
+                    from_id = queues.last_remote_id(self.session, sender) + 1
+                reply = self.client.pull(from_id)
+                sender = reply.sender
+                ids = [m.id for m in reply.messages]
+                if ids and ids == previous:
+                    raise PeerError(f'{self.client.messages_url} serves the same messages '
+                                    'again after they were acknowledged')
+                previous = ids
+                if reply.messages:
+                    with self.tm:
+                        queues.store_inbound(self.session, sender, reply.messages)
+                    if reply.acknowledges:
+                        self.client.acknowledge([m.id for m in reply.messages])
+                    pulled += len(reply.messages)
+                    bar.update(len(reply.messages))
+                    log.info('pulled %d messages from %s', len(reply.messages), sender)
+                # Our server says when more wait; the gem's serves all at once
+                # and the cursor moves on until a reply is empty.
+                if not reply.messages or (reply.acknowledges and not reply.more):
+                    break
         with self.tm:
             queues.set_state(self.session, 'last_pull_at', sender)
         return pulled
 
+    def _peer_pending(self) -> int | None:
+        """The peer's outbound queue depth, for the pull's progress: known
+        from its status route, unknown without one (the gem)."""
+        try:
+            status = self.client.status()
+        except PeerError:
+            return None  # the pull itself says what is wrong
+        return None if status is None else status['outbound'].get('pending')
+
     # -- apply ---------------------------------------------------------------
 
     def apply(self) -> ApplyResult:
-        return apply_pending(self.session, self.tm, self.settings.name,
-                             self.settings.batch_size, retry_delay=self.settings.retry_delay)
+        total = None
+        if self.progress.shown:
+            with self.tm:
+                total = queues.count_pending_inbound(self.session)
+        with self.progress.bar('apply', total) as bar:
+            return apply_pending(self.session, self.tm, self.settings.name,
+                                 self.settings.batch_size,
+                                 retry_delay=self.settings.retry_delay, progress=bar.update)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
-        """Push, pull, apply; raises :class:`PeerError` if the exchange failed."""
+        """Push, pull, apply; raises :class:`PeerError` if the exchange
+        failed.  The outcome is kept for ``--status`` (``last_run``)."""
+        try:
+            summary = self._communicate(push, pull)
+        except PeerError as exc:
+            try:
+                self._record_run(f'failed: {exc}')
+            except Exception:  # the exchange's error is the one to report
+                log.debug('could not record the failed run', exc_info=True)
+            raise
+        self._record_run(f'ok: {summary}')
+        return summary
+
+    def _record_run(self, result: str) -> None:
+        with self.tm:
+            queues.set_state(self.session, queues.LAST_RUN_KEY, result[:255])
+
+    def _communicate(self, push: bool, pull: bool) -> Summary:
         started = time.monotonic()
         summary = Summary()
         held_up = None

@@ -1,4 +1,5 @@
-"""The server side: ``/messages.json`` and its acknowledgement route.
+"""The server side: ``/messages.json``, its acknowledgement route and
+``/status.json``.
 
 The views answer with a response object instead of raising, so that the
 host's exception views (HTML error pages, say) never see our errors.
@@ -20,6 +21,7 @@ from pyramid.response import Response
 
 from . import queues, wire
 from .settings import CommunicatorSettings, get_settings, is_valid_name
+from .status import queue_status
 from .sync import apply_inbound
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,15 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings) -> Non
     request.tm.get().addAfterCommitHook(hook)
 
 
+def _peer(request: Request) -> str:
+    """Who is asking, for the ``last_*_at`` state rows: the name our client
+    sends, else (the gem's client) the Basic user name."""
+    name = request.headers.get(wire.NAME_HEADER)
+    if name and is_valid_name(name):
+        return name
+    return extract_http_basic_credentials(request).username[:255]
+
+
 def _headers(settings: CommunicatorSettings, more: bool = False) -> dict[str, str]:
     headers = {wire.NAME_HEADER: settings.name,
                wire.PROTOCOL_HEADER: wire.PROTOCOL_VERSION}
@@ -149,6 +160,9 @@ def get_messages(request: Request) -> Response:
     messages = [wire.outbound_to_wire(row, settings.name) for row in rows]
     if query.get('pending') != '1':
         queues.mark_delivered(session, [m.id for m in messages])
+    # When the peer last pulled from us (to within seconds: a big pull
+    # writes it once, not on every GET).
+    queues.touch_state(session, 'last_served_at', _peer(request))
     _apply_after_commit(request, settings)
     body = wire.dumps(messages)
     compress = (request.headers.get(wire.NAME_HEADER)
@@ -221,11 +235,29 @@ def post_delivered(request: Request) -> Response:
         return ids
     session = _dbsession(request, settings)
     acknowledged = queues.mark_delivered(session, ids)
-    queues.set_state(session, 'last_acknowledged_at')
+    queues.set_state(session, 'last_acknowledged_at', _peer(request))
     _apply_after_commit(request, settings)
     return _json(200, {'acknowledged': acknowledged}, **_headers(settings))
 
 
+def get_status(request: Request) -> Response:
+    """``GET /status.json`` (ours; the gem never asks): this side's queues,
+    failures, conflicts and last exchanges, as ``pcommunicate --status
+    --json`` shows them, so that central can show both sides and drain
+    them.  It only reads."""
+    settings = get_settings(request.registry)
+    refused = _authenticate(request, settings)
+    if refused is not None:
+        return refused
+    status = queue_status(_dbsession(request, settings), settings.name)
+    return _json(200, status, **_headers(settings))
+
+
+#: Methods each route answers; others get a 405.
+ALLOWED = {'communicator.messages': 'GET, POST', 'communicator.delivered': 'POST',
+           'communicator.status': 'GET'}
+
+
 def method_not_allowed(request: Request) -> Response:
-    allowed = 'GET, POST' if request.matched_route.name == 'communicator.messages' else 'POST'
+    allowed = ALLOWED[request.matched_route.name]
     return _error(405, f'{request.method} is not allowed here', Allow=allowed)

@@ -1,7 +1,8 @@
 """``pcommunicate CONFIG_URI``: push, pull and apply, for cron or a timer.
 
 Exit status: 0 on success (also when another run holds the lock and this
-one therefore did nothing), 1 when the exchange failed, 2 for a bad
+one therefore did nothing), 1 when the exchange failed, when ``--status``
+could not ask the peer, or when ``--drain`` did not drain; 2 for a bad
 command line or configuration.
 """
 from __future__ import annotations
@@ -20,18 +21,30 @@ from pyramid.paster import bootstrap, setup_logging
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
-from ..client import PeerError
+from ..client import Client, PeerError
+from ..drain import Drain
 from ..locking import run_lock
+from ..progress import Progress, Totals
 from ..records import UnknownRecord, receiver_for
 from ..retention import purge
 from ..seeding import publish_all
 from ..settings import get_settings, require_base_uri
-from ..status import format_status, give_up, queue_status, revive
+from ..status import FAILED as PEER_UNREACHABLE
+from ..status import (
+    format_peer_status,
+    format_status,
+    give_up,
+    peer_status,
+    queue_status,
+    revive,
+)
 from ..sync import Communicator, apply_inbound, make_session
 
 log = logging.getLogger(__name__)
 
 OK, FAILED, USAGE = 0, 1, 2
+#: Seconds ``--drain`` goes on by default.
+DRAIN_TIMEOUT = 300.0
 
 
 class PCommunicateCommand:
@@ -43,9 +56,10 @@ class PCommunicateCommand:
     def __init__(self, argv: Sequence[str], quiet: bool = False,
                  out=None, err=None) -> None:
         self.args = self.parser().parse_args(list(argv[1:]))
-        self.quiet = quiet
+        self.quiet = quiet or self.args.quiet
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.progress = Progress.on_terminal(self.err, self.quiet)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -55,7 +69,12 @@ class PCommunicateCommand:
         action.add_argument('--push', action='store_true', help='push only')
         action.add_argument('--pull', action='store_true', help='pull (and apply) only')
         action.add_argument('--status', action='store_true',
-                            help='print queue depths, ages, failures and last exchanges')
+                            help='print queue depths, ages, failures and last exchanges, '
+                                 "of this app and (with base_uri) of the peer")
+        action.add_argument('--drain', action='store_true',
+                            help='exchange until both sides have nothing pending and '
+                                 'nothing failed (before an upgrade); exit 1 naming what '
+                                 'is left if that does not happen within --timeout')
         action.add_argument('--retry', nargs='*', type=int, metavar='ID',
                             help='apply failed inbound messages now (all, or these '
                                  'ids); given-up messages named here are revived')
@@ -67,6 +86,12 @@ class PCommunicateCommand:
         action.add_argument('--publish-all', nargs='+', metavar='NAME',
                             help='publish every existing record of these models (their '
                                  'receives_from names); resumes after an interruption')
+        parser.add_argument('--timeout', type=float, metavar='SECONDS',
+                            help=f'with --drain: give up after this long '
+                                 f'(default {DRAIN_TIMEOUT:g})')
+        parser.add_argument('--quiet', action='store_true',
+                            help='no progress and no summary line; errors still go to '
+                                 'stderr')
         parser.add_argument('--json', action='store_true', help='with --status: JSON output')
         parser.add_argument('--reason', help='with --give-up: why (recorded)')
         parser.add_argument('--by', default=None,
@@ -89,6 +114,8 @@ class PCommunicateCommand:
             return self.fail('--give-up needs --reason', USAGE)
         if args.older_than is not None and (not args.purge or args.older_than < 0):
             return self.fail('--older-than DAYS (0 or more) goes with --purge', USAGE)
+        if args.timeout is not None and (not args.drain or args.timeout < 0):
+            return self.fail('--timeout SECONDS (0 or more) goes with --drain', USAGE)
         try:
             setup_logging(args.config_uri)
             env = bootstrap(args.config_uri)
@@ -118,6 +145,8 @@ class PCommunicateCommand:
                 require_base_uri(settings)
             except ConfigurationError as exc:
                 return self.fail(str(exc), USAGE)
+            if args.drain:
+                return self.drain(settings, bind)
             return self.communicate(settings, bind)
 
     def communicate(self, settings, bind) -> int:
@@ -125,7 +154,7 @@ class PCommunicateCommand:
             if not acquired:
                 self.say('another pcommunicate run holds the lock; nothing to do')
                 return OK
-            communicator = Communicator(settings, bind)
+            communicator = Communicator(settings, bind, progress=self.progress)
             try:
                 summary = communicator.communicate(push=not self.args.pull,
                                                    pull=not self.args.push)
@@ -140,11 +169,41 @@ class PCommunicateCommand:
         tm = transaction.TransactionManager(explicit=True)
         return tm, make_session(bind, tm)
 
+    def drain(self, settings, bind) -> int:
+        timeout = DRAIN_TIMEOUT if self.args.timeout is None else self.args.timeout
+        result = Drain(settings, bind, timeout, self.progress).run()
+        if not result.drained:
+            return self.fail(f'not drained: {result}')
+        self.say(f'drained: nothing pending and nothing failed on either side '
+                 f'(exchanges={result.rounds} pushed={result.summary.pushed} '
+                 f'pulled={result.summary.pulled} applied={result.summary.applied})')
+        return OK
+
     def status(self, settings, bind) -> int:
+        """This app's status, then (with a base_uri: central) the peer's,
+        asked over HTTP once the local transaction is over."""
         tm, session = self._unit_of_work(bind)
         with tm:
             report = queue_status(session, settings.name)
-        self.say(json.dumps(report, indent=2) if self.args.json else format_status(report))
+        session.close()
+        peer = None
+        if settings.base_uri:
+            client = Client(settings)
+            try:
+                peer = peer_status(client)
+            finally:
+                client.close()
+        if self.args.json:
+            if peer is not None:
+                report['peer'] = peer.as_json()
+            self.say(json.dumps(report, indent=2))
+        else:
+            text = format_status(report)
+            if peer is not None:
+                text += '\n\n' + format_peer_status(peer)
+            self.say(text)
+        if peer is not None and peer.state == PEER_UNREACHABLE:
+            return self.fail(f'peer status: {peer.error}')
         return OK
 
     def give_up(self, settings, bind) -> int:
@@ -185,21 +244,17 @@ class PCommunicateCommand:
         tm = transaction.TransactionManager(explicit=True)
         session = Session(bind=bind)  # a host session: what it publishes is ours
         register(session, transaction_manager=tm)
-        show = self.err.isatty() and not self.quiet
-
-        def progress(name: str, done: int, total: int) -> None:
-            if show:
-                print(f'\r{name}: {done}/{total}', end='', file=self.err, flush=True)
-
         for name in self.args.publish_all:
             try:
                 receiver_for(name)
             except UnknownRecord as exc:
                 return self.fail(str(exc), USAGE)
         for name in self.args.publish_all:
-            count = publish_all(session, tm, name, settings.batch_size, progress)
-            if show:
-                print(file=self.err)
+            progress = Totals(self.progress)
+            try:
+                count = publish_all(session, tm, name, settings.batch_size, progress)
+            finally:
+                progress.close()
             self.say(f'published {count} {name} record(s)')
         return OK
 
