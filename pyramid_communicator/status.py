@@ -134,6 +134,8 @@ def queue_status(session: Session, name: str, failures: int = 50,
 
 
 def _words(key: str) -> str:
+    if key == 'waiting_upgrade':
+        return 'waiting for an upgrade (a newer format: upgrade this app)'
     return key.replace('_', ' ')
 
 

@@ -129,7 +129,7 @@ def test_newer_format_waits_at_the_server_until_it_is_upgraded(make_side, webapp
     operator = make_central(facade, None)  # pcommunicate facade.ini --status
     status = status_json(operator)['inbound']
     assert (status['pending'], status['waiting_upgrade'], status['failed']) == (2, 1, 0)
-    assert '1 waiting_upgrade' in operator.sync('--status')
+    assert '1 waiting for an upgrade' in operator.sync('--status')
 
     monkeypatch.setattr(wire, 'FORMAT_VERSION', FUTURE)  # the server is upgraded
     assert post_messages(app, []).status_int == 202  # its next request applies
@@ -173,7 +173,7 @@ def test_newer_format_pulled_by_pcommunicate_waits_and_applies_after_upgrade(pai
     assert formats == [2, 2, FUTURE]
     status = status_json(central)['inbound']
     assert (status['pending'], status['waiting_upgrade'], status['failed']) == (2, 1, 0)
-    assert '1 waiting_upgrade' in central.sync('--status')
+    assert '1 waiting for an upgrade' in central.sync('--status')
 
     # The same central, still not upgraded: nothing changes, nothing fails.
     assert summary(central.sync()) == dict(pushed=0, pulled=0, applied=0, failed=0,
