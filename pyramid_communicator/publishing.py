@@ -37,6 +37,8 @@ from .versions import HERE, Version, to_wire
 
 T = TypeVar('T', bound=type)
 
+_compact = json.JSONEncoder(separators=(',', ':')).encode
+
 
 def receives_from(name: str, *, exclude: Iterable[str] = (),
                   only: Iterable[str] | None = None,
@@ -215,14 +217,14 @@ class _Staging:
             if value is not None:
                 tracked = self.tracked.get(target.name, {}).get(value)
                 refs[key] = list(tracked.identity) if tracked else [None, value]
-        return json.dumps(refs, separators=(',', ':')) if refs else None
+        return _compact(refs) if refs else None
 
     @staticmethod
     def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
              version: Version, life: int) -> dict[str, Any]:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
-                'version': json.dumps(to_wire(version, HERE, life), separators=(',', ':')),
+                'version': _compact(to_wire(version, HERE, life)),
                 'created_at': utcnow()}
 
     def write(self) -> None:
