@@ -98,6 +98,8 @@ class _Change:
     obj: object
     record_id: int | None
     deleted: bool = False
+    #: Inserted in this flush: it may take a natural key deleted before.
+    new: bool = False
 
 
 class _Staging:
@@ -127,14 +129,31 @@ class _Staging:
                     value = inspect(change.obj).dict.get(key)
                     if value is not None:
                         referenced[target.name].add(value)
+        # Records inserted by this flush are rarely tracked yet: the
+        # natural-key tombstones they may inherit are read with their
+        # versions, in the same statement.
+        digests: dict[str, set[str]] = defaultdict(set)
+        for change in changes:
+            if change.new:
+                key = self._natural_key(change)
+                if key is not None:
+                    digests[receiver_of(change.obj).name].add(key)
         for name, local_ids in changed.items():
-            self.tracked[name] = tracking.of_records(self.connection, name, local_ids,
-                                                     tombstones=self.tombstones[name])
-        self._natural_tombstones(changes)
+            self.tracked[name] = tracking.of_records(
+                self.connection, name, local_ids, tombstones=self.tombstones[name],
+                natural=self.natural_clocks[name], digests=digests.get(name, ()))
+        self._natural_tombstones([change for change in changes if not change.new])
         for name, local_ids in referenced.items():
             known = self.tracked.setdefault(name, {})
             missing = local_ids - set(known) - changed.get(name, set())
             known.update(tracking.of_records(self.connection, name, missing, lock=False))
+
+    @staticmethod
+    def _natural_key(change: _Change) -> str | None:
+        receiver = receiver_of(change.obj)
+        if not receiver.match_on or change.deleted or change.record_id is None:
+            return None
+        return natural_key(receiver, record_values(change.obj))
 
     def _natural_tombstones(self, changes: list[_Change]) -> None:
         """A new record of a ``match_on`` model whose key belonged to a
@@ -148,7 +167,8 @@ class _Staging:
                 if key is not None:
                     digests[receiver.name].add(key)
         for name, keys in digests.items():
-            self.natural_clocks[name] = tracking.natural_tombstones(self.connection, name, keys)
+            self.natural_clocks[name].update(
+                tracking.natural_tombstones(self.connection, name, keys))
 
     def stage(self, change: _Change) -> dict[str, Any] | None:
         """The outbound row for one change (None: nothing to send)."""
@@ -320,11 +340,13 @@ def _note(mapper: Any, target: object, deleted: bool) -> None:
     if session is None or session.info.get(APPLYING):
         return
     record_id = local_id(target)
+    new = record_id is None
     if record_id is None and len(mapper.primary_key) == 1:
         # after_insert runs before the session assigns the identity key;
         # the new primary key is already in the instance's dict.
         record_id = mapper.primary_key_from_instance(target)[0]
-    session.info.setdefault(PENDING, []).append(_Change(target, record_id, deleted))
+    session.info.setdefault(PENDING, []).append(_Change(target, record_id, deleted,
+                                                        new and not deleted))
 
 
 def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
