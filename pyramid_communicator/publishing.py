@@ -270,12 +270,15 @@ def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dic
     return rows
 
 
+_INSERT_OUTBOUND = outbound_messages.insert()
+
+
 def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """One INSERT for all rows (executemany, which SQLAlchemy sends as
     multi-row statements): the messages take their ids, and so their place
     on the wire, in this order."""
     if rows:
-        connection.execute(outbound_messages.insert(), rows)
+        connection.execute(_INSERT_OUTBOUND, rows)
 
 
 def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:

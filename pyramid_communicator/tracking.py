@@ -163,22 +163,28 @@ def write_versions(connection: Connection, name: str,
     """Write what publishing changed, a statement per kind: new identities
     of our records, revived tombstones, new versions, tombstones."""
     if created:
-        connection.execute(communicator_mappings.insert(), [
+        connection.execute(_INSERT, [
             {'name': name, 'origin': HERE, 'original_id': local_id, 'local_id': local_id,
              'version': version.dumps(), 'life': 0} for local_id, version in created])
     if revived:
-        connection.execute(
-            update(communicator_mappings)
-            .where(M.name == name, M.origin == HERE, M.original_id == bindparam('_id'))
-            .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
-                    life=bindparam('_life')),
-            [{'_id': i, '_local_id': i, '_version': v.dumps(), '_life': life}
-             for i, v, life in revived])
-    by_record = update(communicator_mappings).where(M.name == name,
-                                                    M.local_id == bindparam('_id'))
+        connection.execute(_REVIVE, [{'_name': name, '_id': i, '_local_id': i,
+                                      '_version': v.dumps(), '_life': life}
+                                     for i, v, life in revived])
     if changed:
-        connection.execute(by_record.values(version=bindparam('_version')),
-                           [{'_id': i, '_version': v.dumps()} for i, v in changed])
+        connection.execute(_CHANGE, [{'_name': name, '_id': i, '_version': v.dumps()}
+                                     for i, v in changed])
     if buried:
-        connection.execute(by_record.values(local_id=None, version=bindparam('_version')),
-                           [{'_id': i, '_version': v.dumps()} for i, v in buried])
+        connection.execute(_BURY, [{'_name': name, '_id': i, '_version': v.dumps()}
+                                   for i, v in buried])
+
+
+_INSERT = communicator_mappings.insert()
+_REVIVE = (update(communicator_mappings)
+           .where(M.name == bindparam('_name'), M.origin == HERE,
+                  M.original_id == bindparam('_id'))
+           .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
+                   life=bindparam('_life')))
+_BY_RECORD = update(communicator_mappings).where(M.name == bindparam('_name'),
+                                                 M.local_id == bindparam('_id'))
+_CHANGE = _BY_RECORD.values(version=bindparam('_version'))
+_BURY = _BY_RECORD.values(local_id=None, version=bindparam('_version'))
