@@ -34,8 +34,10 @@ ini file that ``pcommunicate`` (a subprocess) runs against.  Then:
 6. idle: ``pcommunicate central.ini`` with nothing to do, on a central
    database holding M delivered outbound and M applied inbound messages
    (all recent, so ``communicator.retention_days`` = 7 keeps them), against
-   the same run on an empty one: a first run that also does the hourly
-   purge, then the median of five.  The rows are made with INSERT ...
+   the same run on an empty one (a second database): a first run that also
+   does the hourly purge, then the median of five, the two databases
+   taking turns run by run (wall time, CPU time of the process, and the
+   time pcommunicate reports for its work after start-up).  The rows are made with INSERT ...
    SELECT (a recursive CTE on SQLite, ``generate_series`` on PostgreSQL,
    MariaDB's ``seq_1_to_N``); PostgreSQL gets the ANALYZE that autovacuum
    would run shortly after.
@@ -724,22 +726,32 @@ def fill_history(engine: Engine, m: int) -> float:
     return time.perf_counter() - started
 
 
-def idle_runs(engine: Engine, ini: Path, logs: Path, label: str) -> dict[str, float]:
-    """A first run that also does the hourly purge (its last time is
-    forgotten first), then IDLE_REPEATS runs with nothing to do."""
-    with engine.begin() as conn:
-        conn.execute(communicator_state.delete().where(
-            communicator_state.c.key == 'last_purge_at'))
-    first = pcommunicate(ini, logs=logs, label=f'{label}-first')
-    runs = [pcommunicate(ini, logs=logs, label=f'{label}-{i}') for i in range(IDLE_REPEATS)]
-    for run in [first, *runs]:
+def idle_runs(sides: dict[str, tuple[Engine, Path]], logs: Path) -> dict[str, dict]:
+    """Per side (empty, full): a first run that also does the hourly purge
+    (its last time is forgotten first), then IDLE_REPEATS runs with nothing
+    to do.  The two sides take turns run by run, so that the load of other
+    jobs on the machine falls on both alike."""
+    runs: dict[str, list[Run]] = {label: [] for label in sides}
+    first: dict[str, Run] = {}
+    for label, (engine, ini) in sides.items():
+        with engine.begin() as conn:
+            conn.execute(communicator_state.delete().where(
+                communicator_state.c.key == 'last_purge_at'))
+        first[label] = pcommunicate(ini, logs=logs, label=f'idle-{label}-first')
+    for i in range(IDLE_REPEATS):
+        for label, (_, ini) in sides.items():
+            runs[label].append(pcommunicate(ini, logs=logs, label=f'idle-{label}-{i}'))
+    for run in [*first.values(), *(r for each in runs.values() for r in each)]:
         s = run.summary
         if s.get('pushed') or s.get('pulled') or s.get('applied'):
             raise RuntimeError(f'the idle run had something to do: {run.stdout}')
-    return {'first': first.seconds, 'first_inner': first.summary.get('seconds', 0.0),
-            'wall': statistics.median(r.seconds for r in runs),
-            'inner': statistics.median(r.summary.get('seconds', 0.0) for r in runs),
-            'rss': max(r.maxrss_kib for r in runs)}
+    return {label: {'first': first[label].seconds,
+                    'first_inner': first[label].summary.get('seconds', 0.0),
+                    'wall': statistics.median(r.seconds for r in each),
+                    'cpu': statistics.median(r.cpu for r in each),
+                    'inner': statistics.median(r.summary.get('seconds', 0.0) for r in each),
+                    'rss': max(r.maxrss_kib for r in each)}
+            for label, each in runs.items()}
 
 
 # -- main ------------------------------------------------------------------------
@@ -886,20 +898,24 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. idle runs
         if m > 0:
-            idle_url = dbs.create('idle')
-            idle = dbs.engine(idle_url)
-            create_tables(idle)
-            idle_ini = write_ini(tmp / 'idle.ini', app_settings(
-                idle_url, 'central', batch, **{'communicator.base_uri': server.url}))
-            say('idle: runs on an empty central database')
-            results['idle_empty'] = idle_runs(idle, idle_ini, logs, 'idle-empty')
+            sides = {}
+            for label in ('empty', 'full'):
+                url = dbs.create(f'idle{label}')
+                engine = dbs.engine(url)
+                create_tables(engine)
+                sides[label] = (engine, write_ini(tmp / f'idle-{label}.ini', app_settings(
+                    url, 'central', batch, **{'communicator.base_uri': server.url})))
+            idle = sides['full'][0]
             say(f'idle: filling {m:,} delivered outbound + {m:,} applied inbound messages')
             results['fill'] = fill_history(idle, m)
             if (count(idle, 'outbound_messages', 'delivered_at IS NOT NULL') != m
                     or count(idle, 'inbound_messages', 'processed_at IS NOT NULL') != m):
                 raise RuntimeError('the fill did not produce M rows in each queue')
-            say(f'idle: filled in {results["fill"]:.1f} s; runs on the full database')
-            results['idle_full'] = idle_runs(idle, idle_ini, logs, 'idle-full')
+            say(f'idle: filled in {results["fill"]:.1f} s; runs on the empty and the full '
+                'database, taking turns')
+            idle_results = idle_runs(sides, logs)
+            results['idle_empty'], results['idle_full'] = idle_results['empty'], \
+                idle_results['full']
             if (count(idle, 'outbound_messages') != m or count(idle, 'inbound_messages') != m):
                 raise RuntimeError('the purge deleted filled rows')
         results['facade_rss_end'] = server.peak_rss_kib()
@@ -958,8 +974,11 @@ def report(args, n: int, m: int, batch: int, commit: str, r: dict) -> None:
              f'{e["wall"]:.2f} s; {e["inner"]:.3f} s'),
             (f'idle run, {m:,} + {m:,} msgs: wall (median of {IDLE_REPEATS}); inside',
              f'{f["wall"]:.2f} s; {f["inner"]:.3f} s'),
-            ('  ratio full / empty: wall; inside',
-             f'{f["wall"] / e["wall"]:.2f}; {f["inner"] / max(e["inner"], 1e-3):.2f}'),
+            ('idle run CPU s (user + system, median): empty db; full db',
+             f'{e["cpu"]:.2f} s; {f["cpu"]:.2f} s'),
+            ('  ratio full / empty: wall; CPU; inside',
+             f'{f["wall"] / e["wall"]:.2f}; {f["cpu"] / max(e["cpu"], 1e-3):.2f}; '
+             f'{f["inner"] / max(e["inner"], 1e-3):.2f}'),
             ('first run incl. hourly purge: empty db; full db (wall)',
              f'{e["first"]:.2f} s; {f["first"]:.2f} s'),
             ('peak RSS pcommunicate idle run (full db)', mib(f['rss'])),
