@@ -25,14 +25,19 @@ ini file that ``pcommunicate`` (a subprocess) runs against.  Then:
 4. peak RSS of each ``pcommunicate`` process (``os.wait4`` rusage of that
    one child) and of the facade server (``VmHWM``), and the CPU seconds of
    both during the push and the pull;
-5. publish overhead: one-record requests in process (WebTest) that create
-   a tag (autopublished) against the same request for an unsynced model of
-   the same shape, interleaved in rounds;
+5. publish overhead: one-record requests that create a tag (autopublished)
+   against the same request for an unsynced model of the same shape,
+   interleaved in rounds: in process (WebTest: the add-on's cost against
+   the bare minimum of a request), and over loopback HTTP to the same app
+   under waitress in a process of its own (what a user of the host app
+   waits for), with the server's CPU time per request beside the wall time;
 6. idle: ``pcommunicate central.ini`` with nothing to do, on a central
    database holding M delivered outbound and M applied inbound messages
    (all recent, so ``communicator.retention_days`` = 7 keeps them), against
-   the same run on an empty one: a first run that also does the hourly
-   purge, then the median of five.  The rows are made with INSERT ...
+   the same run on an empty one (a second database): a first run that also
+   does the hourly purge, then the median of five, the two databases
+   taking turns run by run (wall time, CPU time of the process, and the
+   time pcommunicate reports for its work after start-up).  The rows are made with INSERT ...
    SELECT (a recursive CTE on SQLite, ``generate_series`` on PostgreSQL,
    MariaDB's ``seq_1_to_N``); PostgreSQL gets the ANALYZE that autovacuum
    would run shortly after.
@@ -580,6 +585,91 @@ def publish_overhead(url: str, engine: Engine, requests_each: int,
             'median_ratio': median['synced'] / median['plain']}
 
 
+def serve_web(url: str, port: int, batch_size: int) -> None:
+    """The publish-overhead app under waitress (``--serve-web``), as a user
+    meets it: the same two views behind a real HTTP server."""
+    import waitress
+    engine = get_engine({'sqlalchemy.url': url})
+    create_tables(engine)
+    PlainBase.metadata.create_all(engine)
+    engine.dispose()
+    waitress.serve(web_app(app_settings(url, 'central', batch_size)), host='127.0.0.1',
+                   port=port, threads=4, _quiet=True)
+
+
+def publish_overhead_http(url: str, engine: Engine, requests_each: int, batch_size: int,
+                          logs: Path) -> dict[str, float]:
+    """:func:`publish_overhead` over loopback HTTP: the app served by
+    waitress in a process of its own, requests from this one (keep-alive).
+    Wall time per request as the client sees it, and the server's CPU
+    time per request (less sensitive to other jobs on the machine)."""
+    import requests
+    port = free_port()
+    log = (logs / 'web-http.log').open('ab')
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--serve-web',
+                               url, str(port), str(batch_size)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    base = f'http://127.0.0.1:{port}'
+    client = requests.Session()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError('the publish-overhead server exited; see web-http.log')
+            try:
+                client.get(base + '/nothing', timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError('the publish-overhead server did not start') from None
+                time.sleep(0.1)
+        seconds: dict[str, list[float]] = {'synced': [], 'plain': []}
+        cpu = {'synced': 0.0, 'plain': 0.0}
+        paths = {'synced': '/tags', 'plain': '/plain-tags'}
+        serial = 0
+
+        def one(kind: str, timed: bool) -> None:
+            nonlocal serial
+            serial += 1
+            started = time.perf_counter()
+            response = client.post(base + paths[kind], json=tag_values(f'h{kind[0]}', serial),
+                                   timeout=30)
+            if timed:
+                seconds[kind].append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f'POST {paths[kind]}: {response.status_code}')
+
+        for _ in range(50):
+            one('synced', False)
+            one('plain', False)
+        rounds = 20
+        per_round = max(1, requests_each // rounds)
+        for r in range(rounds):
+            order = ('synced', 'plain') if r % 2 == 0 else ('plain', 'synced')
+            for kind in order:
+                before = cpu_seconds(server.pid)
+                for _ in range(per_round):
+                    one(kind, True)
+                cpu[kind] += cpu_seconds(server.pid) - before
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+    expected = 50 + rounds * per_round
+    if count(engine, 'outbound_messages') != expected or \
+            count(engine, 'bench_plain_tags') != expected:
+        raise RuntimeError('publish overhead over HTTP: unexpected row counts')
+    mean = {k: statistics.fmean(v) for k, v in seconds.items()}
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    n = rounds * per_round
+    return {'requests': n, 'synced_ms': 1000 * mean['synced'], 'plain_ms': 1000 * mean['plain'],
+            'ratio': mean['synced'] / mean['plain'],
+            'median_ratio': median['synced'] / median['plain'],
+            'synced_cpu_ms': 1000 * cpu['synced'] / n, 'plain_cpu_ms': 1000 * cpu['plain'] / n,
+            'cpu_ratio': cpu['synced'] / max(cpu['plain'], 1e-9)}
+
+
 # -- idle runs ------------------------------------------------------------------
 
 BODY_HEAD = '{"tag":{"name":"old-'
@@ -636,22 +726,32 @@ def fill_history(engine: Engine, m: int) -> float:
     return time.perf_counter() - started
 
 
-def idle_runs(engine: Engine, ini: Path, logs: Path, label: str) -> dict[str, float]:
-    """A first run that also does the hourly purge (its last time is
-    forgotten first), then IDLE_REPEATS runs with nothing to do."""
-    with engine.begin() as conn:
-        conn.execute(communicator_state.delete().where(
-            communicator_state.c.key == 'last_purge_at'))
-    first = pcommunicate(ini, logs=logs, label=f'{label}-first')
-    runs = [pcommunicate(ini, logs=logs, label=f'{label}-{i}') for i in range(IDLE_REPEATS)]
-    for run in [first, *runs]:
+def idle_runs(sides: dict[str, tuple[Engine, Path]], logs: Path) -> dict[str, dict]:
+    """Per side (empty, full): a first run that also does the hourly purge
+    (its last time is forgotten first), then IDLE_REPEATS runs with nothing
+    to do.  The two sides take turns run by run, so that the load of other
+    jobs on the machine falls on both alike."""
+    runs: dict[str, list[Run]] = {label: [] for label in sides}
+    first: dict[str, Run] = {}
+    for label, (engine, ini) in sides.items():
+        with engine.begin() as conn:
+            conn.execute(communicator_state.delete().where(
+                communicator_state.c.key == 'last_purge_at'))
+        first[label] = pcommunicate(ini, logs=logs, label=f'idle-{label}-first')
+    for i in range(IDLE_REPEATS):
+        for label, (_, ini) in sides.items():
+            runs[label].append(pcommunicate(ini, logs=logs, label=f'idle-{label}-{i}'))
+    for run in [*first.values(), *(r for each in runs.values() for r in each)]:
         s = run.summary
         if s.get('pushed') or s.get('pulled') or s.get('applied'):
             raise RuntimeError(f'the idle run had something to do: {run.stdout}')
-    return {'first': first.seconds, 'first_inner': first.summary.get('seconds', 0.0),
-            'wall': statistics.median(r.seconds for r in runs),
-            'inner': statistics.median(r.summary.get('seconds', 0.0) for r in runs),
-            'rss': max(r.maxrss_kib for r in runs)}
+    return {label: {'first': first[label].seconds,
+                    'first_inner': first[label].summary.get('seconds', 0.0),
+                    'wall': statistics.median(r.seconds for r in each),
+                    'cpu': statistics.median(r.cpu for r in each),
+                    'inner': statistics.median(r.summary.get('seconds', 0.0) for r in each),
+                    'rss': max(r.maxrss_kib for r in each)}
+            for label, each in runs.items()}
 
 
 # -- main ------------------------------------------------------------------------
@@ -704,7 +804,12 @@ def main(argv: list[str] | None = None) -> int:
                         help='requests of each kind for the publish overhead (default 2000)')
     parser.add_argument('--batch-size', type=int, default=1000, metavar='B',
                         help='communicator.batch_size (default 1000)')
+    parser.add_argument('--serve-web', nargs=3, metavar=('URL', 'PORT', 'BATCH'),
+                        help=argparse.SUPPRESS)  # the publish-overhead server (internal)
     args = parser.parse_args(argv)
+    if args.serve_web:
+        serve_web(args.serve_web[0], int(args.serve_web[1]), int(args.serve_web[2]))
+        return 0
     n, m, batch = args.records, args.idle_messages, args.batch_size
 
     def terminate(signum, frame):
@@ -786,23 +891,31 @@ def main(argv: list[str] | None = None) -> int:
         web_url = dbs.create('web')
         results['overhead'] = publish_overhead(web_url, dbs.engine(web_url), args.requests,
                                                batch)
+        say(f'publish overhead over HTTP: {args.requests} requests of each kind (waitress)')
+        http_url = dbs.create('http')
+        results['overhead_http'] = publish_overhead_http(http_url, dbs.engine(http_url),
+                                                         args.requests, batch, logs)
 
         # 5. idle runs
         if m > 0:
-            idle_url = dbs.create('idle')
-            idle = dbs.engine(idle_url)
-            create_tables(idle)
-            idle_ini = write_ini(tmp / 'idle.ini', app_settings(
-                idle_url, 'central', batch, **{'communicator.base_uri': server.url}))
-            say('idle: runs on an empty central database')
-            results['idle_empty'] = idle_runs(idle, idle_ini, logs, 'idle-empty')
+            sides = {}
+            for label in ('empty', 'full'):
+                url = dbs.create(f'idle{label}')
+                engine = dbs.engine(url)
+                create_tables(engine)
+                sides[label] = (engine, write_ini(tmp / f'idle-{label}.ini', app_settings(
+                    url, 'central', batch, **{'communicator.base_uri': server.url})))
+            idle = sides['full'][0]
             say(f'idle: filling {m:,} delivered outbound + {m:,} applied inbound messages')
             results['fill'] = fill_history(idle, m)
             if (count(idle, 'outbound_messages', 'delivered_at IS NOT NULL') != m
                     or count(idle, 'inbound_messages', 'processed_at IS NOT NULL') != m):
                 raise RuntimeError('the fill did not produce M rows in each queue')
-            say(f'idle: filled in {results["fill"]:.1f} s; runs on the full database')
-            results['idle_full'] = idle_runs(idle, idle_ini, logs, 'idle-full')
+            say(f'idle: filled in {results["fill"]:.1f} s; runs on the empty and the full '
+                'database, taking turns')
+            idle_results = idle_runs(sides, logs)
+            results['idle_empty'], results['idle_full'] = idle_results['empty'], \
+                idle_results['full']
             if (count(idle, 'outbound_messages') != m or count(idle, 'inbound_messages') != m):
                 raise RuntimeError('the purge deleted filled rows')
         results['facade_rss_end'] = server.peak_rss_kib()
@@ -844,6 +957,15 @@ def report(args, n: int, m: int, batch: int, commit: str, r: dict) -> None:
         ('  ratio synced / unsynced (mean; median)',
          f'{o["ratio"]:.2f}; {o["median_ratio"]:.2f}'),
     ]
+    h = r['overhead_http']
+    rows += [
+        (f'publish overhead over HTTP (waitress, keep-alive), mean of {h["requests"]}',
+         f'{h["synced_ms"]:.2f} ms vs {h["plain_ms"]:.2f} ms unsynced'),
+        ('  ratio synced / unsynced over HTTP (mean; median)',
+         f'{h["ratio"]:.2f}; {h["median_ratio"]:.2f}'),
+        ('  server CPU per request, synced vs unsynced; ratio',
+         f'{h["synced_cpu_ms"]:.2f} ms vs {h["plain_cpu_ms"]:.2f} ms; {h["cpu_ratio"]:.2f}'),
+    ]
     if m > 0:
         e, f = r['idle_empty'], r['idle_full']
         rows += [
@@ -852,8 +974,11 @@ def report(args, n: int, m: int, batch: int, commit: str, r: dict) -> None:
              f'{e["wall"]:.2f} s; {e["inner"]:.3f} s'),
             (f'idle run, {m:,} + {m:,} msgs: wall (median of {IDLE_REPEATS}); inside',
              f'{f["wall"]:.2f} s; {f["inner"]:.3f} s'),
-            ('  ratio full / empty: wall; inside',
-             f'{f["wall"] / e["wall"]:.2f}; {f["inner"] / max(e["inner"], 1e-3):.2f}'),
+            ('idle run CPU s (user + system, median): empty db; full db',
+             f'{e["cpu"]:.2f} s; {f["cpu"]:.2f} s'),
+            ('  ratio full / empty: wall; CPU; inside',
+             f'{f["wall"] / e["wall"]:.2f}; {f["cpu"] / max(e["cpu"], 1e-3):.2f}; '
+             f'{f["inner"] / max(e["inner"], 1e-3):.2f}'),
             ('first run incl. hourly purge: empty db; full db (wall)',
              f'{e["first"]:.2f} s; {f["first"]:.2f} s'),
             ('peak RSS pcommunicate idle run (full db)', mib(f['rss'])),

@@ -60,12 +60,18 @@ class Message:
     original_id: int | None
     refs: dict[str, list] | None = None
     version: dict[str, Any] | None = None
+    #: ``decode_body(body)`` if the caller has it already (read only).
+    decoded: tuple[str, dict[str, Any]] | None = dataclasses.field(default=None, compare=False,
+                                                                   repr=False)
+
+    def decode(self) -> tuple[str, dict[str, Any]]:
+        return self.decoded if self.decoded is not None else decode_body(self.body)
 
 
 def apply_message(work: WorkingSet, message: Message) -> object | None:
     """Apply ``message`` to the working set; returns the local record
     written (None when nothing was: a stale update, a delete)."""
-    name, attributes = decode_body(message.body)
+    name, attributes = message.decode()
     application = _Application(work, receiver_for(name), message)
     if application.incoming is not None and \
             latest_hlc(application.incoming) > now_hlc() + FUTURE_LIMIT:

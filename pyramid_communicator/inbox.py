@@ -62,14 +62,17 @@ class ApplyResult:
         return self
 
 
-def _record_key(row, local_name: str) -> tuple | None:
-    if row.original_id is None:
-        return None  # a record without identity is always a record of its own
+def _decoded(row) -> tuple[str, dict] | None:
     try:
-        name, _ = decode_body(row.body)
+        return decode_body(row.body)
     except ValueError:
-        return None
-    return name, row.origin or local_name, row.original_id
+        return None  # fails on its own when applied
+
+
+def _key_of(row, decoded: tuple[str, dict] | None, local_name: str) -> tuple | None:
+    if row.original_id is None or decoded is None:
+        return None  # a record without identity is always a record of its own
+    return decoded[0], row.origin or local_name, row.original_id
 
 
 def _describe(exc: BaseException) -> str:
@@ -103,13 +106,15 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     blocked: set[tuple] = set()
     after = 0
     retry_before = utcnow() - datetime.timedelta(seconds=retry_delay)
+    decoded: dict[int, tuple[str, dict] | None] = {}
     while True:
         with tm:
             rows = queues.pending_inbound(session, batch_size, after, ids)
         ready = []
         for row in rows:
             after = row.id
-            key = _record_key(row, local_name)
+            decoded[row.id] = _decoded(row)  # once per message, also if split and retried
+            key = _key_of(row, decoded[row.id], local_name)
             if row.format > wire.FORMAT_VERSION:
                 result.waiting += 1
                 result.waiting_upgrade += 1
@@ -123,21 +128,23 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                     blocked.add(key)
             else:
                 ready.append((row, key))
-        _apply_batch(session, tm, local_name, ready, blocked, result)
+        _apply_batch(session, tm, local_name, ready, blocked, result, decoded)
+        decoded.clear()
         if progress is not None and rows:
             progress(len(rows))
         if len(rows) < batch_size:
             return result
 
 
-def _message(row) -> Message:
+def _message(row, decoded: tuple[str, dict] | None) -> Message:
     return Message(row.sender, row.body, row.origin, row.original_id,
                    json.loads(row.refs) if row.refs else None,
-                   json.loads(row.version) if row.version else None)
+                   json.loads(row.version) if row.version else None, decoded)
 
 
 def _apply_batch(session: Session, tm: transaction.TransactionManager, local_name: str,
-                 batch: list[tuple], blocked: set[tuple], result: ApplyResult) -> None:
+                 batch: list[tuple], blocked: set[tuple], result: ApplyResult,
+                 decoded: dict[int, tuple[str, dict] | None]) -> None:
     """Apply ``batch`` in one transaction, or in halves if that fails."""
     ready = [(row, key) for row, key in batch if key is None or key not in blocked]
     result.waiting += len(batch) - len(ready)  # behind a failure found in the other half
@@ -146,7 +153,8 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
     try:
         with tm:
             claimed = queues.claim_batch(session, [row.id for row, _ in ready])
-            messages = [_message(row) for row, _ in ready if row.id in claimed]
+            messages = [_message(row, decoded.get(row.id)) for row, _ in ready
+                        if row.id in claimed]
             work = WorkingSet(session, local_name, alone=len(ready) == 1)
             work.preload(messages)
             with session.no_autoflush:
@@ -157,8 +165,8 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
     except Exception as exc:
         if len(ready) > 1:
             half = len(ready) // 2
-            _apply_batch(session, tm, local_name, ready[:half], blocked, result)
-            _apply_batch(session, tm, local_name, ready[half:], blocked, result)
+            _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded)
+            _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded)
             return
         _keep_failure(session, tm, ready[0][0].id, exc)
         result.failed += 1

@@ -37,6 +37,8 @@ from .versions import HERE, Version, to_wire
 
 T = TypeVar('T', bound=type)
 
+_compact = json.JSONEncoder(separators=(',', ':')).encode
+
 
 def receives_from(name: str, *, exclude: Iterable[str] = (),
                   only: Iterable[str] | None = None,
@@ -96,6 +98,8 @@ class _Change:
     obj: object
     record_id: int | None
     deleted: bool = False
+    #: Inserted in this flush: it may take a natural key deleted before.
+    new: bool = False
 
 
 class _Staging:
@@ -125,14 +129,31 @@ class _Staging:
                     value = inspect(change.obj).dict.get(key)
                     if value is not None:
                         referenced[target.name].add(value)
+        # Records inserted by this flush are rarely tracked yet: the
+        # natural-key tombstones they may inherit are read with their
+        # versions, in the same statement.
+        digests: dict[str, set[str]] = defaultdict(set)
+        for change in changes:
+            if change.new:
+                key = self._natural_key(change)
+                if key is not None:
+                    digests[receiver_of(change.obj).name].add(key)
         for name, local_ids in changed.items():
-            self.tracked[name] = tracking.of_records(self.connection, name, local_ids,
-                                                     tombstones=self.tombstones[name])
-        self._natural_tombstones(changes)
+            self.tracked[name] = tracking.of_records(
+                self.connection, name, local_ids, tombstones=self.tombstones[name],
+                natural=self.natural_clocks[name], digests=digests.get(name, ()))
+        self._natural_tombstones([change for change in changes if not change.new])
         for name, local_ids in referenced.items():
             known = self.tracked.setdefault(name, {})
             missing = local_ids - set(known) - changed.get(name, set())
             known.update(tracking.of_records(self.connection, name, missing, lock=False))
+
+    @staticmethod
+    def _natural_key(change: _Change) -> str | None:
+        receiver = receiver_of(change.obj)
+        if not receiver.match_on or change.deleted or change.record_id is None:
+            return None
+        return natural_key(receiver, record_values(change.obj))
 
     def _natural_tombstones(self, changes: list[_Change]) -> None:
         """A new record of a ``match_on`` model whose key belonged to a
@@ -146,7 +167,8 @@ class _Staging:
                 if key is not None:
                     digests[receiver.name].add(key)
         for name, keys in digests.items():
-            self.natural_clocks[name] = tracking.natural_tombstones(self.connection, name, keys)
+            self.natural_clocks[name].update(
+                tracking.natural_tombstones(self.connection, name, keys))
 
     def stage(self, change: _Change) -> dict[str, Any] | None:
         """The outbound row for one change (None: nothing to send)."""
@@ -215,14 +237,14 @@ class _Staging:
             if value is not None:
                 tracked = self.tracked.get(target.name, {}).get(value)
                 refs[key] = list(tracked.identity) if tracked else [None, value]
-        return json.dumps(refs, separators=(',', ':')) if refs else None
+        return _compact(refs) if refs else None
 
     @staticmethod
     def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
              version: Version, life: int) -> dict[str, Any]:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
-                'version': json.dumps(to_wire(version, HERE, life), separators=(',', ':')),
+                'version': _compact(to_wire(version, HERE, life)),
                 'format': wire.FORMAT_VERSION, 'created_at': utcnow()}
 
     def write(self) -> None:
@@ -248,12 +270,15 @@ def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dic
     return rows
 
 
+_INSERT_OUTBOUND = outbound_messages.insert()
+
+
 def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """One INSERT for all rows (executemany, which SQLAlchemy sends as
     multi-row statements): the messages take their ids, and so their place
     on the wire, in this order."""
     if rows:
-        connection.execute(outbound_messages.insert(), rows)
+        connection.execute(_INSERT_OUTBOUND, rows)
 
 
 def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:
@@ -318,11 +343,13 @@ def _note(mapper: Any, target: object, deleted: bool) -> None:
     if session is None or session.info.get(APPLYING):
         return
     record_id = local_id(target)
+    new = record_id is None
     if record_id is None and len(mapper.primary_key) == 1:
         # after_insert runs before the session assigns the identity key;
         # the new primary key is already in the instance's dict.
         record_id = mapper.primary_key_from_instance(target)[0]
-    session.info.setdefault(PENDING, []).append(_Change(target, record_id, deleted))
+    session.info.setdefault(PENDING, []).append(_Change(target, record_id, deleted,
+                                                        new and not deleted))
 
 
 def _autopublish(mapper: Any, connection: Connection, target: object) -> None:

@@ -23,6 +23,8 @@ from .models import communicator_state, inbound_messages, outbound_messages, utc
 from .wire import WireMessage
 
 OUT = outbound_messages.c
+_plain = json.JSONEncoder().encode
+_compact = json.JSONEncoder(separators=(',', ':')).encode
 IN = inbound_messages.c
 
 
@@ -123,8 +125,8 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     messages = [m for m in messages if m.id not in stored]
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
-             'refs': json.dumps(m.refs) if m.refs else None,
-             'version': json.dumps(m.version, separators=(',', ':')) if m.version else None,
+             'refs': _plain(m.refs) if m.refs else None,
+             'version': _compact(m.version) if m.version else None,
              'format': m.format, 'created_at': now, 'attempts': 0}
             for m in messages if m.id > purged]
     return _insert_ignoring_duplicates(session, inbound_messages, rows,

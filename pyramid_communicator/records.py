@@ -133,9 +133,15 @@ def to_wire(value: Any) -> Any:
     return value
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_compact = json.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
+
+
 def fingerprint(value: Any) -> str:
     """The digest a version keeps of an attribute's Python value; equal
     numbers compare equal whatever their scale (``1.5`` and ``1.50``)."""
+    if type(value) in _PLAIN:
+        return digest(value)  # its own wire value
     if isinstance(value, decimal.Decimal) and value.is_finite():
         value = value.normalize()
     return digest(to_wire(value))
@@ -170,8 +176,8 @@ def record_values(obj: object) -> dict[str, Any]:
 
 def encode_body(name: str, values: dict[str, Any]) -> str:
     """The JSON string the wire's ``body`` holds: ``{name: {attr: value}}``."""
-    return json.dumps({name: {key: to_wire(value) for key, value in values.items()}},
-                      separators=(',', ':'), ensure_ascii=False)
+    return _compact({name: {key: value if type(value) in _PLAIN else to_wire(value)
+                            for key, value in values.items()}})
 
 
 def local_id(obj: object) -> int | None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, null, select, union_all, update
 from sqlalchemy.engine import Connection
 
 from .models import communicator_mappings, communicator_natural_tombstones
@@ -48,31 +49,69 @@ class Tracked:
         return self.lives.get((origin or HERE, original_id), 0)
 
 
+_COLUMNS = (M.id, M.origin, M.original_id, M.version, M.local_id, M.life)
+_IDS = bindparam('ids', expanding=True)
+_DIGESTS = bindparam('digests', expanding=True)
+_NAME = bindparam('name')
+
+
+def _statements() -> dict[tuple[bool, bool], Any]:
+    """The lookups of publishing, built once (building a statement costs
+    more than running it on a small table): (with tombstones of reused
+    ids, with natural-key tombstones) -> statement."""
+    records = M.local_id.in_(_IDS)
+    reused = records | ((M.origin == HERE) & M.original_id.in_(_IDS) & M.local_id.is_(None))
+    statements = {}
+    for tombstones, condition in ((False, records), (True, reused)):
+        mappings = select(*_COLUMNS, null().label('natural_key')).where(M.name == _NAME,
+                                                                        condition)
+        statements[(tombstones, False)] = mappings
+        # The natural-key tombstones of the same flush in the same round
+        # trip: the rows without a mapping id are those.
+        statements[(tombstones, True)] = union_all(mappings, select(
+            null(), null(), null(), T.version, null(), null(), T.natural_key)
+            .where(T.name == _NAME, T.natural_key.in_(_DIGESTS)))
+    return statements
+
+
+_LOOKUPS = _statements()
+_LOCK = select(*_COLUMNS).where(M.id.in_(_IDS)).order_by(M.id).with_for_update()
+
+
 def of_records(connection: Connection, name: str, local_ids: Iterable[int],
                lock: bool = True,
-               tombstones: dict[int, tuple[Version, int]] | None = None
-               ) -> dict[int, Tracked]:
+               tombstones: dict[int, tuple[Version, int]] | None = None,
+               natural: dict[str, Version] | None = None,
+               digests: Iterable[str] = ()) -> dict[int, Tracked]:
     """:func:`of_record` for many records, in one query.  With
     ``tombstones`` (a dict to fill), the same query also finds deleted
     records of ours whose ids are in use again (a database that hands out
-    ids anew): a new record inherits their clock."""
+    ids anew): a new record inherits their clock.  With ``natural`` (a dict
+    to fill) and ``digests``, it also reads :func:`natural_tombstones`
+    of these natural keys (up to 500 of them)."""
     ids = sorted(set(local_ids))
     if not ids:
         return {}
-    condition = M.local_id.in_(ids)
-    if tombstones is not None:
-        condition = condition | ((M.origin == HERE) & M.original_id.in_(ids)
-                                 & M.local_id.is_(None))
-    columns = (M.id, M.origin, M.original_id, M.version, M.local_id, M.life)
+    digests = sorted(set(digests)) if natural is not None else []
+    with_natural = bool(digests) and len(digests) <= 500
+    if natural is not None and digests and not with_natural:
+        natural.update(natural_tombstones(connection, name, digests))
+    params: dict[str, Any] = {'name': name, 'ids': ids}
+    if with_natural:
+        params['digests'] = digests
     found: dict[int, Tracked] = {}
-    rows = connection.execute(select(*columns).where(M.name == name, condition)
-                              .order_by(M.id)).all()
+    rows = []
+    for row in connection.execute(_LOOKUPS[(tombstones is not None, with_natural)], params):
+        if row.id is None:
+            natural[row.natural_key] = Version.loads(row.version)
+        else:
+            rows.append(row)
+    rows.sort(key=lambda row: row.id)
     if lock and rows and connection.dialect.name != 'sqlite':
         # Lock by primary key only (a range read FOR UPDATE would take gap
         # locks on MariaDB in the host's REPEATABLE READ transaction) and
         # read the rows as committed now, not as the snapshot saw them.
-        rows = connection.execute(select(*columns).where(M.id.in_([r.id for r in rows]))
-                                  .order_by(M.id).with_for_update()).all()
+        rows = connection.execute(_LOCK, {'ids': [r.id for r in rows]}).all()
     for row in rows:
         if row.local_id is None:
             tombstones[row.original_id] = (Version.loads(row.version), row.life or 0)
@@ -124,22 +163,28 @@ def write_versions(connection: Connection, name: str,
     """Write what publishing changed, a statement per kind: new identities
     of our records, revived tombstones, new versions, tombstones."""
     if created:
-        connection.execute(communicator_mappings.insert(), [
+        connection.execute(_INSERT, [
             {'name': name, 'origin': HERE, 'original_id': local_id, 'local_id': local_id,
              'version': version.dumps(), 'life': 0} for local_id, version in created])
     if revived:
-        connection.execute(
-            update(communicator_mappings)
-            .where(M.name == name, M.origin == HERE, M.original_id == bindparam('_id'))
-            .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
-                    life=bindparam('_life')),
-            [{'_id': i, '_local_id': i, '_version': v.dumps(), '_life': life}
-             for i, v, life in revived])
-    by_record = update(communicator_mappings).where(M.name == name,
-                                                    M.local_id == bindparam('_id'))
+        connection.execute(_REVIVE, [{'_name': name, '_id': i, '_local_id': i,
+                                      '_version': v.dumps(), '_life': life}
+                                     for i, v, life in revived])
     if changed:
-        connection.execute(by_record.values(version=bindparam('_version')),
-                           [{'_id': i, '_version': v.dumps()} for i, v in changed])
+        connection.execute(_CHANGE, [{'_name': name, '_id': i, '_version': v.dumps()}
+                                     for i, v in changed])
     if buried:
-        connection.execute(by_record.values(local_id=None, version=bindparam('_version')),
-                           [{'_id': i, '_version': v.dumps()} for i, v in buried])
+        connection.execute(_BURY, [{'_name': name, '_id': i, '_version': v.dumps()}
+                                   for i, v in buried])
+
+
+_INSERT = communicator_mappings.insert()
+_REVIVE = (update(communicator_mappings)
+           .where(M.name == bindparam('_name'), M.origin == HERE,
+                  M.original_id == bindparam('_id'))
+           .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
+                   life=bindparam('_life')))
+_BY_RECORD = update(communicator_mappings).where(M.name == bindparam('_name'),
+                                                 M.local_id == bindparam('_id'))
+_CHANGE = _BY_RECORD.values(version=bindparam('_version'))
+_BURY = _BY_RECORD.values(local_id=None, version=bindparam('_version'))

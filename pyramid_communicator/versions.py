@@ -72,11 +72,24 @@ def merge_clocks(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return merged
 
 
+#: Encoders made once: ``json.dumps`` with options builds a new encoder
+#: on every call, which costs more than encoding a small value.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(',', ':'),
+                              ensure_ascii=False).encode
+_compact_sorted = json.JSONEncoder(sort_keys=True, separators=(',', ':')).encode
+_blake2b = hashlib.blake2b
+_SCALAR_JSON = {type(None): lambda v: 'null', bool: lambda v: 'true' if v else 'false',
+                int: int.__repr__, str: json.encoder.encode_basestring}
+
+
 def digest(value: Any) -> str:
     """A short fingerprint of an attribute's wire value: whether the host
     changed it since the last stamp, without keeping a copy of it."""
-    encoded = json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
-    return hashlib.blake2b(encoded.encode('utf-8'), digest_size=8).hexdigest()
+    # Strings, integers, booleans and None (most values) encoded directly,
+    # exactly as the canonical JSON encoding does; anything else through it.
+    scalar = _SCALAR_JSON.get(type(value))
+    encoded = scalar(value) if scalar is not None else _canonical(value)
+    return _blake2b(encoded.encode('utf-8'), digest_size=8).hexdigest()
 
 
 @dataclasses.dataclass
@@ -145,7 +158,7 @@ class Version:
                 'deleted': list(self.deleted) if self.deleted else None}
         if self.deletes:
             data['deletes'] = self.deletes
-        return json.dumps(data, separators=(',', ':'), sort_keys=True)
+        return _compact_sorted(data)
 
     @classmethod
     def loads(cls, text: str | None) -> Version:

@@ -122,9 +122,11 @@ def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
     return named
 
 
+_compact = json.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
+
+
 def dumps(messages: Iterable[WireMessage]) -> bytes:
-    return json.dumps([m.to_json() for m in messages], separators=(',', ':'),
-                      ensure_ascii=False).encode('utf-8')
+    return _compact([m.to_json() for m in messages]).encode('utf-8')
 
 
 def _is_int(value: Any) -> bool:

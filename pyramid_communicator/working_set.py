@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from . import tracking
 from .models import communicator_conflicts, communicator_mappings
-from .records import Receiver, decode_body, from_wire, natural_key, receiver_for
+from .records import Receiver, from_wire, natural_key, receiver_for
 from .versions import HERE, Version
 
 M = communicator_mappings.c
@@ -66,6 +66,7 @@ class WorkingSet:
         self.natural_tombstones: dict[tuple[str, str], Version] = {}
         self.buried_keys: set[tuple[str, str]] = set()
         self.conflicts: list[dict[str, Any]] = []
+        self._digests: dict[tuple, str | None] = {}
 
     # -- reading -------------------------------------------------------------
 
@@ -75,7 +76,7 @@ class WorkingSet:
         creates: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for message in messages:
             try:
-                name, attributes = decode_body(message.body)
+                name, attributes = message.decode()
                 receiver_for(name)
             except (ValueError, LookupError):
                 continue  # fails on its own when applied
@@ -143,9 +144,7 @@ class WorkingSet:
         if not receiver.match_on:
             return
         columns = receiver.columns()
-        digests = {natural_key(receiver, {key: from_wire(columns[key], attrs.get(key))
-                                          for key in receiver.match_on})
-                   for attrs in attribute_list}
+        digests = {self._natural_digest(receiver, attrs) for attrs in attribute_list}
         digests.discard(None)
         for key, version in tracking.natural_tombstones(self.session.connection(),
                                                         receiver.name, digests).items():
@@ -222,10 +221,25 @@ class WorkingSet:
 
     def match_tombstone(self, receiver: Receiver, attributes: dict[str, Any]) -> Version | None:
         """The delete of a record here that had the same natural key."""
+        return self.natural_tombstones.get((receiver.name,
+                                            self._natural_digest(receiver, attributes)))
+
+    def _natural_digest(self, receiver: Receiver, attributes: dict[str, Any]) -> str | None:
+        """``natural_key`` of a message's attributes, computed once per batch."""
+        # (type, value): 1, 1.0 and True are equal keys but different values
+        wire = tuple((type(v), v) for v in (attributes.get(key) for key in receiver.match_on))
+        try:
+            return self._digests[(receiver.name, wire)]
+        except KeyError:
+            pass
+        except TypeError:  # a list or object value: not kept
+            wire = None
         columns = receiver.columns()
         digest = natural_key(receiver, {key: from_wire(columns[key], attributes.get(key))
                                         for key in receiver.match_on})
-        return self.natural_tombstones.get((receiver.name, digest))
+        if wire is not None:
+            self._digests[(receiver.name, wire)] = digest
+        return digest
 
     def created(self, receiver: Receiver, record: object) -> None:
         self.session.add(record)
