@@ -44,7 +44,7 @@ docs_require = [
 
 setup(
     name='pyramid_communicator',
-    version='0.1.0',
+    version='0.2.0.dev0',
     description='Keep database records of two Pyramid apps in sync through '
                 'local inbound/outbound queues',
     long_description=README + '\n\n' + CHANGES,
