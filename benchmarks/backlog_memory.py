@@ -98,11 +98,7 @@ def one_size(backend: str, n: int, batch: int, tmp: Path) -> dict[str, float]:
         return {'fill': fill, 'seconds': run.seconds, 'client_rss': run.maxrss_kib,
                 'server_rss': server.peak_rss_kib() or 0, 'summary': run.stdout.strip()}
     finally:
-        if server is not None:
-            server.stop()
-        dbs.drop_all()
-        for path in tmp.glob('*.sqlite*'):
-            path.unlink(missing_ok=True)
+        bench.clean_up(server, dbs, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,11 +166,7 @@ def main(argv=None) -> int:
                        'profiler\n' + summarise(profiler.last_session, 'pcommunicate --pull',
                                                 tmp / 'pull.txt'))
     finally:
-        if server is not None:
-            server.stop()
-        dbs.drop_all()
-        for path in tmp.glob('*.sqlite*'):
-            path.unlink(missing_ok=True)
+        bench.clean_up(server, dbs, tmp)
     print(f'backend {args.db}, N={n}, batch_size={batch}, commit {bench.git_commit()} '
           f'(sources sha1 {bench.source_fingerprint()})')
     print('\n\n'.join(reports))

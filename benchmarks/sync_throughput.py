@@ -792,6 +792,15 @@ def mib(kib: int | None) -> str:
     return '-' if kib is None else f'{kib / 1024:.0f} MiB'
 
 
+def clean_up(server, dbs, tmp: Path) -> None:
+    """Stop the facade and drop the run's databases; logs and inis stay."""
+    if server is not None:
+        server.stop()
+    dbs.drop_all()
+    for path in tmp.glob('*.sqlite*'):
+        path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--db', choices=('sqlite', 'postgresql', 'mysql'), default='sqlite')
@@ -921,11 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         results['facade_rss_end'] = server.peak_rss_kib()
         results['load_end'] = os.getloadavg()
     finally:
-        if server is not None:
-            server.stop()
-        dbs.drop_all()
-        for path in tmp.glob('*.sqlite*'):  # the SQLite databases; logs and inis stay
-            path.unlink(missing_ok=True)
+        clean_up(server, dbs, tmp)
     report(args, n, m, batch, commit, results)
     return 0
 
