@@ -89,13 +89,16 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   local_name: str, batch_size: int,
                   ids: Sequence[int] | None = None,
                   retry_delay: float = 0,
-                  progress: Callable[[int], None] | None = None) -> ApplyResult:
+                  progress: Callable[[int], None] | None = None,
+                  not_retried_since: datetime.datetime | None = None) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed less than ``retry_delay`` seconds ago is not
     tried again yet (a server applies on every request of a run, and a
     hopeless message should not cost each of them); it still holds back
-    later messages for its record.
+    later messages for its record.  Nor is one that failed after
+    ``not_retried_since`` (a run that applies as it pulls tries each
+    message once; ``datetime.min``: no failure is retried).
 
     ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
     not be the session of a request in progress: every batch is committed
@@ -106,6 +109,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     blocked: set[tuple] = set()
     after = 0
     retry_before = utcnow() - datetime.timedelta(seconds=retry_delay)
+    if not_retried_since is not None:
+        retry_before = min(retry_before, not_retried_since)
     decoded: dict[int, tuple[str, dict] | None] = {}
     while True:
         with tm:

@@ -354,6 +354,8 @@ def _note(mapper: Any, target: object, deleted: bool) -> None:
 
 def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
     state = inspect(target)
+    if state.session is not None and state.session.info.get(APPLYING):
+        return  # applied messages are not echoed back (see _note)
     if state.has_identity and not _changed(state, receiver_of(target)):
         return
     _note(mapper, target, deleted=False)

@@ -4,12 +4,20 @@ Database work happens in short transactions of its own; HTTP happens
 between them, never inside one.  A message is marked delivered only after
 the peer answered 2xx, so a lost reply means a re-send, which the peer
 stores once (``queues.store_inbound``).
+
+The wire and the database overlap: while one batch is on its way (a push
+waits for the peer to apply it, a pull for the peer to serve the next),
+a thread of its own carries the HTTP request and this one reads and
+encodes the next batch to push, or applies the batch just pulled.  Only
+one request is in flight at a time, so the peer sees batches in order.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import transaction
 from sqlalchemy.engine import Engine
@@ -19,6 +27,7 @@ from zope.sqlalchemy import register
 from . import queues, wire
 from .client import BodyTooLarge, Client, PeerError
 from .inbox import ApplyResult, apply_pending
+from .models import utcnow
 from .progress import NO_PROGRESS, Progress
 from .records import APPLYING
 from .retention import purge_if_due
@@ -106,25 +115,33 @@ class Communicator:
 
     def push(self) -> int:
         """Send undelivered outbound messages until none are left."""
-        pushed = after = 0
+        pushed = 0
         total = None
         if self.progress.shown:
             with self.tm:
                 total = queues.count_pending_outbound(self.session)
-        with self.progress.bar('push', total) as bar:
-            while sent := self._push_batch(after):
-                count, after = sent
-                pushed += count
-                bar.update(count)
+        with self.progress.bar('push', total) as bar, _wire_thread('push') as wire_thread:
+            batch = self._next_batch(0)
+            while batch is not None:
+                sending = wire_thread.submit(self._send, batch.messages, batch.payload)
+                following = self._next_batch(batch.messages[-1].id)  # meanwhile
+                sending.result()
+                with self.tm:
+                    queues.mark_delivered(self.session, [m.id for m in batch.messages])
+                    queues.set_state(self.session, 'last_push_at')
+                log.info('pushed %d messages (up to id %d)', len(batch.messages),
+                         batch.messages[-1].id)
+                pushed += len(batch.messages)
+                bar.update(len(batch.messages))
+                batch = following
         if pushed == 0:
             self.client.push(b'[]')  # still an exchange: the peer retries its failures
             with self.tm:
                 queues.set_state(self.session, 'last_push_at')
         return pushed
 
-    def _push_batch(self, after: int) -> tuple[int, int] | None:
-        """Send the batch after id ``after``: how many went, and the last
-        id; None when nothing is left."""
+    def _next_batch(self, after: int) -> _Batch | None:
+        """The batch after id ``after``, encoded; None when nothing is left."""
         with self.tm:
             rows = queues.within_bytes(
                 queues.pending_outbound(self.session, self.settings.batch_size, after),
@@ -132,16 +149,13 @@ class Communicator:
         if not rows:
             return None
         messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
-        self._send(messages)
-        with self.tm:
-            queues.mark_delivered(self.session, [m.id for m in messages])
-            queues.set_state(self.session, 'last_push_at')
-        log.info('pushed %d messages (up to id %d)', len(messages), rows[-1].id)
-        return len(messages), rows[-1].id
+        return _Batch(messages, wire.dumps(messages))
 
-    def _send(self, messages: list[wire.WireMessage]) -> None:
-        """POST messages, in halves when they exceed the body size limit."""
-        payload = wire.dumps(messages)
+    def _send(self, messages: list[wire.WireMessage], payload: bytes | None = None) -> None:
+        """POST messages (``payload``: encoded already), in halves when they
+        exceed the body size limit."""
+        if payload is None:
+            payload = wire.dumps(messages)
         too_large = len(payload) > self.settings.max_body_bytes
         if not too_large:
             try:
@@ -159,17 +173,27 @@ class Communicator:
 
     # -- pull ----------------------------------------------------------------
 
-    def pull(self) -> int:
-        """Fetch the peer's pending messages and store them, batch by batch."""
+    def pull(self, applied: ApplyResult | None = None) -> int:
+        """Fetch the peer's pending messages and store them, batch by batch.
+
+        With ``applied``, each batch stored is also applied while the next
+        one is fetched, and the outcome added to ``applied``; failures of
+        earlier runs are left to :meth:`apply`, which follows."""
         pulled = 0
         sender = self.client.base_uri
         previous: list[int] = []
         total = self._peer_pending() if self.progress.shown else None
-        with self.progress.bar('pull', total) as bar:
+        started = utcnow()
+        with self.progress.bar('pull', total) as bar, _wire_thread('pull') as wire_thread:
+            fetching = None
             while True:
-                with self.tm:
-                    from_id = queues.last_remote_id(self.session, sender) + 1
-                reply = self.client.pull(from_id)
+                if fetching is None:
+                    with self.tm:
+                        from_id = queues.last_remote_id(self.session, sender) + 1
+                    reply = self.client.pull(from_id)
+                else:
+                    reply = fetching.result()
+                    fetching = None
                 sender = reply.sender
                 ids = [m.id for m in reply.messages]
                 if ids and ids == previous:
@@ -180,7 +204,7 @@ class Communicator:
                     with self.tm:
                         queues.store_inbound(self.session, sender, reply.messages)
                     if reply.acknowledges:
-                        self.client.acknowledge([m.id for m in reply.messages])
+                        self.client.acknowledge(ids)
                     pulled += len(reply.messages)
                     bar.update(len(reply.messages))
                     log.info('pulled %d messages from %s', len(reply.messages), sender)
@@ -188,6 +212,15 @@ class Communicator:
                 # and the cursor moves on until a reply is empty.
                 if not reply.messages or (reply.acknowledges and not reply.more):
                     break
+                if reply.acknowledges:
+                    # Our server serves what is not acknowledged (from_id
+                    # aside): the next batch can be on its way already.
+                    fetching = wire_thread.submit(self.client.pull, max(ids) + 1)
+                if applied is not None:
+                    # What waits is counted by the apply that follows the pull.
+                    result = self._apply(not_retried_since=started)
+                    applied.applied += result.applied
+                    applied.failed += result.failed
         with self.tm:
             queues.set_state(self.session, 'last_pull_at', sender)
         return pulled
@@ -203,15 +236,24 @@ class Communicator:
 
     # -- apply ---------------------------------------------------------------
 
-    def apply(self) -> ApplyResult:
+    def apply(self, not_retried_since: datetime.datetime | None = None,
+              applied_before: int = 0) -> ApplyResult:
+        """Apply what is pending; a message that failed after
+        ``not_retried_since`` (in this run) waits for the next run.
+        ``applied_before`` (applied while pulling) counts in the progress."""
         total = None
         if self.progress.shown:
             with self.tm:
-                total = queues.count_pending_inbound(self.session)
+                total = queues.count_pending_inbound(self.session) + applied_before
         with self.progress.bar('apply', total) as bar:
-            return apply_pending(self.session, self.tm, self.settings.name,
-                                 self.settings.batch_size,
-                                 retry_delay=self.settings.retry_delay, progress=bar.update)
+            bar.update(applied_before)
+            return self._apply(not_retried_since, bar.update)
+
+    def _apply(self, not_retried_since: datetime.datetime | None = None,
+               progress=None) -> ApplyResult:
+        return apply_pending(self.session, self.tm, self.settings.name,
+                             self.settings.batch_size, retry_delay=self.settings.retry_delay,
+                             progress=progress, not_retried_since=not_retried_since)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange
@@ -240,9 +282,11 @@ class Communicator:
                 summary.pushed = self.push()
             except MessageTooLarge as exc:
                 held_up = exc  # the peer is fine: still pull and apply
+        result = ApplyResult()
+        run_started = utcnow()
         if pull:
-            summary.pulled = self.pull()
-        result = self.apply()
+            summary.pulled = self.pull(applied=result)
+        result += self.apply(not_retried_since=run_started, applied_before=result.applied)
         if result.waiting_upgrade:  # cron mails it: someone must upgrade this app
             log.warning('%d inbound messages are of a newer format than this version '
                         'knows; they wait for an upgrade', result.waiting_upgrade)
@@ -253,3 +297,15 @@ class Communicator:
             result.applied, result.failed, result.waiting)
         summary.seconds = time.monotonic() - started
         return summary
+
+
+@dataclasses.dataclass
+class _Batch:
+    messages: list[wire.WireMessage]
+    payload: bytes
+
+
+def _wire_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread that carries a run's HTTP requests while this one
+    works on the database."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f'communicator-{name}')

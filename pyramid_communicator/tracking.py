@@ -126,6 +126,12 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     return found
 
 
+def has_natural_tombstones(connection: Connection, name: str) -> bool:
+    """Were records of ``name`` ever deleted by their natural key?  Most
+    models never are, and then a batch need not compute keys to look up."""
+    return connection.execute(select(T.id).where(T.name == name).limit(1)).first() is not None
+
+
 def natural_tombstones(connection: Connection, name: str,
                        digests: Iterable[str]) -> dict[str, Version]:
     """Versions of deleted records with these natural keys (a record created

@@ -65,6 +65,9 @@ class WorkingSet:
         #: (name, natural key digest) -> the version of a delete of that key
         self.natural_tombstones: dict[tuple[str, str], Version] = {}
         self.buried_keys: set[tuple[str, str]] = set()
+        #: Names that may have natural-key tombstones (stored, or made in
+        #: this batch): for the others, keys are never computed.
+        self.buried_names: set[str] = set()
         self.conflicts: list[dict[str, Any]] = []
         self._digests: dict[tuple, str | None] = {}
 
@@ -144,11 +147,14 @@ class WorkingSet:
         if not receiver.match_on:
             return
         columns = receiver.columns()
-        digests = {self._natural_digest(receiver, attrs) for attrs in attribute_list}
-        digests.discard(None)
-        for key, version in tracking.natural_tombstones(self.session.connection(),
-                                                        receiver.name, digests).items():
-            self.natural_tombstones[(receiver.name, key)] = version
+        connection = self.session.connection()
+        if tracking.has_natural_tombstones(connection, receiver.name):
+            self.buried_names.add(receiver.name)
+            digests = {self._natural_digest(receiver, attrs) for attrs in attribute_list}
+            digests.discard(None)
+            for key, version in tracking.natural_tombstones(connection, receiver.name,
+                                                            digests).items():
+                self.natural_tombstones[(receiver.name, key)] = version
         first = receiver.match_on[0]
         values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
         values.discard(None)
@@ -221,6 +227,8 @@ class WorkingSet:
 
     def match_tombstone(self, receiver: Receiver, attributes: dict[str, Any]) -> Version | None:
         """The delete of a record here that had the same natural key."""
+        if receiver.name not in self.buried_names:
+            return None
         return self.natural_tombstones.get((receiver.name,
                                             self._natural_digest(receiver, attributes)))
 
@@ -305,6 +313,7 @@ class WorkingSet:
     def bury_key(self, name: str, natural: str, version: Version) -> None:
         """Keep a delete by its natural key, merged with earlier ones."""
         key = (name, natural)
+        self.buried_names.add(name)
         old = self.natural_tombstones.get(key) or Version()
         self.natural_tombstones[key] = old.with_delete(version)
         self.buried_keys.add(key)
