@@ -103,6 +103,7 @@ from pyramid_communicator.models import (
     communicator_state,
     utcnow,
 )
+from pyramid_communicator.sync import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -205,6 +206,28 @@ def create_tags(engine: Engine, prefix: str, n: int, chunk: int = 5000) -> float
         with host_session(engine) as session:
             session.add_all([Tag(**tag_values(prefix, i))
                              for i in range(start, min(n, start + chunk))])
+    return time.perf_counter() - started
+
+
+def orm_floor(engine: Engine, prefix: str, n: int, batch: int) -> float:
+    """What applying cannot do without: N tags created through the ORM
+    (constructor, attributes set one by one, ``Session.add``, one flush and
+    commit per batch) in a session that does not publish, as applying
+    does, without anything else of the add-on; the seconds taken."""
+    started = time.perf_counter()
+    tm = transaction.TransactionManager(explicit=True)
+    session = make_session(engine, tm)
+    try:
+        for start in range(0, n, batch):
+            with tm:
+                for i in range(start, min(n, start + batch)):
+                    tag = Tag()
+                    for key, value in tag_values(prefix, i).items():
+                        setattr(tag, key, value)
+                    session.add(tag)
+                session.flush()
+    finally:
+        session.close()
     return time.perf_counter() - started
 
 
@@ -895,6 +918,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f'raw: {rate(n, results["raw_push"])} central to facade, '
             f'{rate(n, results["raw_pull"])} facade to central')
 
+        # 3b. what no run can go below: start-up, and creating the records
+        say('floor: pcommunicate with nothing to do; N tags through the ORM alone')
+        results['startup'] = pcommunicate(central_ini, logs=logs, label='startup').seconds
+        results['orm_floor'] = orm_floor(central, 'orm', n, batch)
+
         # 4. publish overhead, in process
         say(f'publish overhead: {args.requests} requests of each kind (WebTest)')
         web_url = dbs.create('web')
@@ -953,6 +981,15 @@ def report(args, n: int, m: int, batch: int, commit: str, r: dict) -> None:
         ('raw driver, facade -> central', f'{rate(n, r["raw_pull"])}  ({r["raw_pull"]:.2f} s)'),
         ('push / raw', f'{r["raw_push"] / r["push"]:.3f}'),
         ('pull / raw', f'{r["raw_pull"] / r["pull"]:.3f}'),
+        ('floor: pcommunicate with nothing to do (start-up and one exchange)',
+         f'{r["startup"]:.2f} s'),
+        ('floor: N tags through the ORM alone (no add-on), batch_size per flush',
+         f'{rate(n, r["orm_floor"])}  ({r["orm_floor"]:.2f} s)'),
+        ('  best ratio with only these two: raw push time / (start-up + ORM)',
+         f'{r["raw_push"] / (r["startup"] + r["orm_floor"]):.3f}'),
+        ('  the add-on\'s own cost per record, push; pull (wall - floors) / N',
+         f'{(r["push"] - r["startup"] - r["orm_floor"]) / n * 1e6:.0f} µs; '
+         f'{(r["pull"] - r["startup"] - r["orm_floor"]) / n * 1e6:.0f} µs'),
         ('peak RSS pcommunicate --push', mib(push_run.maxrss_kib)),
         ('peak RSS pcommunicate --pull', mib(pull_run.maxrss_kib)),
         ('peak RSS facade server (VmHWM after push + pull)', mib(r['facade_rss'])),

@@ -136,6 +136,8 @@ def _is_int(value: Any) -> bool:
 def _storable(text: str) -> bool:
     """Text every database stores: encodable as UTF-8 (JSON escapes can
     make lone surrogates) and without NUL (PostgreSQL refuses it)."""
+    if text.isascii():  # most text, checked without encoding a copy
+        return '\x00' not in text
     try:
         text.encode('utf-8')
     except UnicodeEncodeError:
