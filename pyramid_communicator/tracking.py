@@ -58,20 +58,25 @@ _NAME = bindparam('name')
 def _statements() -> dict[tuple[bool, bool], Any]:
     """The lookups of publishing, built once (building a statement costs
     more than running it on a small table): (with tombstones of reused
-    ids, with natural-key tombstones) -> statement."""
-    records = M.local_id.in_(_IDS)
-    reused = records | ((M.origin == HERE) & M.original_id.in_(_IDS) & M.local_id.is_(None))
-    statements = {}
-    for tombstones, condition in ((False, records), (True, reused)):
-        mappings = select(*_COLUMNS, null().label('natural_key')).where(M.name == _NAME,
-                                                                        condition)
-        statements[(tombstones, False)] = mappings
-        # The natural-key tombstones of the same flush in the same round
-        # trip: the rows without a mapping id are those.
-        statements[(tombstones, True)] = union_all(mappings, select(
-            null(), null(), null(), T.version, null(), null(), T.natural_key)
-            .where(T.name == _NAME, T.natural_key.in_(_DIGESTS)))
-    return statements
+    ids, with natural-key tombstones) -> statement.
+
+    Each part is its own SELECT in a ``UNION ALL``, so that each is a
+    search of one index: an ``OR`` of the two mapping conditions made
+    SQLite read every mapping of the model on every publish.  The parts
+    find disjoint rows (a tombstone has no ``local_id``)."""
+    def mappings(condition):
+        return select(*_COLUMNS, null().label('natural_key')).where(M.name == _NAME,
+                                                                    condition)
+    records = mappings(M.local_id.in_(_IDS))
+    reused = mappings((M.origin == HERE) & M.original_id.in_(_IDS) & M.local_id.is_(None))
+    # The natural-key tombstones of the same flush in the same round
+    # trip: the rows without a mapping id are those.
+    natural = select(null(), null(), null(), T.version, null(), null(), T.natural_key).where(
+        T.name == _NAME, T.natural_key.in_(_DIGESTS))
+    return {(False, False): records,
+            (False, True): union_all(records, natural),
+            (True, False): union_all(records, reused),
+            (True, True): union_all(records, reused, natural)}
 
 
 _LOOKUPS = _statements()

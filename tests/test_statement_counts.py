@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
+import pytest
 from sqlalchemy import event, select
 from test_records import deliver, settings_of
 
@@ -111,3 +112,71 @@ def test_applying_a_batch_reads_metadata_with_a_constant_number_of_queries(make_
         assert reads <= 3, counts  # identities, match_on candidates, aliases
         assert per_table['communicator_mappings'] == 1  # one multi-row insert
         assert per_table['inbound_messages'] == 1  # one claim
+
+
+@contextlib.contextmanager
+def executed(side) -> Iterator[list]:
+    """The statements (SQL and parameters) the side's engine executes."""
+    seen: list = []
+
+    def keep(conn, cursor, statement, parameters, context, executemany):
+        if not executemany:
+            seen.append((statement, parameters))
+
+    event.listen(side.engine, 'before_cursor_execute', keep)
+    try:
+        yield seen
+    finally:
+        event.remove(side.engine, 'before_cursor_execute', keep)
+
+
+def full_reads(side, seen: list) -> list[str]:
+    """Plan lines of our statements that read a table of ours whole, or
+    all the rows of a model (an index searched by the model's name alone):
+    work that grows with the history kept, on every publish or batch."""
+    found = []
+    with side.engine.connect() as connection:
+        for statement, parameters in seen:
+            if not re.search(r'\b(communicator_\w+|outbound_messages|inbound_messages)\b',
+                             statement) or not statement.lstrip().upper().startswith(
+                                 ('SELECT', 'UPDATE', 'DELETE')):
+                continue
+            plan = connection.exec_driver_sql('EXPLAIN QUERY PLAN ' + statement,
+                                              parameters).all()
+            for line in (row[-1] for row in plan):
+                ours = re.search(r'(SCAN|SEARCH) (communicator_\w+|outbound_messages|'
+                                 r'inbound_messages)\b(.*)', line)
+                if ours is None or ours.group(2) == 'communicator_state':
+                    continue  # a row per fact and peer: read whole on purpose
+                first_only = 'LIMIT' in statement and 'ORDER BY' not in statement
+                if ours.group(1) == 'SCAN' or (ours.group(3).endswith('(name=?)')
+                                               and not first_only):
+                    found.append(f'{line}  <-  {" ".join(statement.split())[:300]}')
+    return found
+
+
+@pytest.mark.backends('sqlite')
+def test_publishing_and_applying_search_indexes_instead_of_reading_history(make_side):
+    """With history kept, a publish or a batch must cost the same as on an
+    empty database (an OR of two mapping conditions once made SQLite read
+    every mapping of the model on every publish of a new record)."""
+    central, facade = make_side('central'), make_side('facade')
+    with executed(central) as seen:
+        with central.session() as session:  # creates (and the reused-id lookup)
+            session.add_all([Tag(name=f'tag {i}', label='x') for i in range(3)]
+                            + [Post(title='post')])
+        with central.session() as session:  # updates and a delete
+            tags = session.scalars(select(Tag).order_by(Tag.id)).all()
+            tags[0].label = 'edited'
+            session.delete(tags[1])
+    assert seen
+    found = full_reads(central, seen)
+    assert not found, '\n'.join(found)
+
+    deliver(facade, *[WireMessage(i, json.dumps({'tag': {'name': f'n{i}', 'label': 'y'}}),
+                                  'central', i) for i in range(1, 6)], sender='central')
+    with executed(facade) as seen:
+        assert apply_inbound(facade.engine, settings_of(facade)).applied == 5
+    assert seen
+    found = full_reads(facade, seen)
+    assert not found, '\n'.join(found)
