@@ -572,6 +572,8 @@ def publish_overhead(url: str, engine: Engine, requests_each: int,
     create_tables(engine)
     PlainBase.metadata.create_all(engine)
     app = TestApp(web_app(app_settings(url, 'central', batch_size)), lint=False)
+    published_before = count(engine, 'outbound_messages')
+    plain_before = count(engine, 'bench_plain_tags')
     seconds = {'synced': [], 'plain': []}
     paths = {'synced': '/tags', 'plain': '/plain-tags'}
     serial = 0
@@ -595,8 +597,8 @@ def publish_overhead(url: str, engine: Engine, requests_each: int,
         for kind in order:
             for _ in range(per_round):
                 one(kind, True)
-    published = count(engine, 'outbound_messages')
-    plain_rows = count(engine, 'bench_plain_tags')
+    published = count(engine, 'outbound_messages') - published_before
+    plain_rows = count(engine, 'bench_plain_tags') - plain_before
     expected = 50 + rounds * per_round
     if published != expected or plain_rows != expected:
         raise RuntimeError(f'publish overhead: {published} messages and {plain_rows} plain '
@@ -928,6 +930,10 @@ def main(argv: list[str] | None = None) -> int:
         web_url = dbs.create('web')
         results['overhead'] = publish_overhead(web_url, dbs.engine(web_url), args.requests,
                                                batch)
+        say('publish overhead with history: the same on central, which now holds '
+            f'{2 * n} synced tags')
+        results['overhead_history'] = publish_overhead(central_url, central, args.requests,
+                                                       batch)
         say(f'publish overhead over HTTP: {args.requests} requests of each kind (waitress)')
         http_url = dbs.create('http')
         results['overhead_http'] = publish_overhead_http(http_url, dbs.engine(http_url),
@@ -998,6 +1004,11 @@ def report(args, n: int, m: int, batch: int, commit: str, r: dict) -> None:
         (f'  same request, unsynced model, mean of {o["requests"]}', f'{o["plain_ms"]:.2f} ms'),
         ('  ratio synced / unsynced (mean; median)',
          f'{o["ratio"]:.2f}; {o["median_ratio"]:.2f}'),
+    ]
+    o = r['overhead_history']
+    rows += [
+        (f'  the same on central after the push and pull ({2 * n:,} tags synced): ratio '
+         '(mean; median)', f'{o["ratio"]:.2f}; {o["median_ratio"]:.2f}'),
     ]
     h = r['overhead_http']
     rows += [
