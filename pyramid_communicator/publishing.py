@@ -8,6 +8,7 @@ its mapper events; ``publish`` and ``publish_delete`` do it by hand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -101,6 +102,16 @@ class _Change:
     #: Inserted in this flush: it may take a natural key deleted before.
     new: bool = False
 
+    @functools.cached_property
+    def values(self) -> dict[str, Any]:
+        """The record's values, read once per publish."""
+        return record_values(self.obj)
+
+    @functools.cached_property
+    def natural(self) -> str | None:
+        """Its ``match_on`` key (None without one)."""
+        return natural_key(receiver_of(self.obj), self.values)
+
 
 class _Staging:
     """What one publishing call (or one flush) changes, computed with a
@@ -153,7 +164,7 @@ class _Staging:
         receiver = receiver_of(change.obj)
         if not receiver.match_on or change.deleted or change.record_id is None:
             return None
-        return natural_key(receiver, record_values(change.obj))
+        return change.natural
 
     def _natural_tombstones(self, changes: list[_Change]) -> None:
         """A new record of a ``match_on`` model whose key belonged to a
@@ -163,7 +174,7 @@ class _Staging:
             receiver = receiver_of(change.obj)
             if (receiver.match_on and not change.deleted and change.record_id is not None
                     and change.record_id not in self.tracked.get(receiver.name, {})):
-                key = natural_key(receiver, record_values(change.obj))
+                key = change.natural
                 if key is not None:
                     digests[receiver.name].add(key)
         for name, keys in digests.items():
@@ -176,7 +187,7 @@ class _Staging:
         name = receiver.name
         if change.deleted:
             return self._delete(receiver, change.obj, change.record_id)
-        values = record_values(change.obj)
+        values = change.values
         fingerprints = {key: fingerprint(value) for key, value in values.items()}
         if change.record_id is None:  # never flushed: sent without identity, untracked
             version = Version()
@@ -191,7 +202,7 @@ class _Staging:
                 old = self.tombstones[name].get(change.record_id)
                 clock = {}
                 if receiver.match_on:
-                    same_key = self.natural_clocks[name].get(natural_key(receiver, values))
+                    same_key = self.natural_clocks[name].get(change.natural)
                     clock = dict(same_key.clock) if same_key else clock
                 life = old[1] + 1 if old else 0
                 tracked = tracking.Tracked(name, change.record_id, [(HERE, change.record_id)],
@@ -372,7 +383,8 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 def _after_flush(session: Session, flush_context: Any) -> None:
     changes = session.info.pop(PENDING, None)
     if changes:
-        _insert(session.connection(), _publish_changes(session.connection(), changes))
+        connection = session.connection()
+        _insert(connection, _publish_changes(connection, changes))
 
 
 def _listen_to_sessions() -> None:

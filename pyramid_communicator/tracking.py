@@ -51,36 +51,45 @@ class Tracked:
 
 _COLUMNS = (M.id, M.origin, M.original_id, M.version, M.local_id, M.life)
 _IDS = bindparam('ids', expanding=True)
-_DIGESTS = bindparam('digests', expanding=True)
 _NAME = bindparam('name')
 
 
-def _statements() -> dict[tuple[bool, bool], Any]:
+def _statements(one: bool) -> dict[tuple[bool, bool], Any]:
     """The lookups of publishing, built once (building a statement costs
     more than running it on a small table): (with tombstones of reused
-    ids, with natural-key tombstones) -> statement.
+    ids, with natural-key tombstones) -> statement.  With ``one``, for a
+    single record and key (a request that saves one record): plain
+    parameters instead of IN lists, which SQLAlchemy renders anew on every
+    execution.
 
     Each part is its own SELECT in a ``UNION ALL``, so that each is a
     search of one index: an ``OR`` of the two mapping conditions made
     SQLite read every mapping of the model on every publish.  The parts
     find disjoint rows (a tombstone has no ``local_id``)."""
+    def among(column, name: str):
+        return column == bindparam(name) if one else column.in_(
+            bindparam(name + 's', expanding=True))
+
     def mappings(condition):
         return select(*_COLUMNS, null().label('natural_key')).where(M.name == _NAME,
                                                                     condition)
-    records = mappings(M.local_id.in_(_IDS))
-    reused = mappings((M.origin == HERE) & M.original_id.in_(_IDS) & M.local_id.is_(None))
+    records = mappings(among(M.local_id, 'id'))
+    reused = mappings((M.origin == HERE) & among(M.original_id, 'id')
+                      & M.local_id.is_(None))
     # The natural-key tombstones of the same flush in the same round
     # trip: the rows without a mapping id are those.
     natural = select(null(), null(), null(), T.version, null(), null(), T.natural_key).where(
-        T.name == _NAME, T.natural_key.in_(_DIGESTS))
+        T.name == _NAME, among(T.natural_key, 'digest'))
     return {(False, False): records,
             (False, True): union_all(records, natural),
             (True, False): union_all(records, reused),
             (True, True): union_all(records, reused, natural)}
 
 
-_LOOKUPS = _statements()
+_LOOKUPS = _statements(one=False)
+_LOOKUP_ONE = _statements(one=True)
 _LOCK = select(*_COLUMNS).where(M.id.in_(_IDS)).order_by(M.id).with_for_update()
+_LOCK_ONE = select(*_COLUMNS).where(M.id == bindparam('id')).with_for_update()
 
 
 def of_records(connection: Connection, name: str, local_ids: Iterable[int],
@@ -101,12 +110,20 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
     with_natural = bool(digests) and len(digests) <= 500
     if natural is not None and digests and not with_natural:
         natural.update(natural_tombstones(connection, name, digests))
-    params: dict[str, Any] = {'name': name, 'ids': ids}
-    if with_natural:
-        params['digests'] = digests
+    one = len(ids) == 1 and len(digests) <= 1
+    params: dict[str, Any] = {'name': name}
+    if one:
+        params['id'] = ids[0]
+        if with_natural:
+            params['digest'] = digests[0]
+    else:
+        params['ids'] = ids
+        if with_natural:
+            params['digests'] = digests
+    lookups = _LOOKUP_ONE if one else _LOOKUPS
     found: dict[int, Tracked] = {}
     rows = []
-    for row in connection.execute(_LOOKUPS[(tombstones is not None, with_natural)], params):
+    for row in connection.execute(lookups[(tombstones is not None, with_natural)], params):
         if row.id is None:
             natural[row.natural_key] = Version.loads(row.version)
         else:
@@ -116,7 +133,8 @@ def of_records(connection: Connection, name: str, local_ids: Iterable[int],
         # Lock by primary key only (a range read FOR UPDATE would take gap
         # locks on MariaDB in the host's REPEATABLE READ transaction) and
         # read the rows as committed now, not as the snapshot saw them.
-        rows = connection.execute(_LOCK, {'ids': [r.id for r in rows]}).all()
+        rows = (connection.execute(_LOCK_ONE, {'id': rows[0].id}) if len(rows) == 1 else
+                connection.execute(_LOCK, {'ids': [r.id for r in rows]})).all()
     for row in rows:
         if row.local_id is None:
             tombstones[row.original_id] = (Version.loads(row.version), row.life or 0)
