@@ -3,6 +3,7 @@ and per batch, not several per record (counted on the real database, so
 a change that brings back per-record queries shows up here)."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -11,7 +12,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from conftest import PASSWORD, USERNAME
 from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
 from test_records import deliver, settings_of
 
 from pyramid_communicator.demo.models import Comment, Post, Tag
@@ -37,6 +40,11 @@ def statements(side) -> Iterator[Counter]:
         yield counts
     finally:
         event.remove(side.engine, 'before_cursor_execute', count)
+
+
+def basic_auth_header() -> dict[str, str]:
+    credentials = base64.b64encode(f'{USERNAME}:{PASSWORD}'.encode()).decode()
+    return {'Authorization': f'Basic {credentials}'}
 
 
 def ours(counts: Counter) -> Counter:
@@ -116,18 +124,19 @@ def test_applying_a_batch_reads_metadata_with_a_constant_number_of_queries(make_
 
 @contextlib.contextmanager
 def executed(side) -> Iterator[list]:
-    """The statements (SQL and parameters) the side's engine executes."""
+    """The statements (SQL and parameters) executed on the side's database,
+    by any engine (an app in process has its own)."""
     seen: list = []
 
     def keep(conn, cursor, statement, parameters, context, executemany):
-        if not executemany:
+        if not executemany and conn.engine.url == side.engine.url:
             seen.append((statement, parameters))
 
-    event.listen(side.engine, 'before_cursor_execute', keep)
+    event.listen(Engine, 'before_cursor_execute', keep)
     try:
         yield seen
     finally:
-        event.remove(side.engine, 'before_cursor_execute', keep)
+        event.remove(Engine, 'before_cursor_execute', keep)
 
 
 def full_reads(side, seen: list) -> list[str]:
@@ -178,5 +187,29 @@ def test_publishing_and_applying_search_indexes_instead_of_reading_history(make_
     with executed(facade) as seen:
         assert apply_inbound(facade.engine, settings_of(facade)).applied == 5
     assert seen
+    found = full_reads(facade, seen)
+    assert not found, '\n'.join(found)
+
+
+@pytest.mark.backends('sqlite')
+def test_the_server_s_exchanges_search_indexes_instead_of_reading_history(make_side, webapp):
+    """A push to the server, a pull from it and its acknowledgement: each
+    statement is an index search, as cheap with history kept as without."""
+    facade = make_side('facade')
+    app = webapp(facade)
+    auth = basic_auth_header()
+    with facade.session() as session:
+        session.add_all([Tag(name=f'served {i}', label='x') for i in range(3)])
+    with executed(facade) as seen:
+        pushed = [{'id': i, 'body': json.dumps({'tag': {'name': f'pushed {i}'}}),
+                   'origin': 'central', 'original_id': i} for i in range(1, 4)]
+        app.post('/messages.json', json.dumps(pushed), status=202, headers={
+            **auth, 'Content-Type': 'application/json', 'X-Communicator-Name': 'central'})
+        served = app.get('/messages.json?from_id=1&pending=1', status=200, headers={
+            **auth, 'Accept': 'application/json', 'X-Communicator-Name': 'central'}).json
+        app.post_json('/messages/delivered.json', {'ids': [m['id'] for m in served]},
+                      status=200, headers={**auth, 'X-Communicator-Name': 'central'})
+    assert len(served) == 3 and facade.count('tags') == 6
+    assert any('inbound_messages.remote_id' in statement for statement, _ in seen)  # stored
     found = full_reads(facade, seen)
     assert not found, '\n'.join(found)
