@@ -20,12 +20,17 @@ from zope.sqlalchemy import mark_changed
 
 from . import wire
 from .models import communicator_state, inbound_messages, outbound_messages, utcnow
+from .predicates import one_of
 from .wire import WireMessage
 
 OUT = outbound_messages.c
 _plain = json.JSONEncoder().encode
 _compact = json.JSONEncoder(separators=(',', ':')).encode
 IN = inbound_messages.c
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def _changed(session: Session) -> None:
@@ -101,7 +106,7 @@ def mark_delivered(session: Session, ids: Iterable[int]) -> int:
         return 0
     result = session.execute(
         update(outbound_messages)
-        .where(OUT.id.in_(ids), OUT.delivered_at.is_(None))
+        .where(one_of(OUT.id, ids, _dialect(session)), OUT.delivered_at.is_(None))
         .values(delivered_at=utcnow()))
     _changed(session)
     return result.rowcount
@@ -121,7 +126,8 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     # meets rows of a concurrent request, which on InnoDB can deadlock.
     stored = set(session.execute(
         select(IN.remote_id).where(IN.sender == sender,
-                                   IN.remote_id.in_([m.id for m in messages]))).scalars())
+                                   one_of(IN.remote_id, [m.id for m in messages],
+                                          _dialect(session)))).scalars())
     messages = [m for m in messages if m.id not in stored]
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
@@ -207,7 +213,7 @@ def claim_batch(session: Session, message_ids: Sequence[int]) -> set[int]:
     ids this transaction claimed (another worker may hold the rest)."""
     if not message_ids:
         return set()
-    claimable = (IN.id.in_(list(message_ids)), IN.processed_at.is_(None),
+    claimable = (one_of(IN.id, message_ids, _dialect(session)), IN.processed_at.is_(None),
                  IN.given_up_at.is_(None), IN.refused_at.is_(None), understood())
     values = dict(processed_at=utcnow(), attempts=IN.attempts + 1, last_error=None,
                   failed_at=None)
@@ -219,7 +225,8 @@ def claim_batch(session: Session, message_ids: Sequence[int]) -> set[int]:
         claimed = session.execute(select(IN.id).where(*claimable)
                                   .with_for_update()).scalars().all()
         if claimed:
-            session.execute(update(inbound_messages).where(IN.id.in_(claimed))
+            session.execute(update(inbound_messages)
+                            .where(one_of(IN.id, claimed, _dialect(session)))
                             .values(**values))
     _changed(session)
     return set(claimed)

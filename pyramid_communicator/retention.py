@@ -28,6 +28,7 @@ from zope.sqlalchemy import mark_changed
 
 from . import queues
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
+from .predicates import one_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def _delete_pages(session: Session, tm: transaction.TransactionManager, table,
             ids = session.execute(select(table.c.id).where(condition)
                                   .order_by(stamp, table.c.id).limit(PAGE)).scalars().all()
             if ids:
-                session.execute(delete(table).where(table.c.id.in_(ids)))
+                session.execute(delete(table).where(
+                    one_of(table.c.id, ids, session.get_bind().dialect.name)))
                 mark_changed(session)
         deleted += len(ids)
         if len(ids) < PAGE:

@@ -18,6 +18,7 @@ from sqlalchemy import bindparam, null, select, union_all, update
 from sqlalchemy.engine import Connection
 
 from .models import communicator_mappings, communicator_natural_tombstones
+from .predicates import one_of
 from .versions import HERE, Version
 
 M = communicator_mappings.c
@@ -163,7 +164,8 @@ def natural_tombstones(connection: Connection, name: str,
     found: dict[str, Version] = {}
     for start in range(0, len(digests), 500):
         for row in connection.execute(select(T.natural_key, T.version).where(
-                T.name == name, T.natural_key.in_(digests[start:start + 500]))):
+                T.name == name, one_of(T.natural_key, digests[start:start + 500],
+                                       connection.dialect.name))):
             found[row.natural_key] = Version.loads(row.version)
     return found
 

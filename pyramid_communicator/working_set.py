@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from . import tracking
 from .models import communicator_conflicts, communicator_mappings
+from .predicates import one_of
 from .records import Receiver, from_wire, natural_key, receiver_for
 from .versions import HERE, Version
 
@@ -54,6 +55,7 @@ class WorkingSet:
     def __init__(self, session: Session, local_name: str, alone: bool = False) -> None:
         self.session = session
         self.local_name = local_name
+        self.dialect = session.get_bind().dialect.name
         #: A batch of one message (a failed batch split down): errors are
         #: worth explaining, flushes cost nothing extra.
         self.alone = alone
@@ -128,7 +130,7 @@ class WorkingSet:
             for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id, M.version,
                                          M.life)
                                   .where(M.name == name, M.origin.in_(origins),
-                                         M.original_id.in_(ids))):
+                                         one_of(M.original_id, ids, self.dialect))):
                 if (row.origin, row.original_id) in keys:
                     self._remember(name, row)
 
@@ -137,7 +139,8 @@ class WorkingSet:
         pk = mapper.primary_key[0]
         ids = {i for i in ids if (receiver.name, i) not in self.records}
         for chunk in _chunks(sorted(ids), 500):
-            statement = select(receiver.cls).where(pk.in_(chunk)).with_for_update()
+            statement = (select(receiver.cls).where(one_of(pk, chunk, self.dialect))
+                         .with_for_update())
             for record in self.session.scalars(statement):
                 self.records[(receiver.name, mapper.primary_key_from_instance(record)[0])] = \
                     record
@@ -160,7 +163,8 @@ class WorkingSet:
         values.discard(None)
         mapper = inspect(receiver.cls)
         for chunk in _chunks(sorted(values, key=repr), 500):
-            statement = (select(receiver.cls).where(getattr(receiver.cls, first).in_(chunk))
+            statement = (select(receiver.cls)
+                         .where(one_of(getattr(receiver.cls, first), chunk, self.dialect))
                          .with_for_update())
             for record in self.session.scalars(statement):
                 self.natural[self._natural_key(receiver, record)] = record
@@ -178,7 +182,8 @@ class WorkingSet:
                 # locks them: a version committed meanwhile is seen.
                 for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
                                              M.version, M.life)
-                                      .where(M.name == name, M.local_id.in_(chunk))
+                                      .where(M.name == name,
+                                             one_of(M.local_id, chunk, self.dialect))
                                       .with_for_update()):
                     self._remember(name, row)
         for identity in self.identities.values():

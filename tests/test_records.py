@@ -508,6 +508,31 @@ def test_a_recent_failure_waits_for_retry_delay_and_still_holds_back_its_record(
     assert [row['attempts'] for row in inbound(facade).values()] == [2, 0]
 
 
+def test_a_batch_claims_exactly_its_ready_messages_around_held_back_ones(facade):
+    """Ready messages with held-back ones between them (ids with gaps):
+    the batch claims and applies the ready ones and never touches the
+    others, which keep their place behind the failure."""
+    add_post(facade, title='Holds the slug', slug='taken')
+    delayed = dataclasses.replace(settings_of(facade), retry_delay=3600)
+    deliver(facade, message(1, 'post', {'title': 'Conflicts', 'slug': 'taken'}, 'central', 7))
+    assert apply_inbound(facade.engine, delayed).failed == 1
+    deliver(facade,
+            message(2, 'post', {'title': 'Ready A'}, 'central', 8),
+            message(3, 'post', {'title': 'Waits behind #1'}, 'central', 7),
+            message(4, 'post', {'title': 'Ready B'}, 'central', 9),
+            message(5, 'post', {'title': 'Waits too'}, 'central', 7),
+            message(6, 'post', {'title': 'Ready C'}, 'central', 10))
+
+    result = apply_inbound(facade.engine, delayed)
+    assert (result.applied, result.failed, result.waiting) == (3, 0, 3)
+    rows = inbound(facade)
+    assert [rows[i]['processed_at'] is not None for i in range(1, 7)] == [
+        False, True, False, True, False, True]
+    assert [rows[i]['attempts'] for i in range(1, 7)] == [1, 1, 0, 1, 0, 1]
+    assert sorted(row['title'] for row in facade.rows('posts')) == [
+        'Holds the slug', 'Ready A', 'Ready B', 'Ready C']
+
+
 def test_after_the_cause_is_fixed_the_failed_then_the_waiting_message_apply_in_order(facade):
     blocker = add_post(facade, title='Holds the slug', slug='taken')
     deliver(facade,
