@@ -31,6 +31,7 @@ migrations_require = [
 tests_require = demo_require + migrations_require + [
     'WebTest >= 3.0',
     'pytest >= 7.4',
+    'pytest-xdist >= 3.5',
     'psycopg[binary] >= 3.1',
     'PyMySQL >= 1.1',
     'gunicorn >= 21',

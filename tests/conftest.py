@@ -48,9 +48,68 @@ def pytest_addoption(parser):
                      choices=BACKENDS, help='database backend for the tests')
 
 
+#: The fault harness's seed for the run (see ``pytest_configure``).
+FAULT_SEED = pytest.StashKey[int]()
+#: The ``user_properties`` entry of a fault scenario's report: ``(name, json)``.
+FAULT_RESULT = 'communicator_fault_result'
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'faults: the reliability harness (kills, proxies)')
     config.addinivalue_line('markers', 'backends(*names): only run on these backends')
+    workerinput = getattr(config, 'workerinput', None)
+    if workerinput is not None:  # a pytest-xdist worker: the main process chose
+        config.stash[FAULT_SEED] = workerinput['communicator_fault_seed']
+    else:
+        from faults.harness import fault_seed
+        config.stash[FAULT_SEED] = fault_seed()
+        config.pluginmanager.register(FaultTable(config), 'communicator-fault-table')
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: every worker runs its scenarios with the run's one seed."""
+    node.workerinput['communicator_fault_seed'] = node.config.stash[FAULT_SEED]
+
+
+class FaultTable:
+    """The fault harness's table, made in pytest's main process from the
+    scenarios' reports (they arrive there from pytest-xdist workers too):
+    in the terminal summary and in ``faults-table-<backend>.txt`` under
+    pytest's base temporary directory."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: list[tuple[str, str]] = []
+        self.table: str | None = None
+        self.path: Path | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == 'call':
+            self.results += [value for key, value in report.user_properties
+                             if key == FAULT_RESULT]
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.results:
+            return
+        from faults.harness import SCENARIOS, ScenarioResult, format_notes, format_table
+        order = list(SCENARIOS)
+        results = [ScenarioResult.from_json(raw) for name, raw in
+                   sorted(self.results, key=lambda entry: order.index(entry[0]))]
+        backend = self.config.getoption('--db')
+        self.table = (format_table(results, backend, self.config.stash[FAULT_SEED])
+                      + '\n\n' + format_notes(results))
+        basetemp = self.config._tmp_path_factory.getbasetemp()
+        self.path = basetemp / f'faults-table-{backend}.txt'
+        self.path.write_text(self.table + '\n')
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.table is None:
+            return
+        terminalreporter.section('fault harness')
+        for line in self.table.splitlines():
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f'(also in {self.path})')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -269,7 +328,7 @@ class Server:
                 requests.get(self.url + '/posts', timeout=1)
                 return self
             except requests.ConnectionError:
-                time.sleep(0.1)
+                time.sleep(0.02)
         raise RuntimeError('server did not start within 30 seconds')
 
     def stop(self) -> None:

@@ -181,7 +181,7 @@ def serve_facade(tmp_path, make_side, processes):
                 requests.get(server.url + '/posts', timeout=5)
                 return server
             except requests.RequestException:  # not listening, or workers still booting
-                time.sleep(0.1)
+                time.sleep(0.02)
         raise RuntimeError('gunicorn did not start within 30 seconds')
     yield start
     for server in servers:

@@ -280,7 +280,7 @@ class Figures:
 
 @pytest.fixture(scope='module')
 def totals(backend) -> Iterator[list[Figures]]:
-    """Figures of every seed; their sum is printed at the end (with ``-s``)."""
+    """Figures of every seed; their sum is printed at the end (with ``-s -n 0``)."""
     results: list[Figures] = []
     yield results
     if results:

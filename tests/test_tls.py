@@ -86,7 +86,7 @@ def tls_facade(tmp_path, make_side, pki):
             except requests.RequestException:
                 if time.monotonic() > deadline:
                     raise RuntimeError('gunicorn did not start within 30 seconds') from None
-                time.sleep(0.1)
+                time.sleep(0.02)
         yield server
     finally:
         server.stop()

@@ -1,12 +1,14 @@
-"""Fixtures of the fault harness, and its table in the terminal summary
-(so CI logs show the figures) and in ``faults-table-<backend>.txt`` under
-pytest's base temporary directory."""
+"""Fixtures of the fault harness. Its table (in the terminal summary, so
+that CI logs show the figures, and in ``faults-table-<backend>.txt`` under
+pytest's base temporary directory) is made in pytest's main process by
+``FaultTable`` in tests/conftest.py, also when pytest-xdist runs the
+scenarios in workers."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
+from conftest import FAULT_RESULT, FAULT_SEED
 
 from .harness import (
     FAULT_TIMEOUT,
@@ -17,43 +19,24 @@ from .harness import (
     Rig,
     ScenarioResult,
     database_timeouts_url,
-    fault_seed,
-    format_notes,
-    format_table,
     ini_with_timeout,
 )
 
-TABLE_KEY = pytest.StashKey[tuple[str, Path]]()
-
 
 @pytest.fixture(scope='session')
-def fault_seed_value() -> int:
-    return fault_seed()
+def fault_seed_value(pytestconfig) -> int:
+    """One seed for the whole run, chosen in the main process and handed to
+    every pytest-xdist worker (``COMMUNICATOR_FAULT_SEED`` replays one)."""
+    return pytestconfig.stash[FAULT_SEED]
 
 
-@pytest.fixture(scope='session')
-def fault_table(pytestconfig, backend, tmp_path_factory,
-                fault_seed_value) -> Iterator[list[ScenarioResult]]:
-    """Scenario results of the whole run; the table is written once at the end."""
-    results: list[ScenarioResult] = []
-    yield results
-    if results:
-        table = (format_table(results, backend, fault_seed_value) + '\n\n'
-                 + format_notes(results))
-        path = tmp_path_factory.getbasetemp() / f'faults-table-{backend}.txt'
-        path.write_text(table + '\n')
-        pytestconfig.stash[TABLE_KEY] = (table, path)
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    entry = config.stash.get(TABLE_KEY, None)
-    if entry is None:
-        return
-    table, path = entry
-    terminalreporter.section('fault harness')
-    for line in table.splitlines():
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f'(also in {path})')
+@pytest.fixture
+def record_fault(request) -> Callable[[str, ScenarioResult], None]:
+    """``record_fault(name, result)``: a scenario's row for the run's table;
+    it travels in the test's report to pytest's main process."""
+    def record(name: str, result: ScenarioResult) -> None:
+        request.node.user_properties.append((FAULT_RESULT, (name, result.to_json())))
+    return record
 
 
 @pytest.fixture

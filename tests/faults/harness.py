@@ -1116,6 +1116,19 @@ class ScenarioResult:
     tag_edits: int = 0
 
 
+    def to_json(self) -> str:
+        """For the test's report: the table is made in pytest's main
+        process, which gets reports (not objects) from pytest-xdist workers."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> ScenarioResult:
+        fields = json.loads(raw)
+        fields['figures'] = Figures(**fields['figures'])
+        fields['exits'] = {int(code): count for code, count in fields['exits'].items()}
+        return cls(**fields)
+
+
 def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> ScenarioResult:
     """Warm up, inject ``runs`` faults, recover without faults, measure."""
     title, inject = SCENARIOS[name]

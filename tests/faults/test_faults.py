@@ -25,12 +25,12 @@ MAY_MISS = {'kill_while_applying', 'kill_random_time', 'facade_db_locked'}
 
 
 @pytest.mark.parametrize('name', list(SCENARIOS))
-def test_fault_scenario(name, make_rig, fault_table, fault_seed_value, backend):
+def test_fault_scenario(name, make_rig, record_fault, fault_seed_value, backend):
     rig = make_rig(db_timeouts=name == 'facade_db_locked')
     rng = random.Random(f'{fault_seed_value}:{name}')
 
     result = run_scenario(rig, name, scenario_runs(name), rng)
-    fault_table.append(result)
+    record_fault(name, result)
     print('\n' + format_table([result], backend, fault_seed_value))
     print(format_notes([result]))
 
