@@ -69,7 +69,7 @@ setup(
     },
     entry_points={
         'console_scripts': [
-            'pcommunicate = pyramid_communicator.scripts.pcommunicate:main',
+            'pcommunicate = pyramid_communicator.scripts.pcommunicate:console',
         ],
         'paste.app_factory': [
             'demo = pyramid_communicator.demo:main',

@@ -8,6 +8,7 @@ command line or configuration.
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import json
 import logging
@@ -54,7 +55,10 @@ class PCommunicateCommand:
         """)
 
     def __init__(self, argv: Sequence[str], quiet: bool = False,
-                 out=None, err=None) -> None:
+                 out=None, err=None, own_process: bool = False) -> None:
+        #: Run as the console script, in a process of its own: its garbage
+        #: collector may be tuned (never a caller's, such as a test run's).
+        self.own_process = own_process
         self.args = self.parser().parse_args(list(argv[1:]))
         self.quiet = quiet or self.args.quiet
         self.out = out or sys.stdout
@@ -125,6 +129,8 @@ class PCommunicateCommand:
             detail = (str(exc).strip().splitlines() or [''])[0]
             return self.fail(f'cannot load {args.config_uri}: {type(exc).__name__}: {detail}',
                              USAGE)
+        if self.own_process:
+            tune_garbage_collector()
         with env:
             try:
                 settings = get_settings(env['registry'])
@@ -259,9 +265,31 @@ class PCommunicateCommand:
         return OK
 
 
+def tune_garbage_collector() -> None:
+    """For a process that loaded the app and now applies batches.
+
+    The objects made while loading the app live as long as the process:
+    frozen, full collections stop walking them.  A batch makes thousands of
+    ORM objects, most freed by reference counting; the default first
+    generation (700 allocations) makes the collector walk them again and
+    again.  Together these take about a fifth off applying a batch
+    (``benchmarks``: 125 to 98 µs per record on SQLite).  The cyclic
+    garbage still goes, a little later.
+    """
+    gc.freeze()
+    first, second, third = gc.get_threshold()
+    gc.set_threshold(max(first, 10_000), second, third)
+
+
 def main(argv: Sequence[str] = sys.argv, quiet: bool = False) -> int:
     return PCommunicateCommand(argv, quiet).run()
 
 
+def console() -> int:
+    """The ``pcommunicate`` console script: :func:`main` in a process of its
+    own."""
+    return PCommunicateCommand(sys.argv, own_process=True).run()
+
+
 if __name__ == '__main__':  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())
