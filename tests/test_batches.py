@@ -57,3 +57,49 @@ def test_a_single_message_over_the_limit_fails_clearly_and_holds_up_only_the_pus
     assert facade.side.count('inbound_messages') == 0
     assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 1
     assert [row['title'] for row in central.side.rows('posts')] == ['post 0', 'still pulled']
+
+
+def test_a_later_batch_that_fails_leaves_the_earlier_ones_delivered(
+        make_side, serve, make_central):
+    """The next batch is read while one is on the wire: when that next one
+    cannot go, what the peer took stays delivered and the rest waits."""
+    facade = serve(make_side('facade'), **{'communicator.max_body_bytes': 4000})
+    central = make_central(make_side('central'), facade.url,
+                           **{'communicator.batch_size': 4,
+                              'communicator.max_body_bytes': 4000})
+    publish_posts(central.side, 8)
+    publish_posts(central.side, 1, body='z' * 5000)  # the third batch, alone
+    publish_posts(central.side, 2)
+
+    result = central.pcommunicate()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert facade.side.count('posts') == 8
+    undelivered = central.side.rows('outbound_messages')[8:]
+    assert [row['delivered_at'] for row in undelivered] == [None, None, None]
+
+
+def test_a_pull_applies_as_it_goes_and_tries_each_failure_once_per_run(
+        make_side, serve, make_central):
+    """A pull of several batches applies each while the next is fetched; a
+    message that fails meanwhile is not tried again in the same run, and
+    the run still applies the rest."""
+    facade = serve(make_side('facade'), **{'communicator.batch_size': 3})
+    central = make_central(make_side('central'), facade.url,
+                           **{'communicator.batch_size': 3})
+    with central.side.session() as session:
+        session.add(Post(title='holds the slug', slug='taken'))
+    facade.create_post(title='clashes', slug='taken')  # fails at central
+    for number in range(7):
+        facade.create_post(title=f'facade post {number}')
+
+    figures = summary(central.sync())
+    assert (figures['pulled'], figures['applied'], figures['failed']) == (8, 7, 1)
+    clash = [row for row in central.side.rows('inbound_messages') if row['processed_at'] is None]
+    assert len(clash) == 1 and clash[0]['attempts'] == 1
+    assert 'IntegrityError' in clash[0]['last_error']
+    assert central.side.count('posts') == 8
+
+    figures = summary(central.sync())  # the next run tries it again
+    assert (figures['pulled'], figures['applied'], figures['failed']) == (0, 0, 1)
+    assert [row['attempts'] for row in central.side.rows('inbound_messages')
+            if row['processed_at'] is None] == [2]
