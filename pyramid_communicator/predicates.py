@@ -30,6 +30,6 @@ def one_of(column: ColumnElement, values: Collection[Any], dialect: str) -> Colu
         if high - low + 1 == len(distinct):
             return column.between(low, high)
     if dialect == 'postgresql':
-        return column == any_(bindparam(None, sorted(distinct, key=repr),
+        return column == any_(bindparam(None, sorted(distinct),
                                         type_=ARRAY(column.type)))
-    return column.in_(sorted(distinct, key=repr))
+    return column.in_(sorted(distinct))

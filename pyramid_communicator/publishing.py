@@ -349,10 +349,16 @@ def publish_records(session: Session, objs: Iterable[object]) -> int:
 PENDING = 'pyramid_communicator.pending'
 
 
-def _note(mapper: Any, target: object, deleted: bool) -> None:
+def _publishing_session(target: object) -> Session | None:
+    """The session whose flush publishes ``target``: None outside a session,
+    and for one that applies received messages (they are not echoed back)."""
     session = object_session(target)
     if session is None or session.info.get(APPLYING):
-        return
+        return None
+    return session
+
+
+def _note(session: Session, mapper: Any, target: object, deleted: bool) -> None:
     record_id = local_id(target)
     new = record_id is None
     if record_id is None and len(mapper.primary_key) == 1:
@@ -364,16 +370,19 @@ def _note(mapper: Any, target: object, deleted: bool) -> None:
 
 
 def _autopublish(mapper: Any, connection: Connection, target: object) -> None:
+    session = _publishing_session(target)
+    if session is None:
+        return
     state = inspect(target)
-    if state.session is not None and state.session.info.get(APPLYING):
-        return  # applied messages are not echoed back (see _note)
     if state.has_identity and not _changed(state, receiver_of(target)):
         return
-    _note(mapper, target, deleted=False)
+    _note(session, mapper, target, deleted=False)
 
 
 def _autopublish_delete(mapper: Any, connection: Connection, target: object) -> None:
-    _note(mapper, target, deleted=True)
+    session = _publishing_session(target)
+    if session is not None:
+        _note(session, mapper, target, deleted=True)
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:

@@ -183,7 +183,6 @@ class Communicator:
         sender = self.client.base_uri
         previous: list[int] = []
         total = self._peer_pending() if self.progress.shown else None
-        started = utcnow()
         with self.progress.bar('pull', total) as bar, _wire_thread('pull') as wire_thread:
             fetching = None
             while True:
@@ -217,8 +216,9 @@ class Communicator:
                     # aside): the next batch can be on its way already.
                     fetching = wire_thread.submit(self.client.pull, max(ids) + 1)
                 if applied is not None:
-                    # What waits is counted by the apply that follows the pull.
-                    result = self._apply(not_retried_since=started)
+                    # No failure is retried here, and what waits is counted,
+                    # by the apply that follows the pull.
+                    result = self._apply(not_retried_since=datetime.datetime.min)
                     applied.applied += result.applied
                     applied.failed += result.failed
         with self.tm:

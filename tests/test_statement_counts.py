@@ -3,7 +3,6 @@ and per batch, not several per record (counted on the real database, so
 a change that brings back per-record queries shows up here)."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -12,10 +11,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import PASSWORD, USERNAME
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from test_records import deliver, settings_of
+from test_views import basic
 
 from pyramid_communicator.demo.models import Comment, Post, Tag
 from pyramid_communicator.sync import apply_inbound
@@ -24,10 +23,12 @@ from pyramid_communicator.wire import WireMessage
 
 @contextlib.contextmanager
 def statements(side) -> Iterator[Counter]:
-    """Count statements by (verb, table) on the side's engine."""
+    """Count statements by (verb, table) on the side's database; the
+    counts are there once the block is over."""
     counts: Counter = Counter()
-
-    def count(conn, cursor, statement, parameters, context, executemany):
+    with executed(side) as seen:
+        yield counts
+    for statement, _, _ in seen:
         match = re.match(r'\s*(SELECT|INSERT INTO|UPDATE|DELETE FROM)\s.*?'
                          r'(?:FROM\s+)?(\w+)', statement, re.S | re.I)
         if match:
@@ -35,16 +36,22 @@ def statements(side) -> Iterator[Counter]:
             table = re.search(r'(?:FROM|INTO|UPDATE)\s+(\w+)', statement, re.I)
             counts[(verb, table.group(1) if table else '?')] += 1
 
-    event.listen(side.engine, 'before_cursor_execute', count)
+
+@contextlib.contextmanager
+def executed(side) -> Iterator[list]:
+    """The statements (SQL, parameters, executemany) run on the side's
+    database, by any engine (an app in process has its own)."""
+    seen: list = []
+
+    def keep(conn, cursor, statement, parameters, context, executemany):
+        if conn.engine.url == side.engine.url:
+            seen.append((statement, parameters, executemany))
+
+    event.listen(Engine, 'before_cursor_execute', keep)
     try:
-        yield counts
+        yield seen
     finally:
-        event.remove(side.engine, 'before_cursor_execute', count)
-
-
-def basic_auth_header() -> dict[str, str]:
-    credentials = base64.b64encode(f'{USERNAME}:{PASSWORD}'.encode()).decode()
-    return {'Authorization': f'Basic {credentials}'}
+        event.remove(Engine, 'before_cursor_execute', keep)
 
 
 def ours(counts: Counter) -> Counter:
@@ -122,21 +129,8 @@ def test_applying_a_batch_reads_metadata_with_a_constant_number_of_queries(make_
         assert per_table['inbound_messages'] == 1  # one claim
 
 
-@contextlib.contextmanager
-def executed(side) -> Iterator[list]:
-    """The statements (SQL and parameters) executed on the side's database,
-    by any engine (an app in process has its own)."""
-    seen: list = []
-
-    def keep(conn, cursor, statement, parameters, context, executemany):
-        if not executemany and conn.engine.url == side.engine.url:
-            seen.append((statement, parameters))
-
-    event.listen(Engine, 'before_cursor_execute', keep)
-    try:
-        yield seen
-    finally:
-        event.remove(Engine, 'before_cursor_execute', keep)
+#: The add-on's tables, in SQL.
+OUR_TABLES = r'(communicator_\w+|outbound_messages|inbound_messages)'
 
 
 def full_reads(side, seen: list) -> list[str]:
@@ -145,16 +139,14 @@ def full_reads(side, seen: list) -> list[str]:
     work that grows with the history kept, on every publish or batch."""
     found = []
     with side.engine.connect() as connection:
-        for statement, parameters in seen:
-            if not re.search(r'\b(communicator_\w+|outbound_messages|inbound_messages)\b',
-                             statement) or not statement.lstrip().upper().startswith(
-                                 ('SELECT', 'UPDATE', 'DELETE')):
+        for statement, parameters, executemany in seen:
+            reads = statement.lstrip().upper().startswith(('SELECT', 'UPDATE', 'DELETE'))
+            if executemany or not reads or not re.search(rf'\b{OUR_TABLES}\b', statement):
                 continue
             plan = connection.exec_driver_sql('EXPLAIN QUERY PLAN ' + statement,
                                               parameters).all()
             for line in (row[-1] for row in plan):
-                ours = re.search(r'(SCAN|SEARCH) (communicator_\w+|outbound_messages|'
-                                 r'inbound_messages)\b(.*)', line)
+                ours = re.search(rf'(SCAN|SEARCH) {OUR_TABLES}\b(.*)', line)
                 if ours is None or ours.group(2) == 'communicator_state':
                     continue  # a row per fact and peer: read whole on purpose
                 first_only = 'LIMIT' in statement and 'ORDER BY' not in statement
@@ -197,7 +189,7 @@ def test_the_server_s_exchanges_search_indexes_instead_of_reading_history(make_s
     statement is an index search, as cheap with history kept as without."""
     facade = make_side('facade')
     app = webapp(facade)
-    auth = basic_auth_header()
+    auth = basic()
     with facade.session() as session:
         session.add_all([Tag(name=f'served {i}', label='x') for i in range(3)])
     with executed(facade) as seen:
@@ -210,6 +202,6 @@ def test_the_server_s_exchanges_search_indexes_instead_of_reading_history(make_s
         app.post_json('/messages/delivered.json', {'ids': [m['id'] for m in served]},
                       status=200, headers={**auth, 'X-Communicator-Name': 'central'})
     assert len(served) == 3 and facade.count('tags') == 6
-    assert any('inbound_messages.remote_id' in statement for statement, _ in seen)  # stored
+    assert any('inbound_messages.remote_id' in statement for statement, _, _ in seen)  # stored
     found = full_reads(facade, seen)
     assert not found, '\n'.join(found)
