@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
 from . import queues, wire
-from .client import BodyTooLarge, Client, PeerError
+from .client import BodyTooLarge, Client, PeerError, PullReply
 from .inbox import ApplyResult, apply_pending
 from .models import utcnow
 from .progress import NO_PROGRESS, Progress
@@ -202,19 +202,20 @@ class Communicator:
                 if reply.messages:
                     with self.tm:
                         queues.store_inbound(self.session, sender, reply.messages)
-                    if reply.acknowledges:
-                        self.client.acknowledge(ids)
                     pulled += len(reply.messages)
                     bar.update(len(reply.messages))
                     log.info('pulled %d messages from %s', len(reply.messages), sender)
                 # Our server says when more wait; the gem's serves all at once
                 # and the cursor moves on until a reply is empty.
                 if not reply.messages or (reply.acknowledges and not reply.more):
+                    if reply.messages and reply.acknowledges:
+                        self.client.acknowledge(ids)
                     break
                 if reply.acknowledges:
-                    # Our server serves what is not acknowledged (from_id
-                    # aside): the next batch can be on its way already.
-                    fetching = wire_thread.submit(self.client.pull, max(ids) + 1)
+                    # Stored: the acknowledgement, then the next batch (our
+                    # server serves what is not acknowledged, from_id aside),
+                    # go on their way while this one is applied.
+                    fetching = wire_thread.submit(self._acknowledge_and_pull, ids)
                 if applied is not None:
                     # No failure is retried here, and what waits is counted,
                     # by the apply that follows the pull.
@@ -224,6 +225,10 @@ class Communicator:
         with self.tm:
             queues.set_state(self.session, 'last_pull_at', sender)
         return pulled
+
+    def _acknowledge_and_pull(self, ids: list[int]) -> PullReply:
+        self.client.acknowledge(ids)
+        return self.client.pull(max(ids) + 1)
 
     def _peer_pending(self) -> int | None:
         """The peer's outbound queue depth, for the pull's progress: known

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm import Session
 
-from . import tracking
+from . import bulk, tracking
 from .models import communicator_conflicts, communicator_mappings
 from .predicates import one_of
 from .records import Receiver, from_wire, natural_key, receiver_for
@@ -350,8 +350,7 @@ class WorkingSet:
                 updates.append({'_id': identity.row_id, **values})
             identity.dirty = False
         connection = self.session.connection()
-        for chunk in _chunks(inserts, 500):
-            connection.execute(communicator_mappings.insert(), chunk)
+        bulk.insert_rows(connection, communicator_mappings, inserts)
         if updates:
             connection.execute(
                 update(communicator_mappings).where(M.id == bindparam('_id'))

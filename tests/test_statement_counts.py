@@ -125,7 +125,11 @@ def test_applying_a_batch_reads_metadata_with_a_constant_number_of_queries(make_
         reads = sum(n for (verb, table), n in counts.items()
                     if verb == 'SELECT' and table in ('communicator_mappings', 'tags'))
         assert reads <= 3, counts  # identities, match_on candidates, aliases
-        assert per_table['communicator_mappings'] == 1  # one multi-row insert
+        # One multi-row insert (on psycopg a COPY, which passes by
+        # SQLAlchemy's statement events: none counted, the rows are there).
+        assert per_table.get('communicator_mappings', 0) <= 1
+        assert len([r for r in facade.rows('communicator_mappings')
+                    if r['original_id'] >= first]) == size
         assert per_table['inbound_messages'] == 1  # one claim
 
 
