@@ -17,7 +17,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import transaction
 from sqlalchemy.engine import Engine
@@ -122,10 +122,14 @@ class Communicator:
                 total = queues.count_pending_outbound(self.session)
         with self.progress.bar('push', total) as bar, _wire_thread('push') as wire_thread:
             batch = self._next_batch(0)
+            sending = self._submit(wire_thread, batch)
             while batch is not None:
-                sending = wire_thread.submit(self._send, batch.messages, batch.payload)
                 following = self._next_batch(batch.messages[-1].id)  # meanwhile
                 sending.result()
+                # The next batch goes while this one is marked delivered: a
+                # run stopped in between sends both again, which the peer
+                # stores once.
+                sending = self._submit(wire_thread, following)
                 with self.tm:
                     queues.mark_delivered(self.session, [m.id for m in batch.messages])
                     queues.set_state(self.session, 'last_push_at')
@@ -139,6 +143,11 @@ class Communicator:
             with self.tm:
                 queues.set_state(self.session, 'last_push_at')
         return pushed
+
+    def _submit(self, wire_thread: ThreadPoolExecutor, batch: _Batch | None) -> Future | None:
+        if batch is None:
+            return None
+        return wire_thread.submit(self._send, batch.messages, batch.payload)
 
     def _next_batch(self, after: int) -> _Batch | None:
         """The batch after id ``after``, encoded; None when nothing is left."""
