@@ -18,7 +18,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
-from . import wire
+from . import bulk, wire
 from .models import communicator_state, inbound_messages, outbound_messages, utcnow
 from .predicates import one_of
 from .wire import WireMessage
@@ -118,7 +118,14 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
     """Store what arrived; a message already stored is left alone, and so
     is one at or below the highest id purged for this sender (it was
     stored, applied and purged before: a re-send or a replay).
-    Returns how many were new (as far as the database reports it)."""
+    Returns how many were new (as far as the database reports it).
+
+    Callers store one sender's batches one at a time: the server's view
+    takes the sender's state row first, ``pcommunicate`` its run lock.  So
+    the SELECT below sees what the transaction before stored, and on
+    psycopg the rows go by COPY (:mod:`.bulk`).  Should two stores of the
+    same messages still meet, the unique index refuses the second, which
+    is sent again later and then finds them stored."""
     now = utcnow()
     purged = purged_watermark(session, sender)
     messages = list(messages)
@@ -135,6 +142,10 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
              'version': _compact(m.version) if m.version else None,
              'format': m.format, 'created_at': now, 'attempts': 0}
             for m in messages if m.id > purged]
+    if session.get_bind().dialect.driver == 'psycopg':
+        bulk.insert_rows(session.connection(), inbound_messages, rows)
+        _changed(session)
+        return len(rows)
     return _insert_ignoring_duplicates(session, inbound_messages, rows,
                                        ('sender', 'remote_id'))
 
