@@ -38,9 +38,9 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
 
 def _copy(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     columns = list(rows[0])
-    quote = connection.dialect.identifier_preparer.quote
-    sql = (f'COPY {quote(table.name)} ({", ".join(quote(c) for c in columns)}) '
-           'FROM STDIN')
+    preparer = connection.dialect.identifier_preparer
+    sql = (f'COPY {preparer.format_table(table)} '
+           f'({", ".join(preparer.quote(c) for c in columns)}) FROM STDIN')
     cursor = connection.connection.driver_connection.cursor()
     try:
         with cursor.copy(sql) as copy:
