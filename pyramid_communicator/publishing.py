@@ -188,10 +188,8 @@ class _Staging:
         if change.deleted:
             return self._delete(receiver, change.obj, change.record_id)
         values = change.values
-        fingerprints = {key: fingerprint(value) for key, value in values.items()}
         if change.record_id is None:  # never flushed: sent without identity, untracked
-            version = Version()
-            version.edit(fingerprints)
+            version = _first_version(values)
             identity = (None, None)
         else:
             tracked = self.tracked.setdefault(name, {}).get(change.record_id)
@@ -211,8 +209,8 @@ class _Staging:
                 self.tracked[name][change.record_id] = tracked
                 kind = 'revived' if old else 'created'
                 writes[kind][change.record_id] = tracked.version
-                tracked.version.edit(fingerprints)
-            elif tracked.version.edit(fingerprints):
+                tracked.version.edit(_fingerprints(values))
+            elif tracked.version.edit(_fingerprints(values)):
                 if not any(change.record_id in writes[k] for k in ('created', 'revived')):
                     writes['changed'][change.record_id] = tracked.version
             version = tracked.version
@@ -269,6 +267,18 @@ class _Staging:
             tracking.bury_natural(self.connection, name, {
                 key: writes['buried'][i] for i, key in self.natural[name].items()
                 if key is not None and i in writes['buried']})
+
+
+def _fingerprints(values: dict[str, Any]) -> dict[str, str]:
+    return {key: fingerprint(value) for key, value in values.items()}
+
+
+def _first_version(values: dict[str, Any]) -> Version:
+    """The version of a record's first publish (no earlier life, no
+    deleted natural key to come after): one edit of every attribute."""
+    version = Version()
+    version.edit(_fingerprints(values))
+    return version
 
 
 def _publish_changes(connection: Connection, changes: list[_Change]) -> list[dict[str, Any]]:
@@ -393,7 +403,32 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     changes = session.info.pop(PENDING, None)
     if changes:
         connection = session.connection()
-        _insert(connection, _publish_changes(connection, changes))
+        if not _published_as_new(connection, changes):
+            _insert(connection, _publish_changes(connection, changes))
+
+
+def _published_as_new(connection: Connection, changes: list[_Change]) -> bool:
+    """Publish the flush in one statement if it inserted just one record,
+    optimistically taking that record for new to the sync metadata (the
+    common request: one record created); False, with nothing written, if
+    it was not (an id handed out again, a natural key deleted before).
+
+    PostgreSQL only: its round trips are what such a request pays for, and
+    it can write the identity and the message in one statement.  The
+    lookup that the optimism skips is needed for records whose synced
+    foreign keys point somewhere (their refs)."""
+    if len(changes) != 1 or connection.dialect.name != 'postgresql':
+        return False
+    change = changes[0]
+    receiver = receiver_of(change.obj)
+    if (not change.new or change.record_id is None
+            or any(change.values.get(key) is not None for key in receiver.references())):
+        return False
+    version = _first_version(change.values)
+    row = _Staging._row(receiver.name, change.values, (None, change.record_id), None,
+                        version, 0)
+    return tracking.create_with_message(connection, receiver.name, change.record_id, version,
+                                        change.natural, row) is not None
 
 
 def _listen_to_sessions() -> None:

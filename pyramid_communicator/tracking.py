@@ -5,7 +5,10 @@ Core statements on the host's connection, inside the host's transaction.
 Rows of a changed record are read ``FOR UPDATE`` (PostgreSQL, MariaDB)
 after the record's own row was written, so a publish and an apply of the
 same record take their locks in the same order (record, then metadata)
-and see each other's versions.  Applying reads and writes the same rows
+and see each other's versions.  A record inserted by the host's transaction
+has no rows yet: its identity is written with ``INSERT ... ON CONFLICT
+DO NOTHING`` (:func:`create_with_message`), so two writers meet on the
+unique identity instead.  Applying reads and writes the same rows
 set-wise through :mod:`.working_set`.
 """
 from __future__ import annotations
@@ -14,10 +17,11 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, null, select, union_all, update
+from sqlalchemy import bindparam, exists, literal, null, select, union_all, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from .models import communicator_mappings, communicator_natural_tombstones
+from .models import communicator_mappings, communicator_natural_tombstones, outbound_messages
 from .predicates import one_of
 from .versions import HERE, Version
 
@@ -219,3 +223,58 @@ _BY_RECORD = update(communicator_mappings).where(M.name == bindparam('_name'),
                                                  M.local_id == bindparam('_id'))
 _CHANGE = _BY_RECORD.values(version=bindparam('_version'))
 _BURY = _BY_RECORD.values(local_id=None, version=bindparam('_version'))
+
+
+# -- a new record's identity and message in one statement (PostgreSQL) -----------
+
+def _create_with_message(natural: bool) -> Any:
+    """``INSERT`` of a record's own identity, only if the record is new to
+    the sync metadata, and of its message ``FROM`` that insert: one data-
+    modifying ``WITH``.  New means no mapping stands for the record (a
+    stale one of an id handed out again), no row holds its identity (a
+    tombstone of ours: ``ON CONFLICT``, which also keeps a concurrent
+    insert of the same identity from raising) and, with ``natural``, no
+    delete of its natural key is kept."""
+    record_id = bindparam('id', type_=M.original_id.type)
+    new = ~exists().where(M.name == _NAME, M.local_id == record_id)
+    if natural:
+        new &= ~exists().where(T.name == _NAME, T.natural_key == bindparam('natural_key'))
+    mapping = (postgresql.insert(communicator_mappings)
+               .from_select(['name', 'origin', 'original_id', 'local_id', 'version', 'life'],
+                            select(_NAME, literal(HERE), record_id, record_id,
+                                   bindparam('version', type_=M.version.type), literal(0))
+                            .where(new))
+               .on_conflict_do_nothing(index_elements=['name', 'origin', 'original_id'])
+               .returning(M.id)
+               .cte('mapping'))
+    out = outbound_messages.c
+    message = select(bindparam('body', type_=out.body.type), null(), record_id, null(),
+                     bindparam('message_version', type_=out.version.type),
+                     bindparam('format', type_=out.format.type),
+                     bindparam('created_at', type_=out.created_at.type)).select_from(mapping)
+    return (outbound_messages.insert()
+            .from_select(['body', 'origin', 'original_id', 'refs', 'version', 'format',
+                          'created_at'], message)
+            .returning(out.id))
+
+
+_CREATE_WITH_MESSAGE = {natural: _create_with_message(natural) for natural in (False, True)}
+
+
+def create_with_message(connection: Connection, name: str, local_id: int, version: Version,
+                        natural_key: str | None, message: dict[str, Any]) -> int | None:
+    """Write a record's own identity and version and its outbound message
+    (``message``: a row of ``outbound_messages`` without identity columns)
+    in one round trip, if the record is new to the sync metadata (see
+    :func:`_create_with_message`); the message's id, or None when it was
+    not, and then nothing was written.  PostgreSQL only.
+
+    A record inserted by this transaction has no mapping row yet, so there
+    is nothing to lock: the unique identity is what two writers would
+    meet on."""
+    params = {'name': name, 'id': local_id, 'version': version.dumps(),
+              'body': message['body'], 'message_version': message['version'],
+              'format': message['format'], 'created_at': message['created_at']}
+    if natural_key is not None:
+        params['natural_key'] = natural_key
+    return connection.execute(_CREATE_WITH_MESSAGE[natural_key is not None], params).scalar()

@@ -775,6 +775,57 @@ def test_publish_delete_by_hand_deletes_the_peers_copy(sides):
     assert inbound_failures(facade) == []
 
 
+def sent_versions(side: Side) -> list[dict[str, Any]]:
+    """The versions of a side's undelivered messages, as the wire carries them."""
+    return [outbound_to_wire(types.SimpleNamespace(**row), side.name).version
+            for row in side.rows('outbound_messages') if row['delivered_at'] is None]
+
+
+def test_a_tag_created_under_the_id_of_a_deleted_one_is_a_new_life_of_it(sides):
+    """An id handed out again (SQLite does; given here by hand) names a new
+    record: its message carries the identity's next life, and the peer
+    creates the tag instead of taking it for the deleted one."""
+    central, facade = sides
+    tag_id = add(central, Tag(name='first', label='1'))
+    exchange(central, facade)
+    with central.session() as session:
+        session.delete(session.get(Tag, tag_id))
+    exchange(central, facade)
+    assert tags(facade) == {}
+
+    add(central, Tag(id=tag_id, name='second', label='2'))
+    [version] = sent_versions(central)
+    assert version['life'] == 1 and set(version['clock']) == {'central'}
+    exchange(central, facade)
+
+    assert tags(central) == tags(facade) == {'second': ('2', None, None)}
+    [row] = [row for row in facade.rows('communicator_mappings')
+             if (row['origin'], row['original_id']) == ('central', tag_id)]
+    assert row['local_id'] is not None and row['life'] == 1
+    assert inbound_failures(facade) == []
+
+
+def test_a_tag_created_again_with_a_name_deleted_elsewhere_comes_after_the_delete(sides):
+    """A new record whose natural key was deleted (here by the peer)
+    inherits that delete's clock: the peer sees it came after its delete
+    and creates it again."""
+    central, facade = sides
+    facade_id = add(facade, Tag(name='again', label='facade'))
+    exchange(central, facade)
+    with facade.session() as session:
+        session.delete(session.get(Tag, facade_id))
+    exchange(central, facade)
+    assert tags(central) == tags(facade) == {}
+
+    add(central, Tag(name='again', label='central'))
+    [version] = sent_versions(central)
+    assert set(version['clock']) == {'central', 'facade'} and 'life' not in version
+    exchange(central, facade)
+
+    assert tags(central) == tags(facade) == {'again': ('central', None, None)}
+    assert inbound_failures(central) == inbound_failures(facade) == []
+
+
 @pytest.fixture
 def foreign_keys(sides) -> Iterator[Engine]:
     """The facade's database with foreign keys enforced (SQLite needs

@@ -66,15 +66,16 @@ def autopublish_tags(side, count: int, start: int) -> Counter:
     return ours(counts)
 
 
-def test_autopublishing_a_flush_costs_the_same_statements_for_1_or_50_records(make_side):
+def test_autopublishing_a_flush_costs_the_same_statements_for_2_or_50_records(make_side):
+    # (One new record may take a single statement: the next test.)
     side = make_side('central')
-    one = autopublish_tags(side, 1, 0)
+    two = autopublish_tags(side, 2, 0)
     fifty = autopublish_tags(side, 50, 100)
-    assert one == fifty, (one, fifty)
+    assert two == fifty, (two, fifty)
     # versions and deletes of the same natural key (match_on) read in one
     # statement, identities written, messages written
-    assert sum(one.values()) <= 3, one
-    assert side.count('outbound_messages') == 51
+    assert sum(two.values()) <= 3, two
+    assert side.count('outbound_messages') == 52
 
     with statements(side) as counts, side.session() as session:
         for tag in session.scalars(select(Tag)):
@@ -82,7 +83,25 @@ def test_autopublishing_a_flush_costs_the_same_statements_for_1_or_50_records(ma
     # versions read (and locked by primary key on PostgreSQL and MariaDB),
     # versions written, messages written
     assert sum(ours(counts).values()) <= 4, counts
-    assert side.count('outbound_messages') == 102
+    assert side.count('outbound_messages') == 104
+
+
+@pytest.mark.backends('postgresql')
+def test_a_request_creating_one_record_publishes_it_in_one_statement(make_side):
+    """The common request, one record created, pays one round trip for
+    publishing on PostgreSQL: its identity and its message in one statement."""
+    side = make_side('central')
+    with executed(side) as plain, side.session() as session:
+        session.add(Post(title='not autopublished'))
+    assert [s.split()[:3] for s, _, _ in plain] == [['INSERT', 'INTO', 'posts']]
+    # a match_on model, and one without (its foreign key None)
+    for record, table in ((Tag(name='one', label='x'), 'tags'), (Comment(body='one'), 'comments')):
+        with executed(side) as seen, side.session() as session:
+            session.add(record)
+        assert [s.split()[:3] for s, _, _ in seen[:1]] == [['INSERT', 'INTO', table]]
+        assert len(seen) == 2, [s for s, _, _ in seen]
+    assert side.count('outbound_messages') == 2
+    assert side.count('communicator_mappings', "origin = '' AND local_id = original_id") == 2
 
 
 def test_autopublishing_a_model_without_match_on_costs_constant_statements(make_side):
