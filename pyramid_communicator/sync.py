@@ -8,8 +8,10 @@ stores once (``queues.store_inbound``).
 The wire and the database overlap: while one batch is on its way (a push
 waits for the peer to apply it, a pull for the peer to serve the next),
 a thread of its own carries the HTTP request and this one reads and
-encodes the next batch to push, or applies the batch just pulled.  Only
-one request is in flight at a time, so the peer sees batches in order.
+encodes the next batch to push and marks the one before delivered, or
+applies the batch just pulled while its acknowledgement and the request
+for the next one go out.  Only one request is in flight at a time, so
+the peer sees batches in order.
 """
 from __future__ import annotations
 
