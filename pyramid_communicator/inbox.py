@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import transaction
 from sqlalchemy.exc import DBAPIError
@@ -39,6 +39,7 @@ from . import queues, wire
 from .applying import Message, Refused, apply_message
 from .models import utcnow
 from .records import decode_body
+from .wire import WireMessage
 from .working_set import WorkingSet
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,23 @@ class ApplyResult:
         return self
 
 
-def _decoded(row) -> tuple[str, dict] | None:
+def _decoded(row, arrived: WireMessage | None) -> tuple[str, dict] | None:
+    if arrived is not None and arrived.decoded is not None:
+        return arrived.decoded
     try:
         return decode_body(row.body)
     except ValueError:
         return None  # fails on its own when applied
+
+
+def _arrived(row, known: Mapping[tuple[str, int], WireMessage] | None) -> WireMessage | None:
+    """The message as it arrived in this process, if it did and it is
+    the one stored (a sender could re-send an id with another body, which
+    the queue did not store)."""
+    if not known:
+        return None
+    arrived = known.get((row.sender, row.remote_id))
+    return arrived if arrived is not None and arrived.body == row.body else None
 
 
 def _key_of(row, decoded: tuple[str, dict] | None, local_name: str) -> tuple | None:
@@ -90,7 +103,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   ids: Sequence[int] | None = None,
                   retry_delay: float = 0,
                   progress: Callable[[int], None] | None = None,
-                  not_retried_since: datetime.datetime | None = None) -> ApplyResult:
+                  not_retried_since: datetime.datetime | None = None,
+                  known: Mapping[tuple[str, int], WireMessage] | None = None) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed less than ``retry_delay`` seconds ago is not
@@ -103,7 +117,9 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     ``session`` must be registered with ``tm`` (zope.sqlalchemy) and must
     not be the session of a request in progress: every batch is committed
     or rolled back on its own.  ``progress`` is told how many messages each
-    batch went through (applied, failed or left waiting).
+    batch went through (applied, failed or left waiting).  ``known``:
+    messages this process just received and stored, by (sender, remote
+    id), parsed already (the stored rows stay what is applied).
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -112,13 +128,17 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     if not_retried_since is not None:
         retry_before = min(retry_before, not_retried_since)
     decoded: dict[int, tuple[str, dict] | None] = {}
+    arrived: dict[int, WireMessage] = {}
     while True:
         with tm:
             rows = queues.pending_inbound(session, batch_size, after, ids)
         ready = []
         for row in rows:
             after = row.id
-            decoded[row.id] = _decoded(row)  # once per message, also if split and retried
+            message = _arrived(row, known)
+            if message is not None:
+                arrived[row.id] = message
+            decoded[row.id] = _decoded(row, message)  # once, also if split and retried
             key = _key_of(row, decoded[row.id], local_name)
             if row.format > wire.FORMAT_VERSION:
                 result.waiting += 1
@@ -133,15 +153,19 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                     blocked.add(key)
             else:
                 ready.append((row, key))
-        _apply_batch(session, tm, local_name, ready, blocked, result, decoded)
+        _apply_batch(session, tm, local_name, ready, blocked, result, decoded, arrived)
         decoded.clear()
+        arrived.clear()
         if progress is not None and rows:
             progress(len(rows))
         if len(rows) < batch_size:
             return result
 
 
-def _message(row, decoded: tuple[str, dict] | None) -> Message:
+def _message(row, decoded: tuple[str, dict] | None, arrived: WireMessage | None) -> Message:
+    if arrived is not None:  # the same JSON, parsed on arrival
+        return Message(row.sender, row.body, row.origin, row.original_id,
+                       arrived.refs or None, arrived.version or None, decoded)
     return Message(row.sender, row.body, row.origin, row.original_id,
                    json.loads(row.refs) if row.refs else None,
                    json.loads(row.version) if row.version else None, decoded)
@@ -149,7 +173,8 @@ def _message(row, decoded: tuple[str, dict] | None) -> Message:
 
 def _apply_batch(session: Session, tm: transaction.TransactionManager, local_name: str,
                  batch: list[tuple], blocked: set[tuple], result: ApplyResult,
-                 decoded: dict[int, tuple[str, dict] | None]) -> None:
+                 decoded: dict[int, tuple[str, dict] | None],
+                 arrived: dict[int, WireMessage]) -> None:
     """Apply ``batch`` in one transaction, or in halves if that fails."""
     ready = [(row, key) for row, key in batch if key is None or key not in blocked]
     result.waiting += len(batch) - len(ready)  # behind a failure found in the other half
@@ -158,8 +183,8 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
     try:
         with tm:
             claimed = queues.claim_batch(session, [row.id for row, _ in ready])
-            messages = [_message(row, decoded.get(row.id)) for row, _ in ready
-                        if row.id in claimed]
+            messages = [_message(row, decoded.get(row.id), arrived.get(row.id))
+                        for row, _ in ready if row.id in claimed]
             work = WorkingSet(session, local_name, alone=len(ready) == 1)
             work.preload(messages)
             with session.no_autoflush:
@@ -170,8 +195,10 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
     except Exception as exc:
         if len(ready) > 1:
             half = len(ready) // 2
-            _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded)
-            _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded)
+            _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded,
+                         arrived)
+            _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded,
+                         arrived)
             return
         _keep_failure(session, tm, ready[0][0].id, exc)
         result.failed += 1

@@ -114,11 +114,13 @@ def mark_delivered(session: Session, ids: Iterable[int]) -> int:
 
 # -- inbound ----------------------------------------------------------------
 
-def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]) -> int:
+def store_inbound(session: Session, sender: str,
+                  messages: Iterable[WireMessage]) -> list[WireMessage]:
     """Store what arrived; a message already stored is left alone, and so
     is one at or below the highest id purged for this sender (it was
     stored, applied and purged before: a re-send or a replay).
-    Returns how many were new (as far as the database reports it).
+    Returns the messages this call stored (none if the database could not
+    tell them apart from rows a concurrent store wrote).
 
     Callers store one sender's batches one at a time: the server's view
     takes the sender's state row first, ``pcommunicate`` its run lock.  So
@@ -135,19 +137,20 @@ def store_inbound(session: Session, sender: str, messages: Iterable[WireMessage]
         select(IN.remote_id).where(IN.sender == sender,
                                    one_of(IN.remote_id, [m.id for m in messages],
                                           _dialect(session)))).scalars())
-    messages = [m for m in messages if m.id not in stored]
+    fresh = [m for m in messages if m.id not in stored and m.id > purged]
     rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
              'origin': m.origin, 'original_id': m.original_id,
              'refs': _plain(m.refs) if m.refs else None,
              'version': _compact(m.version) if m.version else None,
              'format': m.format, 'created_at': now, 'attempts': 0}
-            for m in messages if m.id > purged]
+            for m in fresh]
     if session.get_bind().dialect.driver == 'psycopg':
         bulk.insert_rows(session.connection(), inbound_messages, rows)
         _changed(session)
-        return len(rows)
-    return _insert_ignoring_duplicates(session, inbound_messages, rows,
-                                       ('sender', 'remote_id'))
+        return fresh
+    inserted = _insert_ignoring_duplicates(session, inbound_messages, rows,
+                                           ('sender', 'remote_id'))
+    return fresh if inserted == len(fresh) else []
 
 
 def last_remote_id(session: Session, sender: str) -> int:
@@ -178,8 +181,8 @@ def raise_purged_watermark(session: Session, sender: str, remote_id: int) -> Non
 
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
-    query = (select(IN.id, IN.sender, IN.body, IN.origin, IN.original_id, IN.refs,
-                    IN.version, IN.format, IN.failed_at)
+    query = (select(IN.id, IN.sender, IN.remote_id, IN.body, IN.origin, IN.original_id,
+                    IN.refs, IN.version, IN.format, IN.failed_at)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
                     IN.refused_at.is_(None), IN.id > after_id)
              .order_by(IN.id).limit(limit))

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import transaction
@@ -74,15 +75,18 @@ def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
 
 
 def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
-                  retry_now: bool = False) -> ApplyResult:
+                  retry_now: bool = False,
+                  known: Mapping[tuple[str, int], wire.WireMessage] | None = None,
+                  ) -> ApplyResult:
     """Apply pending inbound messages with a session and transaction
     manager of their own (as the server does after a request commits).
-    ``retry_now`` retries failed messages without ``retry_delay``."""
+    ``retry_now`` retries failed messages without ``retry_delay``;
+    ``known``: see :func:`.inbox.apply_pending`."""
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
         result = apply_pending(session, tm, settings.name, settings.batch_size, ids,
-                               0 if retry_now else settings.retry_delay)
+                               0 if retry_now else settings.retry_delay, known=known)
         if ids is None:  # the server's normal run: keep history bounded
             purge_if_due(session, tm, settings.retention_days)
         return result
@@ -210,9 +214,10 @@ class Communicator:
                     raise PeerError(f'{self.client.messages_url} serves the same messages '
                                     'again after they were acknowledged')
                 previous = ids
+                stored: list[wire.WireMessage] = []
                 if reply.messages:
                     with self.tm:
-                        queues.store_inbound(self.session, sender, reply.messages)
+                        stored = queues.store_inbound(self.session, sender, reply.messages)
                     pulled += len(reply.messages)
                     bar.update(len(reply.messages))
                     log.info('pulled %d messages from %s', len(reply.messages), sender)
@@ -230,7 +235,8 @@ class Communicator:
                 if applied is not None:
                     # No failure is retried here, and what waits is counted,
                     # by the apply that follows the pull.
-                    result = self._apply(not_retried_since=datetime.datetime.min)
+                    result = self._apply(not_retried_since=datetime.datetime.min,
+                                         known={(sender, m.id): m for m in stored})
                     applied.applied += result.applied
                     applied.failed += result.failed
         with self.tm:
@@ -266,10 +272,13 @@ class Communicator:
             return self._apply(not_retried_since, bar.update)
 
     def _apply(self, not_retried_since: datetime.datetime | None = None,
-               progress=None) -> ApplyResult:
+               progress=None,
+               known: Mapping[tuple[str, int], wire.WireMessage] | None = None,
+               ) -> ApplyResult:
         return apply_pending(self.session, self.tm, self.settings.name,
                              self.settings.batch_size, retry_delay=self.settings.retry_delay,
-                             progress=progress, not_retried_since=not_retried_since)
+                             progress=progress, not_retried_since=not_retried_since,
+                             known=known)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

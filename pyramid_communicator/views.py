@@ -83,10 +83,11 @@ def _dbsession(request: Request, settings: CommunicatorSettings):
     return getattr(request, settings.dbsession)
 
 
-def _apply_after_commit(request: Request, settings: CommunicatorSettings) -> None:
+def _apply_after_commit(request: Request, settings: CommunicatorSettings,
+                        known: dict[tuple[str, int], wire.WireMessage] | None = None) -> None:
     """Apply pending inbound messages once this request has committed:
-    new arrivals, and failures of earlier runs retried whenever the client
-    talks to us."""
+    new arrivals (``known``: those this request stored, parsed already),
+    and failures of earlier runs retried whenever the client talks to us."""
     if not settings.apply_on_receive:
         return
     bind = _dbsession(request, settings).get_bind()
@@ -95,7 +96,7 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings) -> Non
         if not committed:
             return
         try:
-            result = apply_inbound(bind, settings)
+            result = apply_inbound(bind, settings, known=known)
         except Exception as exc:  # the reply is sent anyway; retried next time
             log.error('applying inbound messages failed: %s', type(exc).__name__)
             log.debug('applying inbound messages failed', exc_info=True)
@@ -213,14 +214,15 @@ def post_messages(request: Request) -> Response:
         return _error(400, f'{wire.NAME_HEADER} must be 1-64 letters, digits, "_", "." or "-"')
     sender = name or extract_http_basic_credentials(request).username[:255]
     session = _dbsession(request, settings)
+    stored: list[wire.WireMessage] = []
     if messages:
         # The state row first: its lock queues concurrent POSTs (racing
         # re-sends of one batch), so that each sees what the one before
         # stored instead of inserting the same rows at the same moment,
         # which InnoDB can answer with a deadlock.
         queues.set_state(session, 'last_received_at', sender)
-        queues.store_inbound(session, sender, messages)
-    _apply_after_commit(request, settings)
+        stored = queues.store_inbound(session, sender, messages)
+    _apply_after_commit(request, settings, {(sender, m.id): m for m in stored})
     # The sender's name only when it gave one: never the Basic user name.
     log.info('received %d messages from %s', len(messages), name or 'a client without a name')
     return _json(202, {'received': len(messages)}, **_headers(settings))

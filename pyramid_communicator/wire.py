@@ -80,6 +80,11 @@ class WireMessage:
     #: Our extension: the format the sender wrote the message in (absent
     #: on the wire: 1, the gem's).
     format: int = 1
+    #: ``records.decode_body(body)``, kept by :func:`parse_messages` (which
+    #: decodes each body to check it): the receiver applies the batch it
+    #: just stored without decoding it again.  Not on the wire.
+    decoded: tuple[str, dict[str, Any]] | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         data = {'id': self.id, 'body': self.body, 'origin': self.origin,
@@ -184,9 +189,10 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
             raise WireError(f'{where}: "body" must be a string')
         if not _storable(body):
             raise WireError(f'{where}: "body" must be UTF-8 text without NUL characters')
+        decoded = None
         try:
             if known:
-                decode_body(body)
+                decoded = decode_body(body)
         except RecursionError:
             raise WireError(f'{where}: "body" is nested too deeply') from None
         except ValueError as exc:
@@ -206,7 +212,7 @@ def parse_messages(raw: bytes | str) -> list[WireMessage]:
             raise WireError(f'{where}: "version" must be {{"clock": {{app: hlc}}, '
                             '"stamps": {attribute: [hlc, app]}} or a deletion')
         messages.append(WireMessage(message_id, body, origin, original_id, refs or None,
-                                    version, message_format))
+                                    version, message_format, decoded))
     return messages
 
 

@@ -33,7 +33,7 @@ from pyramid_communicator.queues import store_inbound
 from pyramid_communicator.settings import CommunicatorSettings, parse_settings
 from pyramid_communicator.status import give_up, revive
 from pyramid_communicator.sync import apply_inbound
-from pyramid_communicator.wire import WireMessage, outbound_to_wire
+from pyramid_communicator.wire import WireMessage, outbound_to_wire, parse_messages
 
 if TYPE_CHECKING:
     from conftest import Side
@@ -373,6 +373,27 @@ def test_message_from_elsewhere_creates_a_mapped_record_and_then_updates_it(faca
     assert facade.count('communicator_mappings', "origin <> ''") == 1
     edited = get_post(facade, local_id)
     assert (edited['title'], edited['body']) == ('Edited on central', 'b')
+
+
+def test_what_arrived_is_applied_as_stored(facade):
+    """The server and ``pcommunicate`` apply a batch they just stored with
+    its messages as parsed on arrival; a re-send under a stored id with
+    another body is not stored, and so not what is applied either."""
+    [first] = parse_messages(json.dumps([
+        {'id': 1, 'origin': 'central', 'original_id': 7,
+         'body': json.dumps({'post': {'title': 'first'}})}]))
+    [again] = parse_messages(json.dumps([
+        {'id': 1, 'origin': 'central', 'original_id': 7,
+         'body': json.dumps({'post': {'title': 'sent again, changed'}})}]))
+    with facade.session() as session:
+        assert store_inbound(session, 'central', [first]) == [first]
+    with facade.session() as session:
+        assert store_inbound(session, 'central', [again]) == []
+
+    result = apply_inbound(facade.engine, settings_of(facade), known={('central', 1): again})
+
+    assert result.applied == 1
+    assert get_post(facade, mapped_id(facade, 'post', 'central', 7))['title'] == 'first'
 
 
 def test_message_with_own_origin_updates_the_record_with_that_primary_key(facade):
