@@ -781,16 +781,23 @@ def sent_versions(side: Side) -> list[dict[str, Any]]:
             for row in side.rows('outbound_messages') if row['delivered_at'] is None]
 
 
+def synced_then_deleted(side: Side, sides: tuple[Side, Side], tag: Tag) -> int:
+    """Create ``tag`` on ``side``, sync it, delete it there and sync the
+    delete; its id on ``side``."""
+    tag_id = add(side, tag)
+    exchange(*sides)
+    with side.session() as session:
+        session.delete(session.get(Tag, tag_id))
+    exchange(*sides)
+    return tag_id
+
+
 def test_a_tag_created_under_the_id_of_a_deleted_one_is_a_new_life_of_it(sides):
     """An id handed out again (SQLite does; given here by hand) names a new
     record: its message carries the identity's next life, and the peer
     creates the tag instead of taking it for the deleted one."""
     central, facade = sides
-    tag_id = add(central, Tag(name='first', label='1'))
-    exchange(central, facade)
-    with central.session() as session:
-        session.delete(session.get(Tag, tag_id))
-    exchange(central, facade)
+    tag_id = synced_then_deleted(central, sides, Tag(name='first', label='1'))
     assert tags(facade) == {}
 
     add(central, Tag(id=tag_id, name='second', label='2'))
@@ -810,11 +817,7 @@ def test_a_tag_created_again_with_a_name_deleted_elsewhere_comes_after_the_delet
     inherits that delete's clock: the peer sees it came after its delete
     and creates it again."""
     central, facade = sides
-    facade_id = add(facade, Tag(name='again', label='facade'))
-    exchange(central, facade)
-    with facade.session() as session:
-        session.delete(session.get(Tag, facade_id))
-    exchange(central, facade)
+    synced_then_deleted(facade, sides, Tag(name='again', label='facade'))
     assert tags(central) == tags(facade) == {}
 
     add(central, Tag(name='again', label='central'))
