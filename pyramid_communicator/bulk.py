@@ -23,12 +23,18 @@ from sqlalchemy.engine import Connection
 CHUNK = 500
 
 
+def copies(connection: Connection) -> bool:
+    """Does :func:`insert_rows` stream rows with COPY here?  (A COPY cannot
+    skip duplicates: callers that would rather ignore them than fail ask.)"""
+    return connection.dialect.driver == 'psycopg'
+
+
 def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """INSERT ``rows`` (dicts with the same keys) into ``table``, inside
     the connection's transaction."""
     if not rows:
         return
-    if connection.dialect.driver == 'psycopg' and len(rows) > 1:
+    if copies(connection) and len(rows) > 1:
         _copy(connection, table, rows)
         return
     statement = table.insert()

@@ -144,8 +144,9 @@ def store_inbound(session: Session, sender: str,
              'version': _compact(m.version) if m.version else None,
              'format': m.format, 'created_at': now, 'attempts': 0}
             for m in fresh]
-    if session.get_bind().dialect.driver == 'psycopg':
-        bulk.insert_rows(session.connection(), inbound_messages, rows)
+    connection = session.connection()
+    if bulk.copies(connection):
+        bulk.insert_rows(connection, inbound_messages, rows)
         _changed(session)
         return fresh
     inserted = _insert_ignoring_duplicates(session, inbound_messages, rows,
