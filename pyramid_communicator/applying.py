@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
-from . import conflicts
+from . import conflicts, trust
 from .conflicts import Conflict, Custom, Edit
 from .records import (
     Receiver,
@@ -31,6 +31,7 @@ from .records import (
     receiver_for,
     to_wire,
 )
+from .trust import Refused
 from .versions import (
     FUTURE_LIMIT,
     HERE,
@@ -46,10 +47,7 @@ from .versions import (
 from .versions import from_wire as version_from_wire
 from .working_set import Identity, WorkingSet
 
-
-class Refused(Exception):
-    """The peer may not do this.  The message is kept with the reason and
-    not retried, unless an operator names it in ``pcommunicate --retry``."""
+__all__ = ['Message', 'Refused', 'apply_message']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +71,11 @@ def apply_message(work: WorkingSet, message: Message) -> object | None:
     written (None when nothing was: a stale update, a delete)."""
     name, attributes = message.decode()
     application = _Application(work, receiver_for(name), message)
+    if application.incoming is None and not work.gem_peer:
+        # Our apps always send versions: one without could only be forged,
+        # to overwrite what no version check would let through.
+        raise Refused(f'{message.sender} sent a message without a version, which only a '
+                      'gem peer may (communicator.gem_peer)')
     if application.incoming is not None and \
             latest_hlc(application.incoming) > now_hlc() + FUTURE_LIMIT:
         raise Refused(f'the version {message.sender} sent is more than a day ahead of '
@@ -110,6 +113,28 @@ class _Application:
             raise Refused(f'{self.name} does not accept {operation}s from '
                           f'{self.message.sender}{hint}')
 
+    def believe(self, local: Version | None, record: object | None = None,
+                identity: Identity | None = None) -> None:
+        """Check the message's version against ours (:mod:`.trust`): what
+        it claims of this app may not go past what was delivered."""
+        incoming = self.incoming
+        if incoming is None:
+            return
+        undelivered = None
+        if incoming.clock.get(HERE) or any(app == HERE for _, app in incoming.stamps.values()):
+            undelivered = self.work.undelivered(record, identity)
+        trust.check_version(incoming, local, self.message.sender, self.local_name,
+                            undelivered)
+
+    def shared(self, record: object) -> None:
+        """A local record found by its natural key: the peer may touch it
+        only if it knows it (an identity: sent to it, or received from it)."""
+        if not self.work.aliases.get(id(record)):
+            raise Refused(f'{self.message.sender} sent a {self.name} whose '
+                          f'{", ".join(self.receiver.match_on)} matches {self.name} '
+                          f'{self.work.local_id(record)} of {self.local_name}, '
+                          'which was never sent to it')
+
     def find(self) -> Identity | None:
         """The identity's row; refused for a record of ours never sent out."""
         if self.key is None:
@@ -124,13 +149,19 @@ class _Application:
 
     def upsert(self, attributes: dict[str, Any]) -> object | None:
         identity = self.find()
+        previous = previous_identity = None  # an earlier life of the identity
         if identity is not None and self.incoming is not None:
             known = identity.life
             if self.life < known:
                 return None  # about a record that had this id before: it is gone
             if self.life > known:  # a new record under a reused id
+                trust.check_life(self.life, known, self.key[0], self.message.sender,
+                                 self.local_name)
+                previous = identity.version or (
+                    self.work.version_of(identity.record) if identity.record is not None
+                    else None)
                 self.reuse(identity)
-                identity = None
+                previous_identity, identity = identity, None
         if identity is not None and identity.tombstone:
             return self.against_tombstone(identity, attributes)
         record = identity.record if identity is not None else None
@@ -139,8 +170,13 @@ class _Application:
                               'does not exist here')
         if record is not None:
             self.require('update')
+            self.believe(self.work.version_of(record), record)
         else:
             self.require('create')
+            if self.key is not None and identity is None:
+                trust.check_origin(self.key[0], self.message.sender,
+                                   self.incoming is not None, self.local_name)
+            tomb = None
             if self.receiver.match_on:
                 tomb = None if self.key is None else \
                     self.work.match_tombstone(self.receiver, attributes)
@@ -156,6 +192,14 @@ class _Application:
                 record = self.work.match(self.receiver, attributes)
                 if record is not None:
                     self.matched(record)
+            if record is None:
+                # New here: it may carry only what an earlier life of the
+                # identity, or a deleted record of its natural key, had seen.
+                if previous_identity is None and identity is not None:
+                    previous, previous_identity = identity.version, identity
+                if tomb is not None:
+                    previous = tomb if previous is None else previous.with_delete(tomb)
+                self.believe(previous, identity=previous_identity)
         created = record is None
         if created:
             record = self.receiver.cls()
@@ -175,11 +219,8 @@ class _Application:
         that record: an update, allowed only of a record the peer knows
         (one with an identity: sent to it, or received from it)."""
         self.require('update')
-        if not self.work.aliases.get(id(record)):
-            raise Refused(f'{self.message.sender} sent a {self.name} whose '
-                          f'{", ".join(self.receiver.match_on)} matches {self.name} '
-                          f'{self.work.local_id(record)} of {self.local_name}, '
-                          'which was never sent to it')
+        self.shared(record)
+        self.believe(self.work.version_of(record), record)
 
     def note_unique_keys(self, record: object) -> None:
         if not self.work.alone:
@@ -211,8 +252,8 @@ class _Application:
         synced model points at our copy of the record the sender meant."""
         refs = self.message.refs or {}
         target = self.receiver.references().get(key)
-        if target is not None and key in refs and wire_value is not None:
-            return self.resolve(target, *refs[key])
+        if target is not None and wire_value is not None:
+            return self.resolve(target, *refs[key])  # merge() saw to it that refs has it
         return from_wire(self.receiver.columns()[key], wire_value)
 
     def resolve(self, target: Receiver, origin: str, original_id: int) -> int:
@@ -237,8 +278,18 @@ class _Application:
                           stamps=dict(local.stamps))
         columns = self.receiver.columns()
         values = dict(attributes)
-        for key, (_, ref_id) in (self.message.refs or {}).items():
+        refs = self.message.refs or {}
+        references = self.receiver.references()
+        for key, (_, ref_id) in refs.items():
+            if key in columns and key not in references:
+                raise Refused(f'{self.message.sender} sent a reference for {key!r}, '
+                              f'which is no foreign key of {self.name} to a synced model')
             values.setdefault(key, ref_id)  # whom the key means, also if the body lacks it
+        for key in references:
+            if values.get(key) is not None and key not in refs:
+                # A raw value would be one of our ids, chosen by the peer.
+                raise Refused(f'{self.message.sender} sent {self.name}.{key} without '
+                              'saying whom it refers to (refs)')
         for key, wire_value in values.items():
             if key not in columns:
                 continue
@@ -249,8 +300,8 @@ class _Application:
                     version.stamps[key] = (*incoming.stamps[key], fingerprint(remote))
                 continue
             s_in, s_loc = incoming.stamps.get(key), local.stamp(key)
-            if s_in == s_loc or s_in is None:
-                continue
+            if s_in == s_loc or s_in is None or s_in[1] == HERE:
+                continue  # no news, or an edit of ours: we know our own edits
             seen_here, seen_there = covered(s_in, local.clock), covered(s_loc, incoming.clock)
             if seen_here and not seen_there:
                 continue  # ours is newer: the message is stale for this attribute
@@ -312,6 +363,7 @@ class _Application:
         tomb = identity.version or Version()
         if incoming is None:
             return None  # the gem knows no deletes: the record stays deleted
+        self.believe(tomb, identity=identity)
         if not tomb.deletes_seen(incoming.clock):
             newer = [s for s in incoming.stamps.values() if not covered(s, tomb.clock)]
             if not newer:
@@ -333,6 +385,7 @@ class _Application:
         self.require('create')
         record = self.work.match(self.receiver, attributes) if self.receiver.match_on else None
         if record is not None:
+            self.matched(record)
             version = self.merge(record, self.work.version_of(record), attributes, created=False)
             self.work.map(self.name, *self.key, record, version, self.life)
             self.work.save(record, version)
@@ -350,25 +403,35 @@ class _Application:
         incoming = self.incoming
         identity = self.find()
         target = None
+        if identity is not None and incoming.life > identity.life:
+            trust.check_life(incoming.life, identity.life, self.key[0], self.message.sender,
+                             self.local_name)
+        if identity is None:
+            trust.check_origin(self.key[0], self.message.sender, True, self.local_name)
         if identity is not None and incoming.life < identity.life:
             pass  # about a record that had this id before: it is gone
         elif identity is None or identity.tombstone:
             # Never here, or deleted already: keep (or extend) the tombstone
             # so that a late create or update does not bring it back.
+            self.believe(identity.version if identity is not None else None,
+                         identity=identity)
             tomb = (identity.version if identity is not None else None) or Version()
             self.work.map(self.name, *self.key, None, tomb.with_delete(
                 Version(clock=dict(incoming.clock), deleted=incoming.deleted)),
                 max(identity.life if identity is not None else 0, incoming.life))
         else:
             target = identity.record
+            self.believe(self.work.version_of(target), target)
             self.delete_record(target, identity, identity.version)
         if self.receiver.match_on:
             # The same natural key may live here under another identity (a
-            # record created again meanwhile): the delete meets it as well;
-            # and it is kept by that key, which a record created here later
-            # must come after.
+            # record created again meanwhile): the delete meets it as well,
+            # if the peer knows it; and it is kept by that key, which a
+            # record created here later must come after.
             other = self.work.match(self.receiver, attributes)
             if other is not None and other is not target:
+                self.shared(other)
+                self.believe(self.work.version_of(other), other)
                 self.delete_record(other, None, None)
             columns = self.receiver.columns()
             natural = natural_key(self.receiver, {

@@ -104,7 +104,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   retry_delay: float = 0,
                   progress: Callable[[int], None] | None = None,
                   not_retried_since: datetime.datetime | None = None,
-                  known: Mapping[tuple[str, int], WireMessage] | None = None) -> ApplyResult:
+                  known: Mapping[tuple[str, int], WireMessage] | None = None,
+                  gem_peer: bool = False) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed less than ``retry_delay`` seconds ago is not
@@ -120,6 +121,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     batch went through (applied, failed or left waiting).  ``known``:
     messages this process just received and stored, by (sender, remote
     id), parsed already (the stored rows stay what is applied).
+    ``gem_peer``: messages without versions are applied (a Rails peer
+    running the gem), not refused.
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -153,7 +156,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                     blocked.add(key)
             else:
                 ready.append((row, key))
-        _apply_batch(session, tm, local_name, ready, blocked, result, decoded, arrived)
+        _apply_batch(session, tm, local_name, ready, blocked, result, decoded, arrived,
+                     gem_peer)
         decoded.clear()
         arrived.clear()
         if progress is not None and rows:
@@ -174,7 +178,7 @@ def _message(row, decoded: tuple[str, dict] | None, arrived: WireMessage | None)
 def _apply_batch(session: Session, tm: transaction.TransactionManager, local_name: str,
                  batch: list[tuple], blocked: set[tuple], result: ApplyResult,
                  decoded: dict[int, tuple[str, dict] | None],
-                 arrived: dict[int, WireMessage]) -> None:
+                 arrived: dict[int, WireMessage], gem_peer: bool = False) -> None:
     """Apply ``batch`` in one transaction, or in halves if that fails."""
     ready = [(row, key) for row, key in batch if key is None or key not in blocked]
     result.waiting += len(batch) - len(ready)  # behind a failure found in the other half
@@ -185,7 +189,7 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
             claimed = queues.claim_batch(session, [row.id for row, _ in ready])
             messages = [_message(row, decoded.get(row.id), arrived.get(row.id))
                         for row, _ in ready if row.id in claimed]
-            work = WorkingSet(session, local_name, alone=len(ready) == 1)
+            work = WorkingSet(session, local_name, alone=len(ready) == 1, gem_peer=gem_peer)
             work.preload(messages)
             with session.no_autoflush:
                 for message in messages:
@@ -196,9 +200,9 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
         if len(ready) > 1:
             half = len(ready) // 2
             _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded,
-                         arrived)
+                         arrived, gem_peer)
             _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded,
-                         arrived)
+                         arrived, gem_peer)
             return
         _keep_failure(session, tm, ready[0][0].id, exc)
         result.failed += 1

@@ -150,6 +150,10 @@ SETTINGS: tuple[Setting, ...] = tuple(
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
+        ('gem_peer', _bool, False,
+         'the peer is a Rails app running the Ruby gem: its messages, which carry '
+         'no versions, are applied as the gem did (they overwrite); otherwise such a '
+         'message is refused, since our apps always send versions'),
         ('retention_days', _non_negative_int, 7,
          'delivered outbound and applied inbound messages (and conflict records) '
          'older than this are deleted, hourly during normal runs; 0 keeps them'),
@@ -174,6 +178,7 @@ class CommunicatorSettings:
     apply_on_receive: bool = True
     retry_delay: int = 30
     lock_wait: int = 0
+    gem_peer: bool = False
     retention_days: int = 7
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks

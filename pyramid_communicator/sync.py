@@ -86,7 +86,8 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
     session = make_session(bind, tm)
     try:
         result = apply_pending(session, tm, settings.name, settings.batch_size, ids,
-                               0 if retry_now else settings.retry_delay, known=known)
+                               0 if retry_now else settings.retry_delay, known=known,
+                               gem_peer=settings.gem_peer)
         if ids is None:  # the server's normal run: keep history bounded
             purge_if_due(session, tm, settings.retention_days)
         return result
@@ -278,7 +279,7 @@ class Communicator:
         return apply_pending(self.session, self.tm, self.settings.name,
                              self.settings.batch_size, retry_delay=self.settings.retry_delay,
                              progress=progress, not_retried_since=not_retried_since,
-                             known=known)
+                             known=known, gem_peer=self.settings.gem_peer)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

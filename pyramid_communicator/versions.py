@@ -230,7 +230,7 @@ def valid_wire_version(data: Any) -> bool:
     if 'life' in data and not _hlc(data['life']):
         return False
     clock = data.get('clock')
-    if type(clock) is not dict or len(clock) > 1000:
+    if type(clock) is not dict or len(clock) > MAX_CLOCK_APPS:
         return False
     for app, hlc in clock.items():
         if not (type(app) is str and 0 < len(app) <= 64 and _hlc(hlc)):
@@ -247,6 +247,9 @@ def valid_wire_version(data: Any) -> bool:
 
 
 _VERSION_KEYS = frozenset({'clock', 'stamps', 'deleted', 'life'})
+#: Apps a version may name: a pair, or a central with its facades.  (Apps
+#: the receiver does not know are refused anyway, see :mod:`.trust`.)
+MAX_CLOCK_APPS = 64
 
 
 def _hlc(value: Any) -> bool:

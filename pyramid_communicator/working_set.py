@@ -13,6 +13,7 @@ validators run as usual.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -21,12 +22,13 @@ from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm import Session
 
 from . import bulk, tracking
-from .models import communicator_conflicts, communicator_mappings
+from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
 from .records import Receiver, from_wire, natural_key, receiver_for
 from .versions import HERE, Version
 
 M = communicator_mappings.c
+OUT = outbound_messages.c
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,9 +54,16 @@ def _key(origin: str | None, original_id: int, local_name: str) -> tuple[str, in
 
 
 class WorkingSet:
-    def __init__(self, session: Session, local_name: str, alone: bool = False) -> None:
+    def __init__(self, session: Session, local_name: str, alone: bool = False,
+                 gem_peer: bool = False) -> None:
         self.session = session
         self.local_name = local_name
+        #: Messages without versions are accepted (``communicator.gem_peer``).
+        self.gem_peer = gem_peer
+        #: (name, origin, original_id) -> the smallest hlc of our edits of
+        #: that identity still in the outbound queue; read when first asked.
+        self._undelivered: dict[tuple[str, str, int], int] | None = None
+        self._undelivered_keys: set[tuple[str, str, int]] = set()
         self.dialect = session.get_bind().dialect.name
         #: A batch of one message (a failed batch split down): errors are
         #: worth explaining, flushes cost nothing extra.
@@ -211,6 +220,45 @@ class WorkingSet:
                     self.aliases[id(identity.record)].append(identity)
         return identity
 
+    def undelivered(self, record: object | None, identity: Identity | None = None) -> int | None:
+        """The smallest hlc of this app's edits of ``record`` (or of the
+        identity) that wait in the outbound queue: the peer cannot have
+        seen them.  One query per batch, for every identity it holds."""
+        keys = [(i.name, i.origin, i.original_id)
+                for i in (self.aliases.get(id(record), ()) if record is not None else ())]
+        if identity is not None:
+            keys.append((identity.name, identity.origin, identity.original_id))
+        if self._undelivered is None or any(key not in self._undelivered_keys for key in keys):
+            # Every identity of the batch at once (one read for most batches).
+            wanted = set(self.identities) | set(keys)
+            self._undelivered = self._load_undelivered(wanted)
+            self._undelivered_keys = wanted
+        found = [self._undelivered[key] for key in keys if key in self._undelivered]
+        return min(found, default=None)
+
+    def _load_undelivered(self, keys: set[tuple[str, str, int]],
+                          ) -> dict[tuple[str, str, int], int]:
+        by_id = defaultdict(set)
+        for name, origin, original_id in keys:
+            by_id[original_id].add((name, origin))
+        found: dict[tuple[str, str, int], int] = {}
+        if not by_id:
+            return found
+        for chunk in _chunks(sorted(by_id), 500):
+            rows = self._rows(select(OUT.body, OUT.origin, OUT.original_id, OUT.version)
+                              .where(OUT.delivered_at.is_(None),
+                                     one_of(OUT.original_id, chunk, self.dialect)))
+            for row in rows:
+                origin = HERE if row.origin in (None, self.local_name) else row.origin
+                name = _body_name(row.body)
+                if (name, origin) not in by_id[row.original_id] or not row.version:
+                    continue
+                hlc = json.loads(row.version).get('clock', {}).get(HERE)
+                if hlc:
+                    key = (name, origin, row.original_id)
+                    found[key] = min(found.get(key, hlc), hlc)
+        return found
+
     def version_of(self, record: object) -> Version:
         for identity in self.aliases.get(id(record), ()):
             if identity.version is not None:
@@ -365,6 +413,15 @@ class WorkingSet:
             by_name[name][key] = self.natural_tombstones[(name, key)]
         for name, deleted in by_name.items():
             tracking.bury_natural(connection, name, deleted)
+
+
+def _body_name(body: str) -> str | None:
+    """The record name a stored body starts with (``{"name":{...}}``),
+    without decoding the body."""
+    if not body.startswith('{"'):
+        return None
+    end = body.find('"', 2)
+    return body[2:end] if end > 2 else None
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

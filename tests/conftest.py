@@ -11,6 +11,7 @@ gets empty tables.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -231,6 +233,16 @@ def make_side(databases) -> Callable[..., Side]:
         url = databases.url(name, backend)
         return Side(name, url, databases.reset(url))
     return make
+
+
+def versioned(message: dict[str, Any], app: str) -> dict[str, Any]:
+    """A wire message (a dict) with the version our apps send: a fresh edit
+    by ``app`` of every attribute in its body."""
+    from pyramid_communicator.versions import now_hlc
+    hlc = now_hlc()
+    (_, attributes), = json.loads(message['body']).items()
+    return {**message, 'version': {'clock': {app: hlc},
+                                   'stamps': {key: [hlc, app] for key in attributes}}}
 
 
 def app_settings(side: Side, **overrides) -> dict[str, str]:

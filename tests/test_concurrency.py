@@ -30,6 +30,7 @@ from conftest import (
     Side,
     app_settings,
     free_port,
+    versioned,
     write_ini,
 )
 from sqlalchemy import text
@@ -384,8 +385,9 @@ def test_the_same_batch_posted_at_once_is_stored_and_applied_once(serve_facade):
     senders = 6
     size = 0
     for round_ in range(3):  # fresh races on a queue that already has rows
-        batch = [{'id': size + i, 'origin': 'central', 'original_id': size + i,
-                  'body': json.dumps({'post': {'title': f'batch {size + i}', 'body': 'x'}})}
+        batch = [versioned({'id': size + i, 'origin': 'central', 'original_id': size + i,
+                            'body': json.dumps({'post': {'title': f'batch {size + i}',
+                                                         'body': 'x'}})}, 'central')
                  for i in range(1, 31)]
         size += len(batch)
         payload = json.dumps(batch).encode()

@@ -456,7 +456,8 @@ def test_a_hostile_peer_cannot_touch_records_never_sent_to_it(pair):
     never_sent = 'of central, which was never sent to it'
     assert [row['last_error'] for row in inbound_failures(central.side)] == [
         f'refused: facade addressed post {secret_id} {never_sent}',
-        f'refused: facade addressed post {secret_id} {never_sent}',
+        'refused: facade sent a message without a version, which only a gem peer may '
+        '(communicator.gem_peer)',
         f'refused: facade addressed tag {tag_id} {never_sent}',
         f'refused: facade refers to post {secret_id} {never_sent}',
         f'refused: facade sent a tag whose name matches tag {tag_id} {never_sent}']
@@ -470,8 +471,25 @@ def test_a_hostile_peer_cannot_touch_records_never_sent_to_it(pair):
 
 # -- 9: the gem's messages, without versions ----------------------------------------
 
-def test_an_unversioned_update_overwrites_a_versioned_record(pair):
+def test_an_unversioned_update_is_refused_from_a_peer_of_ours(pair):
+    """Our apps always send versions: a message without one could only be
+    forged, to overwrite what the version checks would keep."""
     central, facade = pair
+    post_id = central_post(central, title='Versioned', body='b', slug='p')
+    central.sync()
+
+    forge(facade.side, 'post', {'title': 'No version'}, 'central', post_id, None)
+    central.sync()
+    assert posts(central.side) == {'p': {'title': 'Versioned', 'body': 'b'}}
+    [refused] = inbound_failures(central.side)
+    assert 'without a version' in refused['last_error']
+
+
+def test_an_unversioned_update_from_a_gem_peer_overwrites_a_versioned_record(
+        make_side, serve, make_central):
+    gem = {'communicator.gem_peer': 'true'}
+    facade = serve(make_side('facade'))
+    central = make_central(make_side('central'), facade.url, **gem)
     post_id = central_post(central, title='Versioned', body='b', slug='p')
     central.sync()
 

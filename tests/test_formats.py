@@ -79,7 +79,7 @@ def test_a_row_from_before_the_column_is_sent_as_format_1(make_side, webapp):
 
 def test_a_gem_message_without_format_is_format_1_and_applied(make_side, webapp):
     facade = make_side('facade')
-    app = webapp(facade)
+    app = webapp(facade, **{'communicator.gem_peer': 'true'})
     response = post_messages(app, [{'id': 1, 'body': record('gem post'),
                                      'origin': 'central', 'original_id': 3}])
     assert response.status_int == 202
@@ -103,7 +103,7 @@ def test_a_malformed_format_is_a_400(make_side, webapp, bad):
 def test_newer_format_waits_at_the_server_until_it_is_upgraded(make_side, webapp,
                                                                make_central, monkeypatch):
     facade = make_side('facade')
-    app = webapp(facade)
+    app = webapp(facade, **{'communicator.gem_peer': 'true'})
     # Post (central, 7) is created in format 99, then updated in format 2;
     # post (central, 8) has nothing to do with it.  No versions: the later
     # message overwrites, so the order of applying shows in the result.

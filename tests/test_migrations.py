@@ -372,7 +372,10 @@ def test_a_0_1_0_database_is_taken_over_and_its_pending_messages_travel(
     command.upgrade(config, 'host@head')
     central_side = Side('central', url, create_engine(url))
     V010.create_all(central_side.engine)
-    facade = serve(make_side('facade'))
+    # Messages written by 0.1.0 carry no version: while they travel, both
+    # sides take them as a gem peer's (docs/upgrading.rst).
+    unversioned = {'communicator.gem_peer': 'true'}
+    facade = serve(make_side('facade'), **unversioned)
     long_ago = datetime.datetime(2026, 1, 5, 12, 0)
 
     # Central's history under 0.1.0: post 1 published and delivered (the
@@ -424,7 +427,7 @@ def test_a_0_1_0_database_is_taken_over_and_its_pending_messages_travel(
     assert [r['key'] for r in central_side.rows('communicator_state', 'updated_at')] == [
         'last_push']
 
-    central = make_central(central_side, facade.url)
+    central = make_central(central_side, facade.url, **unversioned)
     assert summary(central.sync()) == dict(pushed=1, pulled=1, applied=2, failed=0,
                                            waiting=0)
 

@@ -121,7 +121,8 @@ def test_pull_from_a_peer_without_status_counts_without_a_total(make_side, make_
         return [json.dumps([m for m in messages if m['id'] >= from_id]).encode()]
 
     with serve_wsgi(gem_with_messages) as url:
-        central = make_central(make_side('central'), url)
+        central = make_central(make_side('central'), url,
+                               **{'communicator.gem_peer': 'true'})
         result, shown = on_terminal(central, '--pull')
     assert result.returncode == 0, shown
     assert re.fullmatch(r'pull: 4 messages \[\d\d:\d\d, +[\d.]+ messages/s\]',

@@ -92,7 +92,9 @@ def settings_of(side: Side) -> CommunicatorSettings:
                            'communicator.username': 'user',
                            'communicator.password': 'secret',
                            'communicator.batch_size': '7',
-                           'communicator.retry_delay': '0'})
+                           'communicator.retry_delay': '0',
+                           # the messages here are the gem's: no versions
+                           'communicator.gem_peer': 'true'})
 
 
 def message(remote_id: int, name: str, attributes: dict[str, Any],
@@ -116,6 +118,10 @@ def forward(source: Side, target: Side) -> None:
     rows = [types.SimpleNamespace(**row) for row in source.rows('outbound_messages')]
     deliver(target, *(outbound_to_wire(row, source.name) for row in rows),
             sender=source.name)
+    with source.engine.begin() as conn:  # and the sender learns it (2xx)
+        conn.execute(OutboundMessage.__table__.update().values(
+            delivered_at=datetime.datetime(2000, 1, 1))
+            .where(OutboundMessage.__table__.c.delivered_at.is_(None)))
 
 
 def outbound_bodies(side: Side) -> list[dict[str, Any]]:

@@ -63,10 +63,15 @@ def test_a_comment_that_arrives_before_its_post_waits_for_it(make_side):
     assert comments(facade) == {'Early': post}
 
 
-def test_without_refs_a_foreign_key_keeps_its_raw_value_as_the_gem_sent_it(make_side):
+def test_a_foreign_key_without_refs_is_refused_never_taken_as_a_local_id(make_side):
+    """A raw value would be one of the receiver's ids, chosen by the peer:
+    a comment on a post never shared with it (the gem sent such values)."""
     facade = make_side('facade')
-    local_post = add_post(facade, title='Here already')
-    deliver(facade, message(1, 'comment', {'body': 'From a gem', 'post_id': local_post},
+    local_post = add_post(facade, title='Never shared')
+    deliver(facade, message(1, 'comment', {'body': 'Attached?', 'post_id': local_post},
                             'central', 5), sender='central')
-    assert apply(facade).applied == 1
-    assert comments(facade) == {'From a gem': local_post}
+    assert apply(facade).failed == 1
+    [row] = facade.rows('inbound_messages')
+    assert row['refused_at'] is not None
+    assert 'comment.post_id without saying whom it refers to' in row['last_error']
+    assert comments(facade) == {}

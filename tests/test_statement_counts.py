@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from conftest import versioned
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 from test_records import deliver, settings_of
@@ -216,8 +217,9 @@ def test_the_server_s_exchanges_search_indexes_instead_of_reading_history(make_s
     with facade.session() as session:
         session.add_all([Tag(name=f'served {i}', label='x') for i in range(3)])
     with executed(facade) as seen:
-        pushed = [{'id': i, 'body': json.dumps({'tag': {'name': f'pushed {i}'}}),
-                   'origin': 'central', 'original_id': i} for i in range(1, 4)]
+        pushed = [versioned({'id': i, 'body': json.dumps({'tag': {'name': f'pushed {i}'}}),
+                             'origin': 'central', 'original_id': i}, 'central')
+                  for i in range(1, 4)]
         app.post('/messages.json', json.dumps(pushed), status=202, headers={
             **auth, 'Content-Type': 'application/json', 'X-Communicator-Name': 'central'})
         served = app.get('/messages.json?from_id=1&pending=1', status=200, headers={

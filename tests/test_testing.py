@@ -13,6 +13,7 @@ import json
 import pytest
 import transaction
 import zope.sqlalchemy
+from conftest import versioned
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 from pyramid.response import Response
@@ -108,8 +109,10 @@ def test_the_include_makes_a_working_app_from_bare_test_settings(host_db):
     assert [(m['origin'], m['original_id'], json.loads(m['body'])) for m in served] == [
         ('test', note_id, {'testing_note': {'text': 'hello'}})]
     # ...and what a peer sends is stored and applied.
-    response = test_app.post_json('/messages.json', [message(1, 'from a peer', 5)],
-                                  headers=basic_auth(app.registry))
+    response = test_app.post_json('/messages.json',
+                                  [versioned(message(1, 'from a peer', 5), 'peer')],
+                                  headers={**basic_auth(app.registry),
+                                           'X-Communicator-Name': 'peer'})
     assert response.status_int == 202
     assert sorted(row['text'] for row in host_db.rows('testing_notes')) == [
         'from a peer', 'hello']

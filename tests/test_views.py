@@ -114,7 +114,8 @@ def facade(make_side) -> Side:
 
 @pytest.fixture
 def app(webapp, facade: Side) -> TestApp:
-    return webapp(facade)
+    # The messages posted here are the gem's client's: no versions.
+    return webapp(facade, **{'communicator.gem_peer': 'true'})
 
 
 # -- GET /messages.json ------------------------------------------------------------
@@ -592,7 +593,8 @@ def host_app() -> Iterator[Callable[..., TestApp]]:
     engines = []
 
     def make(side: Side, route_prefix: str | None = None, **overrides: Any) -> TestApp:
-        with Configurator(settings=app_settings(side, **overrides)) as config:
+        settings = app_settings(side, **{'communicator.gem_peer': 'true', **overrides})
+        with Configurator(settings=settings) as config:
             config.include('pyramid_communicator.demo.models')
             config.set_security_policy(DenyEverything())
             config.set_default_permission('view')
@@ -658,6 +660,7 @@ def test_route_prefix_moves_our_routes(host_app, facade) -> None:
 
 def test_dbsession_setting_names_the_hosts_session_attribute(facade) -> None:
     settings = app_settings(facade, **{'communicator.dbsession': 'db',
+                                       'communicator.gem_peer': 'true',
                                        'tm.manager_hook': 'pyramid_tm.explicit_manager'})
     engine = get_engine(settings)
     try:
