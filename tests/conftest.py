@@ -57,7 +57,8 @@ FAULT_RESULT = 'communicator_fault_result'
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'faults: the reliability harness (kills, proxies)')
+    config.addinivalue_line('markers', 'faults: the reliability harness (kills, proxies); slow too')
+    config.addinivalue_line('markers', 'slow: left out of the default run; select with -m slow')
     config.addinivalue_line('markers', 'backends(*names): only run on these backends')
     workerinput = getattr(config, 'workerinput', None)
     if workerinput is not None:  # a pytest-xdist worker: the main process chose
@@ -114,9 +115,12 @@ class FaultTable:
         terminalreporter.write_line(f'(also in {self.path})')
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: ``faults`` must be ``slow`` by then
 def pytest_collection_modifyitems(config, items):
     backend = config.getoption('--db')
     for item in items:
+        if item.get_closest_marker('faults') is not None:
+            item.add_marker(pytest.mark.slow)
         marker = item.get_closest_marker('backends')
         if marker is not None and backend not in marker.args:
             item.add_marker(pytest.mark.skip(reason=f'not for --db {backend}'))

@@ -2,6 +2,7 @@
 still cross completely: in several requests, never all at once."""
 from __future__ import annotations
 
+import pytest
 from test_end_to_end import summary
 
 from pyramid_communicator import publish
@@ -78,6 +79,7 @@ def test_a_later_batch_that_fails_leaves_the_earlier_ones_delivered(
     assert [row['delivered_at'] for row in undelivered] == [None, None, None]
 
 
+@pytest.mark.slow
 def test_a_pull_applies_as_it_goes_and_tries_each_failure_once_per_run(
         make_side, serve, make_central):
     """A pull of several batches applies each while the next is fetched; a

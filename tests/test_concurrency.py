@@ -410,6 +410,7 @@ def test_the_same_batch_posted_at_once_is_stored_and_applied_once(serve_facade):
 
 # -- 4. many writers while central syncs -------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('server', ['gunicorn', 'waitress'])
 def test_many_writers_while_central_syncs(server, serve_facade, make_side, make_central,
                                           app_engine):
@@ -461,6 +462,7 @@ def test_many_writers_while_central_syncs(server, serve_facade, make_side, make_
 
 # -- 5. mixed pairs -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.backends('sqlite')  # the pairs pick their own backends: once per run
 @pytest.mark.parametrize('central_db, facade_db', [
     ('postgresql', 'sqlite'), ('sqlite', 'postgresql'), ('mysql', 'sqlite'),

@@ -214,6 +214,7 @@ def test_edits_of_different_attributes_merge_without_conflict(pair):
     assert conflicts(central.side) == conflicts(facade.side) == []
 
 
+@pytest.mark.slow
 def test_status_counts_conflicts_and_json_lists_them(pair):
     central, facade = pair
     tag_id = central_tag(central, name='news', label='News', weight=1)
@@ -243,6 +244,7 @@ def test_status_counts_conflicts_and_json_lists_them(pair):
 
 # -- 4: stale and replayed messages ------------------------------------------------
 
+@pytest.mark.slow
 def test_a_replayed_old_message_never_overwrites_newer_data(pair):
     central, facade = pair
     post_id = central_post(central, title='v1', body='b', slug='p')
@@ -272,6 +274,7 @@ def test_a_replayed_old_message_never_overwrites_newer_data(pair):
 
 # -- 6: match_on, and what happens without it ------------------------------------
 
+@pytest.mark.slow
 def test_tags_created_with_the_same_name_on_both_sides_become_one_record(pair):
     central, facade = pair
     central_id = central_tag(central, name='python', label='Python (central)')
@@ -350,6 +353,7 @@ def test_a_tag_deleted_on_the_facade_is_deleted_on_central_and_back(pair):
     assert inbound_failures(central.side) == inbound_failures(facade.side) == []
 
 
+@pytest.mark.slow
 def test_a_late_update_does_not_bring_a_deleted_tag_back(pair):
     central, facade = pair
     tag_id = facade_tag(facade, name='gone', label='first')
@@ -396,6 +400,7 @@ def test_update_concurrent_with_a_delete_loses_to_the_delete(pair):
     assert inbound_failures(central.side) == inbound_failures(facade.side) == []
 
 
+@pytest.mark.slow
 def test_a_delete_message_for_a_model_without_deletes_is_refused(pair):
     central, facade = pair
     post_id = central_post(central, title='Keep me', slug='keep')
@@ -485,6 +490,7 @@ def test_an_unversioned_update_is_refused_from_a_peer_of_ours(pair):
     assert 'without a version' in refused['last_error']
 
 
+@pytest.mark.slow
 def test_an_unversioned_update_from_a_gem_peer_overwrites_a_versioned_record(
         make_side, serve, make_central):
     gem = {'communicator.gem_peer': 'true'}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from fakes import read_body, serve_wsgi
 from test_pcommunicate import error_line, fix_failure, make_failure, run
 from test_status import failure_at_the_facade, gem_like_peer
@@ -76,6 +77,7 @@ def test_drain_names_a_failure_left_at_the_facade(pair):
     assert facade.side.count('posts', "title LIKE 'more %'") == 2
 
 
+@pytest.mark.slow
 def test_drain_names_a_failure_left_at_central_and_drains_once_fixed(pair):
     central, facade = pair
     failed_id = make_failure(central, facade)
@@ -91,6 +93,7 @@ def test_drain_names_a_failure_left_at_central_and_drains_once_fixed(pair):
     assert DRAINED.fullmatch(result.stdout.strip())
 
 
+@pytest.mark.slow
 def test_drain_times_out_naming_what_is_left(make_side, serve, make_central):
     """A facade that never applies what it receives: pending, not failed,
     so the drain waits, boundedly, then says what is left."""

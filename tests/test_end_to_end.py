@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import re
 
+import pytest
 import requests
 from conftest import Central, Server, Side
 from sqlalchemy import select, text
@@ -252,6 +253,7 @@ def test_id_gaps_do_not_stall_sync(pair):
     assert 'facade next' in posts_by_title(central.side)
 
 
+@pytest.mark.slow
 def test_failing_message_at_central_is_kept_retried_and_blocks_no_one(pair):
     central, facade = pair
     central_post(central, publish_it=False, title='Central own', slug='dup')
@@ -286,6 +288,7 @@ def test_failing_message_at_central_is_kept_retried_and_blocks_no_one(pair):
     assert central.side.count('inbound_messages', 'processed_at IS NULL') == 0
 
 
+@pytest.mark.slow
 def test_failing_message_at_facade_is_retried_when_central_next_talks(pair):
     central, facade = pair
     own = facade.create_post(title='Facade own', slug='taken', publish=False)

@@ -100,6 +100,7 @@ def test_a_malformed_format_is_a_400(make_side, webapp, bad):
 
 # -- a newer format at a server (WebTest) ------------------------------------------
 
+@pytest.mark.slow
 def test_newer_format_waits_at_the_server_until_it_is_upgraded(make_side, webapp,
                                                                make_central, monkeypatch):
     facade = make_side('facade')
@@ -156,6 +157,7 @@ def test_newer_format_is_stored_even_where_our_rules_would_refuse_it(make_side, 
 
 # -- a newer format pulled over real HTTP by pcommunicate ---------------------------
 
+@pytest.mark.slow
 def test_newer_format_pulled_by_pcommunicate_waits_and_applies_after_upgrade(pair):
     central, facade = pair
     post = facade.create_post(title='one')

@@ -13,6 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import BIN, PASSWORD, Central, Server, free_port
 from sqlalchemy import text
 
@@ -132,6 +133,7 @@ def test_summary_is_one_line(pair):
     assert line.startswith('pushed=1 pulled=1 applied=1 failed=0 waiting=0 seconds=')
 
 
+@pytest.mark.slow
 def test_status_shows_a_failure_that_give_up_then_stops(pair):
     """The operator's round: --status shows the failure, --give-up records
     who and why and ends the retries, --retry ID revives it once fixed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
 from conftest import Side
 from sqlalchemy import text
 from test_end_to_end import central_post, execute, summary
@@ -60,6 +61,7 @@ def test_purge_deletes_what_is_done_and_keeps_what_is_not(pair, make_central):
     assert kept['processed_at'] is None and 'IntegrityError' in kept['last_error']
 
 
+@pytest.mark.slow
 def test_a_purged_message_sent_again_is_not_applied_again(pair):
     central, facade = pair
     created = facade.create_post(title='original')
@@ -79,6 +81,7 @@ def test_a_purged_message_sent_again_is_not_applied_again(pair):
     assert created['title'] == 'original'
 
 
+@pytest.mark.slow
 def test_normal_runs_purge_by_themselves_at_most_hourly(pair):
     central, facade = pair
     central_post(central, title='one')
@@ -97,6 +100,7 @@ def test_normal_runs_purge_by_themselves_at_most_hourly(pair):
     assert central.side.count('outbound_messages') == 1
 
 
+@pytest.mark.slow
 def test_retention_days_zero_keeps_everything(make_side, serve, make_central):
     facade = serve(make_side('facade'))
     central = make_central(make_side('central'), facade.url,

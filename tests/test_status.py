@@ -155,6 +155,7 @@ def test_central_status_json_has_the_peer(pair) -> None:
     assert peer['status']['last_exchanges']['last_served_at']['peer'] == 'central'
 
 
+@pytest.mark.slow
 def test_facade_status_shows_only_itself(pair, make_central) -> None:
     central, facade = pair
     failure_at_the_facade(central, facade)
@@ -171,6 +172,7 @@ def test_facade_status_shows_only_itself(pair, make_central) -> None:
     assert report['inbound']['failed'] == 1
 
 
+@pytest.mark.slow
 def test_peer_without_the_route_is_status_not_available(make_side, make_central) -> None:
     """The gem serves no /status.json: its 404 is no error."""
     with serve_wsgi(gem_like_peer) as url:
