@@ -151,8 +151,14 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
         ('retention_days', _non_negative_int, 7,
-         'delivered outbound and applied inbound messages (and conflict records) '
-         'older than this are deleted, hourly during normal runs; 0 keeps them'),
+         'delivered outbound messages, applied, refused, given-up and '
+         'waiting-for-an-upgrade inbound messages (and conflict records) older than '
+         'this are deleted, hourly during normal runs; 0 keeps them'),
+        ('login_attempts', _non_negative_int, 10,
+         'failed logins from one client address within communicator.login_window '
+         'after which the server answers it 429 without checking credentials; 0 never'),
+        ('login_window', _positive_int, 60,
+         'seconds over which failed logins are counted per client address'),
     )
 )
 
@@ -175,6 +181,8 @@ class CommunicatorSettings:
     retry_delay: int = 30
     lock_wait: int = 0
     retention_days: int = 7
+    login_attempts: int = 10
+    login_window: int = 60
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks
         return f'<CommunicatorSettings name={self.name!r} base_uri={self.base_uri!r}>'
