@@ -33,10 +33,13 @@ def includeme(config: Configurator) -> None:
     CSRF, root or session setup is touched: our views check their own
     Basic credentials and need no permission.
     """
-    from . import views
+    from . import throttle, views
 
     settings = parse_settings(config.get_settings())
     config.registry[REGISTRY_KEY] = settings
+    # Per process: each server process counts failed logins on its own.
+    config.registry[throttle.REGISTRY_KEY] = throttle.LoginThrottle(
+        settings.login_attempts, settings.login_window)
     config.add_route('communicator.messages', '/messages.json')
     config.add_route('communicator.delivered', '/messages/delivered.json')
     config.add_route('communicator.status', '/status.json')

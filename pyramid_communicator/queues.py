@@ -100,16 +100,26 @@ def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     ).all()
 
 
+#: Ids per UPDATE when marking messages delivered: an IN list of a few
+#: thousand stays under every database's limit of bound parameters.
+MARK_CHUNK = 1000
+
+
 def mark_delivered(session: Session, ids: Iterable[int]) -> int:
     ids = list(ids)
     if not ids:
         return 0
-    result = session.execute(
-        update(outbound_messages)
-        .where(one_of(OUT.id, ids, _dialect(session)), OUT.delivered_at.is_(None))
-        .values(delivered_at=utcnow()))
+    now = utcnow()
+    marked = 0
+    for start in range(0, len(ids), MARK_CHUNK):
+        chunk = ids[start:start + MARK_CHUNK]
+        result = session.execute(
+            update(outbound_messages)
+            .where(one_of(OUT.id, chunk, _dialect(session)), OUT.delivered_at.is_(None))
+            .values(delivered_at=now))
+        marked += result.rowcount
     _changed(session)
-    return result.rowcount
+    return marked
 
 
 # -- inbound ----------------------------------------------------------------
@@ -119,8 +129,15 @@ def store_inbound(session: Session, sender: str,
     """Store what arrived; a message already stored is left alone, and so
     is one at or below the highest id purged for this sender (it was
     stored, applied and purged before: a re-send or a replay).
-    Returns the messages this call stored (none if the database could not
-    tell them apart from rows a concurrent store wrote).
+
+    A message refused on arrival (malformed, ``error`` set) is stored
+    refused: ``refused_at`` set, ``last_error`` ``refused: <reason>``,
+    never pending, so never applied; ``--status`` counts it, and its id
+    is acknowledged like any other so that the peer moves on.
+
+    Returns the messages this call stored to be applied, refused ones left
+    out (none if the database could not tell them apart from rows a
+    concurrent store wrote).
 
     Callers store one sender's batches one at a time: the server's view
     takes the sender's state row first, ``pcommunicate`` its run lock.  So
@@ -138,20 +155,30 @@ def store_inbound(session: Session, sender: str,
                                    one_of(IN.remote_id, [m.id for m in messages],
                                           _dialect(session)))).scalars())
     fresh = [m for m in messages if m.id not in stored and m.id > purged]
-    rows = [{'sender': sender, 'remote_id': m.id, 'body': m.body,
-             'origin': m.origin, 'original_id': m.original_id,
-             'refs': _plain(m.refs) if m.refs else None,
-             'version': _compact(m.version) if m.version else None,
-             'format': m.format, 'created_at': now, 'attempts': 0}
-            for m in fresh]
+    rows = [_inbound_row(sender, m, now) for m in fresh]
+    applicable = [m for m in fresh if m.error is None]
     connection = session.connection()
     if bulk.copies(connection):
         bulk.insert_rows(connection, inbound_messages, rows)
         _changed(session)
-        return fresh
+        return applicable
     inserted = _insert_ignoring_duplicates(session, inbound_messages, rows,
                                            ('sender', 'remote_id'))
-    return fresh if inserted == len(fresh) else []
+    return applicable if inserted == len(fresh) else []
+
+
+def _inbound_row(sender: str, message: WireMessage,
+                 now: datetime.datetime) -> dict[str, Any]:
+    """The row of one arrival; every row has the same keys (COPY)."""
+    refused = message.error is not None
+    return {'sender': sender, 'remote_id': message.id, 'body': message.body,
+            'origin': message.origin, 'original_id': message.original_id,
+            'refs': _plain(message.refs) if message.refs else None,
+            'version': _compact(message.version) if message.version else None,
+            'format': message.format, 'created_at': now, 'attempts': 0,
+            'refused_at': now if refused else None,
+            'failed_at': now if refused else None,
+            'last_error': f'refused: {message.error}'[:4000] if refused else None}
 
 
 def last_remote_id(session: Session, sender: str) -> int:

@@ -155,8 +155,14 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'no versions, are applied as the gem did (they overwrite); otherwise such a '
          'message is refused, since our apps always send versions'),
         ('retention_days', _non_negative_int, 7,
-         'delivered outbound and applied inbound messages (and conflict records) '
-         'older than this are deleted, hourly during normal runs; 0 keeps them'),
+         'delivered outbound messages, applied, refused, given-up and '
+         'waiting-for-an-upgrade inbound messages (and conflict records) older than '
+         'this are deleted, hourly during normal runs; 0 keeps them'),
+        ('login_attempts', _non_negative_int, 10,
+         'failed logins from one client address within communicator.login_window '
+         'after which the server answers it 429 without checking credentials; 0 never'),
+        ('login_window', _positive_int, 60,
+         'seconds over which failed logins are counted per client address'),
     )
 )
 
@@ -180,6 +186,8 @@ class CommunicatorSettings:
     lock_wait: int = 0
     gem_peer: bool = False
     retention_days: int = 7
+    login_attempts: int = 10
+    login_window: int = 60
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks
         return f'<CommunicatorSettings name={self.name!r} base_uri={self.base_uri!r}>'

@@ -215,6 +215,7 @@ class Communicator:
                     raise PeerError(f'{self.client.messages_url} serves the same messages '
                                     'again after they were acknowledged')
                 previous = ids
+                _log_malformed(reply.messages, sender)
                 stored: list[wire.WireMessage] = []
                 if reply.messages:
                     with self.tm:
@@ -335,3 +336,13 @@ def _wire_thread(name: str) -> ThreadPoolExecutor:
     """The one thread that carries a run's HTTP requests while this one
     works on the database."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f'communicator-{name}')
+
+
+def _log_malformed(messages: list[wire.WireMessage], sender: str) -> None:
+    """Say what of a pulled reply is refused (stored so, acknowledged) or
+    skipped (no usable id: neither stored nor acknowledged)."""
+    refused = sum(1 for m in messages if m.error is not None)
+    skipped = getattr(messages, 'skipped', 0)
+    if refused or skipped:
+        log.warning('refused %d malformed messages from %s and skipped %d without a '
+                    'usable id', refused, sender, skipped)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,7 +20,7 @@ from pyramid.authentication import extract_http_basic_credentials
 from pyramid.request import Request
 from pyramid.response import Response
 
-from . import queues, wire
+from . import queues, throttle, wire
 from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .status import queue_status
 from .sync import apply_inbound
@@ -44,7 +45,15 @@ def _same(given: str, expected: str) -> bool:
 
 
 def _authenticate(request: Request, settings: CommunicatorSettings) -> Response | None:
-    """None when the request carries our credentials, else the 401 to send."""
+    """None when the request carries our credentials, else the 401 (or,
+    for an address with too many failed logins, the 429) to send."""
+    guard: throttle.LoginThrottle | None = request.registry.get(throttle.REGISTRY_KEY)
+    address = request.client_addr
+    if guard is not None:
+        wait = guard.retry_after(address)
+        if wait is not None:  # the credentials are not even looked at
+            return _error(429, f'too many failed logins; retry in {wait} seconds',
+                          **{'Retry-After': str(wait)})
     credentials = extract_http_basic_credentials(request)
     if credentials is not None:
         # Both comparisons always run: the time taken tells nothing.
@@ -52,9 +61,21 @@ def _authenticate(request: Request, settings: CommunicatorSettings) -> Response 
         password_ok = _same(credentials.password, settings.password)
         if user_ok and password_ok:
             return None
-    log.warning('refused unauthenticated request from %s', request.client_addr)
+    if guard is not None:
+        guard.failed(address)  # logs once per address and window
+    else:
+        log.warning('refused unauthenticated request from %s', address)
     return _error(401, 'authentication required',
                   **{'WWW-Authenticate': 'Basic realm="communicator"'})
+
+
+def _admit(request: Request, settings: CommunicatorSettings) -> str | Response:
+    """Authenticate, then name the peer: the name to store it under, or
+    the error response to send."""
+    refused = _authenticate(request, settings)
+    if refused is not None:
+        return refused
+    return _peer(request, settings)
 
 
 def _read_body(request: Request, limit: int) -> bytes | Response:
@@ -108,13 +129,31 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings,
     request.tm.get().addAfterCommitHook(hook)
 
 
-def _peer(request: Request) -> str:
-    """Who is asking, for the ``last_*_at`` state rows: the name our client
-    sends, else (the gem's client) the Basic user name."""
+def _peer(request: Request, settings: CommunicatorSettings) -> str | Response:
+    """Who is asking, as stored (inbound ``sender``, the ``last_*_at``
+    state rows): the name our client sends, else (the gem's client) the
+    Basic user name made a valid name.  A name that is not one, or that is
+    this app's own (two apps configured with one name would mix up whose
+    records are whose), is refused."""
     name = request.headers.get(wire.NAME_HEADER)
-    if name and is_valid_name(name):
+    if name is not None:
+        if not is_valid_name(name):
+            return _error(400, f'{wire.NAME_HEADER} must be 1-64 letters, digits, '
+                          '"_", "." or "-"')
+        if name == settings.name:
+            return _error(400, f'{wire.NAME_HEADER} is this app\'s own communicator.name; '
+                          'the two apps need names of their own')
         return name
-    return extract_http_basic_credentials(request).username[:255]
+    return basic_user_name(settings.username)
+
+
+def basic_user_name(username: str) -> str:
+    """The name a client without ``X-Communicator-Name`` (the gem's) is
+    stored under: its Basic user name (which matched ours), with anything
+    a name may not hold replaced by ``_`` and cut to 64 characters."""
+    if is_valid_name(username):
+        return username
+    return re.sub(r'[^A-Za-z0-9_.-]', '_', username)[:64] or 'client'
 
 
 def _headers(settings: CommunicatorSettings, more: bool = False) -> dict[str, str]:
@@ -134,9 +173,9 @@ def get_messages(request: Request) -> Response:
     gem's client) it serves ``id >= from_id`` and counts them delivered.
     """
     settings = get_settings(request.registry)
-    refused = _authenticate(request, settings)
-    if refused is not None:
-        return refused
+    peer = _admit(request, settings)
+    if isinstance(peer, Response):
+        return peer
     try:
         query = request.GET
     except UnicodeDecodeError:  # WebOb decodes the query string on first use
@@ -163,7 +202,7 @@ def get_messages(request: Request) -> Response:
         queues.mark_delivered(session, [m.id for m in messages])
     # When the peer last pulled from us (to within seconds: a big pull
     # writes it once, not on every GET).
-    queues.touch_state(session, 'last_served_at', _peer(request))
+    queues.touch_state(session, 'last_served_at', peer)
     _apply_after_commit(request, settings)
     body = wire.dumps(messages)
     compress = (request.headers.get(wire.NAME_HEADER)
@@ -188,31 +227,33 @@ def _reply_type(request: Request) -> str:
 
 
 def _parsed_post(request: Request, settings: CommunicatorSettings,
-                 parse: Callable[[bytes], T]) -> T | Response:
-    """Authenticate, read and parse a POST: the parsed body, or the error
-    response to send."""
-    refused = _authenticate(request, settings)
-    if refused is not None:
-        return refused
+                 parse: Callable[[bytes], T]) -> tuple[str, T] | Response:
+    """Authenticate, read and parse a POST: the peer's name and the parsed
+    body, or the error response to send."""
+    peer = _admit(request, settings)
+    if isinstance(peer, Response):
+        return peer
     body = _read_body(request, settings.max_body_bytes)
     if isinstance(body, Response):
         return body
     try:
-        return parse(body)
+        return peer, parse(body)
     except wire.WireError as exc:
         return _error(400, str(exc))
 
 
 def post_messages(request: Request) -> Response:
-    """``POST /messages.json``: store the array, then apply it after commit."""
+    """``POST /messages.json``: store the array, then apply it after commit.
+
+    A malformed message is refused alone: stored refused (``--status``
+    shows it), acknowledged with the rest by the 202, never applied; the
+    valid ones beside it are applied.  Items without a usable id are
+    skipped and counted in the reply."""
     settings = get_settings(request.registry)
-    messages = _parsed_post(request, settings, wire.parse_messages)
-    if isinstance(messages, Response):
-        return messages
-    name = request.headers.get(wire.NAME_HEADER)
-    if name and not is_valid_name(name):  # a peer's communicator.name, or nothing
-        return _error(400, f'{wire.NAME_HEADER} must be 1-64 letters, digits, "_", "." or "-"')
-    sender = name or extract_http_basic_credentials(request).username[:255]
+    parsed = _parsed_post(request, settings, wire.parse_messages)
+    if isinstance(parsed, Response):
+        return parsed
+    sender, messages = parsed
     session = _dbsession(request, settings)
     stored: list[wire.WireMessage] = []
     if messages:
@@ -222,22 +263,42 @@ def post_messages(request: Request) -> Response:
         # which InnoDB can answer with a deadlock.
         queues.set_state(session, 'last_received_at', sender)
         stored = queues.store_inbound(session, sender, messages)
-    _apply_after_commit(request, settings, {(sender, m.id): m for m in stored})
+    # Only what is to be applied: store_inbound leaves refused ones out.
+    _apply_after_commit(request, settings,
+                        {(sender, m.id): m for m in stored if m.error is None})
     # The sender's name only when it gave one: never the Basic user name.
-    log.info('received %d messages from %s', len(messages), name or 'a client without a name')
-    return _json(202, {'received': len(messages)}, **_headers(settings))
+    named = sender if request.headers.get(wire.NAME_HEADER) else 'a client without a name'
+    log.info('received %d messages from %s', len(messages), named)
+    if messages.refused or messages.skipped:
+        log.warning('refused %d malformed messages from %s and skipped %d without a '
+                    'usable id', messages.refused, named, messages.skipped)
+    reply = {'received': len(messages)}
+    if messages.refused:
+        reply['refused'] = messages.refused
+    if messages.skipped:
+        reply['skipped'] = messages.skipped
+    return _json(202, reply, **_headers(settings))
+
+
+#: Ids one acknowledgement may name, per message of a batch: a client
+#: acknowledges one reply (at most ``batch_size`` messages) at a time.
+ACK_IDS_PER_BATCH = 2
+#: ... and at least this many, whatever the batch size.
+ACK_IDS_MIN = 1000
 
 
 def post_delivered(request: Request) -> Response:
     """``POST /messages/delivered.json`` ``{"ids": [...]}``: the client
     stored these messages; they will not be served again."""
     settings = get_settings(request.registry)
-    ids = _parsed_post(request, settings, wire.parse_ids)
-    if isinstance(ids, Response):
-        return ids
+    limit = max(ACK_IDS_MIN, ACK_IDS_PER_BATCH * settings.batch_size)
+    parsed = _parsed_post(request, settings, lambda raw: wire.parse_ids(raw, limit))
+    if isinstance(parsed, Response):
+        return parsed
+    peer, ids = parsed
     session = _dbsession(request, settings)
     acknowledged = queues.mark_delivered(session, ids)
-    queues.set_state(session, 'last_acknowledged_at', _peer(request))
+    queues.set_state(session, 'last_acknowledged_at', peer)
     _apply_after_commit(request, settings)
     return _json(200, {'acknowledged': acknowledged}, **_headers(settings))
 
@@ -248,9 +309,9 @@ def get_status(request: Request) -> Response:
     --json`` shows them, so that central can show both sides and drain
     them.  It only reads."""
     settings = get_settings(request.registry)
-    refused = _authenticate(request, settings)
-    if refused is not None:
-        return refused
+    peer = _admit(request, settings)
+    if isinstance(peer, Response):
+        return peer
     status = queue_status(_dbsession(request, settings), settings.name)
     return _json(200, status, **_headers(settings))
 

@@ -85,6 +85,11 @@ class WireMessage:
     #: just stored without decoding it again.  Not on the wire.
     decoded: tuple[str, dict[str, Any]] | None = dataclasses.field(
         default=None, compare=False, repr=False)
+    #: Not on the wire: why the message was refused (one line, safe to
+    #: show), None for a well-formed one.  A refused message keeps only its
+    #: id, and its JSON in ``body`` for the operator; it is stored refused
+    #: and never applied.
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {'id': self.id, 'body': self.body, 'origin': self.origin,
@@ -159,61 +164,126 @@ def parse_json(raw: bytes | str) -> Any:
         raise WireError(f'malformed JSON: {exc}') from None
 
 
-def parse_messages(raw: bytes | str) -> list[WireMessage]:
-    """Validate a whole array before anything of it is stored."""
+class ParsedMessages(list[WireMessage]):
+    """The messages of one array, in order (a plain list of
+    :class:`WireMessage` to code that needs no more), and how many items
+    were ``skipped``: without a usable id, they can be neither stored nor
+    acknowledged, so nothing of them is kept."""
+
+    skipped: int = 0
+
+    @property
+    def refused(self) -> int:
+        """How many messages came back refused (``error`` set)."""
+        return sum(1 for message in self if message.error is not None)
+
+
+class _Malformed(ValueError):
+    """One message does not follow the wire format (the reason, one line)."""
+
+
+#: How much of a refused message is kept in its ``body``, for the operator.
+REFUSED_BODY_CHARS = 4000
+
+
+def parse_messages(raw: bytes | str) -> ParsedMessages:
+    """Parse an array of messages, refusing malformed ones one by one.
+
+    Only a body that is not a JSON array at all is a :class:`WireError`.
+    A message with a usable id (a positive integer, once in the array) that
+    is otherwise malformed comes back with ``error`` set: it is stored
+    refused and acknowledged like the others, so the peer moves on and the
+    valid messages beside it are applied.  Items without a usable id are
+    skipped and counted (:attr:`ParsedMessages.skipped`)."""
     data = parse_json(raw)
     if not isinstance(data, list):
         raise WireError('expected a JSON array of messages')
-    messages = []
-    seen = set()
-    for index, item in enumerate(data):
-        where = f'message {index}'
-        if not isinstance(item, dict):
-            raise WireError(f'{where}: expected a JSON object')
-        message_id = item.get('id')
-        if not _is_int(message_id) or not 0 < message_id < 2 ** 63:
-            raise WireError(f'{where}: "id" must be a positive integer')
-        if message_id in seen:
-            raise WireError(f'{where}: id {message_id} appears twice')
-        seen.add(message_id)
-        message_format = item.get('format')
-        if message_format is None:  # the gem's, or a sender's explicit null
-            message_format = 1
-        if not _is_int(message_format) or not 0 < message_format < 2 ** 31:
-            raise WireError(f'{where}: "format" must be a positive integer')
-        # A newer format than ours may say things differently: store what
-        # the columns need, and check the rest once we understand it.
-        known = message_format <= FORMAT_VERSION
-        body = item.get('body')
-        if not isinstance(body, str):
-            raise WireError(f'{where}: "body" must be a string')
-        if not _storable(body):
-            raise WireError(f'{where}: "body" must be UTF-8 text without NUL characters')
-        decoded = None
+    ids = [_usable_id(item) for item in data]
+    counts: dict[int, int] = {}
+    for message_id in ids:
+        if message_id is not None:
+            counts[message_id] = counts.get(message_id, 0) + 1
+    messages = ParsedMessages()
+    for item, message_id in zip(data, ids, strict=True):
+        # An id twice: which one is the message?  Neither is kept.
+        if message_id is None or counts[message_id] > 1:
+            messages.skipped += 1
+            continue
         try:
-            if known:
-                decoded = decode_body(body)
-        except RecursionError:
-            raise WireError(f'{where}: "body" is nested too deeply') from None
-        except ValueError as exc:
-            raise WireError(f'{where}: "body" is not a record: {exc}') from None
-        origin = item.get('origin')
-        if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64
-                                       and _storable(origin)):
-            raise WireError(f'{where}: "origin" must be a string of 1-64 characters or null')
-        original_id = item.get('original_id')
-        if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
-            raise WireError(f'{where}: "original_id" must be an integer or null')
-        refs = item.get('refs')
-        if refs is not None and known and not _valid_refs(refs):
-            raise WireError(f'{where}: "refs" must map column names to [origin, id]')
-        version = item.get('version')
-        if version is not None and known and not valid_wire_version(version):
-            raise WireError(f'{where}: "version" must be {{"clock": {{app: hlc}}, '
-                            '"stamps": {attribute: [hlc, app]}} or a deletion')
-        messages.append(WireMessage(message_id, body, origin, original_id, refs or None,
-                                    version, message_format, decoded))
+            messages.append(_parse_message(item, message_id))
+        except _Malformed as exc:
+            messages.append(WireMessage(message_id, _refused_body(item), None, None,
+                                        error=str(exc)))
     return messages
+
+
+def _usable_id(item: Any) -> int | None:
+    if not isinstance(item, dict):
+        return None
+    message_id = item.get('id')
+    if not _is_int(message_id) or not 0 < message_id < 2 ** 63:
+        return None
+    return message_id
+
+
+def _refused_body(item: dict[str, Any]) -> str:
+    """The refused message as JSON, for the operator to look at: ASCII
+    (escapes keep lone surrogates and NUL out of the database), cut to
+    :data:`REFUSED_BODY_CHARS`.  Never a record body: it is an object with
+    an ``"id"`` besides anything else, which ``decode_body`` refuses, so a
+    refused message that an operator revives fails instead of applying."""
+    try:
+        text = json.dumps(item, ensure_ascii=True, separators=(',', ':'))
+    except (RecursionError, ValueError):
+        return json.dumps({'id': item.get('id'), 'unprintable': True})
+    return text[:REFUSED_BODY_CHARS]
+
+
+def _parse_message(item: dict[str, Any], message_id: int) -> WireMessage:
+    """One message of a usable id, or :class:`_Malformed` saying why not."""
+    message_format = item.get('format')
+    if message_format is None:  # the gem's, or a sender's explicit null
+        message_format = 1
+    if not _is_int(message_format) or not 0 < message_format < 2 ** 31:
+        raise _Malformed('"format" must be a positive integer')
+    # A newer format than ours may say things differently: store what
+    # the columns need, and check the rest once we understand it.
+    known = message_format <= FORMAT_VERSION
+    body = item.get('body')
+    if not isinstance(body, str):
+        raise _Malformed('"body" must be a string')
+    if not _storable(body):
+        raise _Malformed('"body" must be UTF-8 text without NUL characters')
+    decoded = None
+    try:
+        if known:
+            decoded = decode_body(body)
+    except RecursionError:
+        raise _Malformed('"body" is nested too deeply') from None
+    except ValueError as exc:
+        raise _Malformed(f'"body" is not a record: {_one_line(exc)}') from None
+    origin = item.get('origin')
+    if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64
+                                   and _storable(origin)):
+        raise _Malformed('"origin" must be a string of 1-64 characters or null')
+    original_id = item.get('original_id')
+    if original_id is not None and not (_is_int(original_id) and abs(original_id) < 2 ** 63):
+        raise _Malformed('"original_id" must be an integer or null')
+    refs = item.get('refs')
+    if refs is not None and known and not _valid_refs(refs):
+        raise _Malformed('"refs" must map column names to [origin, id]')
+    version = item.get('version')
+    if version is not None and known and not valid_wire_version(version):
+        raise _Malformed('"version" must be {"clock": {app: hlc}, '
+                         '"stamps": {attribute: [hlc, app]}} or a deletion')
+    return WireMessage(message_id, body, origin, original_id, refs or None,
+                       version, message_format, decoded)
+
+
+def _one_line(value: object, limit: int = 200) -> str:
+    """A reason safe to show and store: one line, printable, short."""
+    text = ' '.join(str(value).split())
+    return ''.join(c if c.isprintable() else '?' for c in text)[:limit]
 
 
 def _valid_refs(refs: Any) -> bool:
@@ -227,10 +297,14 @@ def _valid_refs(refs: Any) -> bool:
         for column, ref in refs.items())
 
 
-def parse_ids(raw: bytes | str) -> list[int]:
-    """The body of an acknowledgement: ``{"ids": [1, 2, ...]}``."""
+def parse_ids(raw: bytes | str, limit: int | None = None) -> list[int]:
+    """The body of an acknowledgement: ``{"ids": [1, 2, ...]}``, of at
+    most ``limit`` ids (a peer acknowledges one reply at a time; a longer
+    list only makes the database work)."""
     data = parse_json(raw)
     ids = data.get('ids') if isinstance(data, dict) else None
     if not isinstance(ids, list) or not all(_is_int(i) and 0 < i < 2 ** 63 for i in ids):
         raise WireError('expected {"ids": [positive integers]}')
+    if limit is not None and len(ids) > limit:
+        raise WireError(f'at most {limit} ids per acknowledgement')
     return ids

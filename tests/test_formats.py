@@ -89,13 +89,16 @@ def test_a_gem_message_without_format_is_format_1_and_applied(make_side, webapp)
 
 
 @pytest.mark.parametrize('bad', ['2', 0, -1, 1.5, True, [2]])
-def test_a_malformed_format_is_a_400(make_side, webapp, bad):
+def test_a_malformed_format_is_refused_alone(make_side, webapp, bad):
     facade = make_side('facade')
     response = post_messages(webapp(facade), [{'id': 1, 'body': record(), 'origin': None,
                                                'original_id': None, 'format': bad}])
-    assert response.status_int == 400
-    assert '"format" must be a positive integer' in response.json['error']
-    assert facade.count('inbound_messages') == 0
+    assert response.status_int == 202
+    assert response.json == {'received': 1, 'refused': 1}
+    [row] = facade.rows('inbound_messages')
+    assert row['refused_at'] is not None and row['processed_at'] is None
+    assert row['last_error'] == 'refused: "format" must be a positive integer'
+    assert facade.count('posts') == 0
 
 
 # -- a newer format at a server (WebTest) ------------------------------------------
@@ -147,9 +150,11 @@ def test_newer_format_is_stored_even_where_our_rules_would_refuse_it(make_side, 
     app = webapp(facade)
     strange = {'id': 1, 'body': '{"post": "a list, some day"}', 'origin': 'central',
                'original_id': 7, 'refs': ['new', 'shape'], 'version': {'v': 9}}
-    assert post_messages(app, [{**strange, 'format': 2}]).status_int == 400
-    assert post_messages(app, [{**strange, 'format': FUTURE}]).status_int == 202
-    [row] = facade.rows('inbound_messages')
+    refused = post_messages(app, [{**strange, 'format': 2}])
+    assert refused.status_int == 202 and refused.json['refused'] == 1
+    assert post_messages(app, [{**strange, 'id': 2, 'format': FUTURE}]).status_int == 202
+    [mine, row] = facade.rows('inbound_messages')
+    assert mine['refused_at'] is not None  # format 2 is ours: its rules apply
     assert row['format'] == FUTURE and untouched(row)
     assert json.loads(row['refs']) == ['new', 'shape']
     assert json.loads(row['version']) == {'v': 9}

@@ -64,6 +64,8 @@ def test_minimal_settings_give_the_documented_defaults() -> None:
     assert settings.dbsession == 'dbsession'
     assert settings.apply_on_receive is True
     assert settings.lock_wait == 0
+    assert settings.login_attempts == 10
+    assert settings.login_window == 60
 
 
 def test_parse_settings_without_pyramid_gives_the_same_result_as_include() -> None:
@@ -84,6 +86,8 @@ def test_parse_settings_without_pyramid_gives_the_same_result_as_include() -> No
     ('communicator.max_body_bytes', '0'),
     ('communicator.max_body_bytes', 'ten megabytes'),
     ('communicator.lock_wait', '-1'),
+    ('communicator.login_attempts', '-1'),
+    ('communicator.login_window', '0'),
     ('communicator.base_uri', 'ftp://x'),
     ('communicator.base_uri', 'facade.example.com'),
     ('communicator.base_uri', 'http://'),
@@ -131,6 +135,8 @@ def test_malformed_non_string_value_from_python_fails_too(key: str, value: int) 
     ('communicator.verify', '/etc/ssl/private-ca.pem', '/etc/ssl/private-ca.pem'),
     ('communicator.apply_on_receive', 'false', False),
     ('communicator.dbsession', 'db', 'db'),
+    ('communicator.login_attempts', '0', 0),
+    ('communicator.login_window', '300', 300),
 ])
 def test_well_formed_value_is_accepted_as_documented(key: str, value: Any, expected: Any) -> None:
     settings = include(**{key: value})

@@ -23,7 +23,7 @@ from pyramid.response import Response
 from pyramid.security import NO_PERMISSION_REQUIRED, Denied
 from webtest import TestApp
 
-from pyramid_communicator import publish
+from pyramid_communicator import get_settings, publish
 from pyramid_communicator.demo.models import (
     Post,
     get_engine,
@@ -344,7 +344,7 @@ def test_message_the_app_cannot_apply_is_accepted_and_kept(app, facade) -> None:
     assert facade.count('posts') == 0
 
 
-# -- bad input: 4xx, one line, nothing stored ---------------------------------------
+# -- bad input: a malformed message is refused alone ------------------------------
 
 GOOD = message(1)
 
@@ -361,6 +361,7 @@ def without(key: str) -> dict[str, Any]:
     return {k: v for k, v in GOOD.items() if k != key}
 
 
+#: Not an array of messages at all: the whole body is refused.
 BAD_INPUT: list[tuple[str, bytes]] = [
     ('empty body', b''),
     ('malformed json', b'[{"id": 1,'),
@@ -368,6 +369,19 @@ BAD_INPUT: list[tuple[str, bytes]] = [
     ('object instead of array', json.dumps(GOOD).encode()),
     ('string instead of array', b'"[]"'),
     ('null', b'null'),
+    ('id of 5000 digits', b'[{"id": ' + b'9' * 5000 + b', "body": "{\\"post\\": {}}"}]'),
+    ('deeply nested arrays', b'[' * 100000),
+    ('deeply nested closed arrays', b'[' * 100000 + b']' * 100000),
+    ('deeply nested objects', b'{"a":' * 100000 + b'1' + b'}' * 100000),
+    ('non-utf-8', b'[{"id": 1, "body": "\xff\xfe"}]'),
+    ('latin-1 text',
+     '[{"id": 1, "body": "{\\"post\\": {\\"title\\": \\"Grüße\\"}}"}]'.encode('latin-1')),
+    ('utf-16 bom garbage', b'\xff\xfe[\x00'),
+    ('nul bytes', b'\x00' * 16),
+]
+
+#: Items without a usable id: neither stored nor acknowledged, only counted.
+NO_USABLE_ID: list[tuple[str, bytes]] = [
     ('array of numbers', b'[1, 2]'),
     ('array of arrays', b'[[1]]'),
     ('id missing', array(without('id'))),
@@ -378,7 +392,10 @@ BAD_INPUT: list[tuple[str, bytes]] = [
     ('id negative', array(with_(id=-1))),
     ('id too big', array(with_(id=2 ** 63))),
     ('id NaN', b'[{"id": NaN, "body": "{\\"post\\": {}}"}]'),
-    ('id of 5000 digits', b'[{"id": ' + b'9' * 5000 + b', "body": "{\\"post\\": {}}"}]'),
+]
+
+#: A usable id, the rest malformed: stored refused, with the reason.
+MALFORMED: list[tuple[str, bytes]] = [
     ('body missing', array(without('body'))),
     ('body null', array(with_(body=None))),
     ('body an object', array(with_(body={'post': {'title': 'x'}}))),
@@ -395,7 +412,9 @@ BAD_INPUT: list[tuple[str, bytes]] = [
      array(with_(body='{"post": {"a": ' + '[' * 100000 + ']' * 100000 + '}}'))),
     ('body with lone surrogate',
      b'[{"id": 1, "body": "{\\"post\\": {\\"title\\": \\"\\ud800\\"}}"}]'),
+    ('body with NUL', b'[{"id": 1, "body": "{\\"post\\": {\\"title\\": \\"a\\u0000\\"}}"}]'),
     ('record name with lone surrogate', b'[{"id": 1, "body": "{\\"po\\ud800\\": {}}"}]'),
+    ('record name with NUL', b'[{"id": 1, "body": "{\\"po\\u0000\\": [1]}"}]'),
     ('origin not a string', array(with_(origin=5))),
     ('origin a list', array(with_(origin=['central']))),
     ('origin empty', array(with_(origin=''))),
@@ -406,25 +425,112 @@ BAD_INPUT: list[tuple[str, bytes]] = [
     ('original_id a float', array(with_(origin='central', original_id=7.5))),
     ('original_id a bool', array(with_(origin='central', original_id=False))),
     ('original_id too big', array(with_(origin='central', original_id=2 ** 63))),
-    ('duplicate ids', array(message(1), message(2), message(1))),
-    ('deeply nested arrays', b'[' * 100000),
-    ('deeply nested closed arrays', b'[' * 100000 + b']' * 100000),
-    ('deeply nested objects', b'{"a":' * 100000 + b'1' + b'}' * 100000),
-    ('one bad among good', array(message(1), message(2), with_(id=3, body=None), message(4))),
-    ('non-utf-8', b'[{"id": 1, "body": "\xff\xfe"}]'),
-    ('latin-1 text',
-     '[{"id": 1, "body": "{\\"post\\": {\\"title\\": \\"Grüße\\"}}"}]'.encode('latin-1')),
-    ('utf-16 bom garbage', b'\xff\xfe[\x00'),
-    ('nul bytes', b'\x00' * 16),
+    ('format a string', array(with_(format='2'))),
+    ('format zero', array(with_(format=0))),
+    ('version not an object', array(with_(version='new'))),
+    ('version without clock', array(with_(version={'stamps': {}}))),
+    ('refs not an object', array(with_(refs=['central', 1]))),
+    ('refs of a bad pair', array(with_(refs={'post_id': ['central']}))),
 ]
+
+NAMED = {**basic(), 'X-Communicator-Name': 'central'}
 
 
 @pytest.mark.parametrize('raw', [raw for _, raw in BAD_INPUT],
                          ids=[name for name, _ in BAD_INPUT])
 def test_bad_input_is_4xx_one_line_and_nothing_stored(app, facade, raw: bytes) -> None:
-    response = post_json(app, raw, headers={**basic(), 'X-Communicator-Name': 'central'})
+    response = post_json(app, raw, headers=NAMED)
     assert_one_line_error(response, 400)
     assert_nothing_stored(facade)
+
+
+@pytest.mark.parametrize('raw', [raw for _, raw in NO_USABLE_ID],
+                         ids=[name for name, _ in NO_USABLE_ID])
+def test_items_without_a_usable_id_are_skipped_and_counted(app, facade, raw: bytes) -> None:
+    response = post_json(app, raw, headers=NAMED)
+    assert response.status_int == 202
+    assert response.json['received'] == 0
+    assert response.json['skipped'] == len(json.loads(raw))
+    assert_nothing_stored(facade)
+
+
+def refused_rows(side: Side) -> list[dict[str, Any]]:
+    return [row for row in side.rows('inbound_messages') if row['refused_at'] is not None]
+
+
+@pytest.mark.parametrize('raw', [raw for _, raw in MALFORMED],
+                         ids=[name for name, _ in MALFORMED])
+def test_a_malformed_message_is_stored_refused_with_its_reason(app, facade,
+                                                               raw: bytes) -> None:
+    response = post_json(app, raw, headers=NAMED)
+    assert response.status_int == 202
+    assert response.json == {'received': 1, 'refused': 1}
+    row, = facade.rows('inbound_messages')
+    assert row['sender'] == 'central' and row['remote_id'] == 1
+    assert row['refused_at'] is not None and row['processed_at'] is None
+    assert row['last_error'].startswith('refused: "')
+    assert '\n' not in row['last_error'] and len(row['last_error']) < 300
+    assert '\x00' not in row['body'] and row['body'].isascii()
+    assert len(row['body']) <= 4000
+    assert facade.count('posts') == 0
+
+
+def test_one_malformed_message_among_valid_ones_is_refused_alone(app, facade) -> None:
+    """What the sender sees: 202 for the batch; what the receiver keeps:
+    the valid messages applied, the bad one refused and shown in status."""
+    bad = {**message(3), 'version': {'clock': 'not a clock'}}
+    messages = [message(1, record('One')), message(2, record('Two')), bad,
+                message(4, record('Four')), {'id': 'x', 'body': record('No id')}]
+    response = post_messages(app, messages, headers=NAMED)
+    assert response.status_int == 202
+    assert response.json == {'received': 4, 'refused': 1, 'skipped': 1}
+    assert sorted(p['title'] for p in facade.rows('posts')) == ['Four', 'One', 'Two']
+    rows = {row['remote_id']: row for row in facade.rows('inbound_messages')}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert all(rows[n]['processed_at'] is not None for n in (1, 2, 4))
+    refused, = refused_rows(facade)
+    assert refused['remote_id'] == 3 and refused['processed_at'] is None
+    assert refused['last_error'].startswith('refused: "version" must be')
+    assert json.loads(refused['body'])['version'] == {'clock': 'not a clock'}
+
+    status = app.get('/status.json', headers=basic()).json
+    assert status['inbound']['refused'] == 1
+    assert status['inbound']['pending'] == 0
+    shown, = status['failures']
+    assert shown['refused'] and shown['remote_id'] == 3
+    assert shown['error'].startswith('refused: "version"')
+
+    # Sent again (the 202 was lost): nothing is stored or applied twice.
+    assert post_messages(app, messages, headers=NAMED).status_int == 202
+    assert facade.count('inbound_messages') == 4
+    assert facade.count('posts') == 3
+
+
+def test_a_refused_message_revived_by_an_operator_fails_rather_than_applies(
+        app, facade) -> None:
+    """``--retry ID`` clears ``refused_at``; what is stored of a malformed
+    message is never a record, so it fails and nothing is written."""
+    from pyramid_communicator.status import revive
+    from pyramid_communicator.sync import apply_inbound
+
+    assert post_json(app, array(with_(origin=5)), headers=NAMED).status_int == 202
+    row, = facade.rows('inbound_messages')
+    with facade.session() as session:
+        assert revive(session, [row['id']]) == 1
+    settings = get_settings(app.app.registry)
+    result = apply_inbound(facade.engine, settings, retry_now=True)
+    assert (result.applied, result.failed) == (0, 1)
+    assert facade.count('posts') == 0
+
+
+def test_duplicate_ids_are_all_skipped_and_the_rest_applied(app, facade) -> None:
+    raw = array(message(1, record('First')), message(2, record('Second')),
+                message(1, record('Other first')))
+    response = post_json(app, raw, headers=NAMED)
+    assert response.status_int == 202
+    assert response.json == {'received': 1, 'skipped': 2}
+    assert [r['remote_id'] for r in facade.rows('inbound_messages')] == [2]
+    assert [p['title'] for p in facade.rows('posts')] == ['Second']
 
 
 @pytest.mark.parametrize('name', ['cen\x00tral', 'my peer', 'x' * 65, 'zentrale-ü'])
@@ -435,6 +541,45 @@ def test_bad_sender_name_header_is_400_and_nothing_stored(app, facade, name: str
                          headers={**basic(), 'X-Communicator-Name': name})
     assert_one_line_error(response, 400)
     assert_nothing_stored(facade)
+
+
+def test_a_peer_with_this_apps_own_name_is_refused(app, facade) -> None:
+    """Two apps configured with one name would mix up whose records are
+    whose: every route refuses the request (the facade's name here)."""
+    headers = {**basic(), 'X-Communicator-Name': 'facade'}
+    publish_posts(facade, 1)
+    assert 'own' in assert_one_line_error(post_json(app, array(message(1)), headers=headers),
+                                          400)
+    assert_one_line_error(get_messages(app, 'from_id=0', headers=headers), 400)
+    assert_one_line_error(post_json(app, '{"ids": [1]}', url=DELIVERED, headers=headers), 400)
+    assert facade.count('inbound_messages') == 0
+    assert delivered_ids(facade) == []
+
+
+def test_a_client_without_a_name_is_stored_under_a_valid_name(webapp, make_side) -> None:
+    """The gem's client sends no name: its Basic user name stands in,
+    made a name (stored as ``sender`` and in the state rows)."""
+    facade = make_side('facade')
+    app = webapp(facade, **{'communicator.username': 'sync@example.com/\u00e9'})
+    headers = basic('sync@example.com/\u00e9')
+    assert post_json(app, array(message(1)), headers=headers).status_int == 202
+    assert get_messages(app, 'from_id=0', headers=headers).status_int == 200
+    stored, = facade.rows('inbound_messages')
+    assert stored['sender'] == 'sync_example.com__'
+    peers = {row['value'] for row in facade.rows('communicator_state', order_by='key')
+             if row['key'] in ('last_received_at', 'last_served_at')}
+    assert peers == {'sync_example.com__'}
+
+
+def test_acknowledgements_are_bounded(webapp, facade) -> None:
+    app = webapp(facade, **{'communicator.batch_size': 10})
+    ids = publish_posts(facade, 2)
+    too_many = json.dumps({'ids': ids + list(range(10 ** 6, 10 ** 6 + 999))})
+    assert 'at most 1000 ids' in assert_one_line_error(
+        post_json(app, too_many, url=DELIVERED), 400)
+    assert delivered_ids(facade) == []
+    enough = json.dumps({'ids': ids + list(range(10 ** 6, 10 ** 6 + 998))})
+    assert post_json(app, enough, url=DELIVERED).json == {'acknowledged': 2}
 
 
 @pytest.mark.parametrize('seed', range(12))
