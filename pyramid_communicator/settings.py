@@ -129,10 +129,12 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'a batch also ends once its message bodies reach this many bytes '
          '(at least one message goes)'),
         ('timeout', _positive_float, 10.0,
-         'seconds the client waits to connect and for each reply'),
+         'seconds a whole request of the client may take: connecting, sending '
+         'and the complete reply; past it the run fails'),
         ('max_body_bytes', _positive_int, 10 * 1024 * 1024,
-         'largest request body the server accepts (413 past it); the client '
-         'splits pushes to stay under it'),
+         'largest request body the server accepts (413 past it; the client '
+         'splits pushes to stay under it), and the largest reply the client '
+         'reads (decompressed)'),
         ('verify', _verify, True,
          'TLS verification: true, false, or the path of a CA bundle file'),
         ('cert', _file, None,
@@ -150,6 +152,10 @@ SETTINGS: tuple[Setting, ...] = tuple(
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
+        ('run_seconds', _non_negative_int, 300,
+         'once a pcommunicate run has taken this long, it pushes and pulls no '
+         'further batch (each does one at least; what arrived is still applied; '
+         'exit status 0) and the next run goes on; 0 means no limit'),
         ('retention_days', _non_negative_int, 7,
          'delivered outbound and applied inbound messages (and conflict records) '
          'older than this are deleted, hourly during normal runs; 0 keeps them'),
@@ -174,6 +180,7 @@ class CommunicatorSettings:
     apply_on_receive: bool = True
     retry_delay: int = 30
     lock_wait: int = 0
+    run_seconds: int = 300
     retention_days: int = 7
 
     def __repr__(self) -> str:  # never show the password in logs/tracebacks
