@@ -8,12 +8,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import requests
+from urllib3.exceptions import HTTPError
 
 from . import wire
-from .settings import CommunicatorSettings, require_base_uri
+from .printable import printable
+from .replies import Deadline, ReplyRefused, WatchedAdapter, read_body
+from .settings import CommunicatorSettings, is_valid_name, require_base_uri
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,14 @@ class AuthenticationRefused(PeerError):
 
 class BodyTooLarge(PeerError):
     pass
+
+
+@dataclasses.dataclass
+class Reply:
+    """A reply read whole, within the bounds."""
+    status_code: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
 @dataclasses.dataclass
@@ -47,8 +58,15 @@ class Client:
         self.messages_url = self.base_uri + '/messages.json'
         self.delivered_url = self.base_uri + '/messages/delivered.json'
         self.status_url = self.base_uri + '/status.json'
+        self.name = settings.name
         self.timeout = settings.timeout
+        #: The largest reply read, decompressed: a peer must not make us
+        #: hold more (our own server's limit is the same setting).
+        self.max_reply_bytes = settings.max_body_bytes
         self.http = http or requests.Session()
+        adapter = WatchedAdapter()
+        self.http.mount('http://', adapter)
+        self.http.mount('https://', adapter)
         self.http.auth = (settings.username, settings.password)
         self.verify = settings.verify
         #: Mutual TLS: our certificate, and its key when it is a file apart.
@@ -65,40 +83,81 @@ class Client:
         self.http.close()
 
     def _request(self, method: str, url: str, missing_ok: bool = False,
-                 **kwargs) -> requests.Response:
+                 **kwargs) -> Reply:
+        """One exchange, bounded: within ``communicator.timeout`` as a
+        whole, a body of at most ``communicator.max_body_bytes``, no
+        redirect followed (a peer must not send our records elsewhere)."""
+        with Deadline(self.timeout) as deadline:
+            try:
+                reply = self._exchange(method, url, missing_ok, **kwargs)
+                if deadline.expired:  # a cut reply can look complete
+                    raise self._late(url)
+                return reply
+            except PeerError:
+                if deadline.expired:
+                    raise self._late(url) from None
+                raise
+            except Exception as exc:
+                if deadline.expired:  # whatever the cut socket made of it
+                    raise self._late(url) from None
+                raise self._failure(url, exc) from None
+
+    def _late(self, url: str) -> PeerError:
+        return PeerError(f'{url} did not answer within {self.timeout:g} seconds')
+
+    def _failure(self, url: str, exc: Exception) -> PeerError:
+        if isinstance(exc, requests.Timeout):
+            return self._late(url)
+        if isinstance(exc, requests.exceptions.SSLError):
+            return PeerError(self._tls_failure(url, exc))
+        if isinstance(exc, requests.ConnectionError):
+            return PeerError(f'cannot reach {url}: {_reason(exc)}')
+        if isinstance(exc, ReplyRefused):
+            return PeerError(f'{url} sent a refused reply: {exc}')
+        if isinstance(exc, (requests.RequestException, HTTPError, OSError)):
+            return PeerError(f'request to {url} failed: {printable(_first_line(exc), 300)}')
+        raise exc
+
+    def _exchange(self, method: str, url: str, missing_ok: bool, **kwargs) -> Reply:
+        # verify per request: on a session, requests lets REQUESTS_CA_BUNDLE
+        # (or CURL_CA_BUNDLE) in the environment override it.
+        response = self.http.request(method, url, timeout=self.timeout, verify=self.verify,
+                                     cert=self.cert, allow_redirects=False, stream=True,
+                                     **kwargs)
+        with response:
+            status = response.status_code
+            if 300 <= status < 400:
+                location = printable(response.headers.get('Location', ''), 200)
+                raise PeerError(f'{url} answered HTTP {status} redirecting to '
+                                f'{location or "(no Location)"}; redirects are not followed')
+            if status in (401, 403):
+                raise AuthenticationRefused(
+                    f'{url} refused the credentials (HTTP {status}); '
+                    'check communicator.username and communicator.password')
+            if status == 413:
+                raise BodyTooLarge(f'{url} refused the request as too large (HTTP 413)')
+            if status == 404 and missing_ok:
+                return Reply(status, response.headers, b'')
+            if not 200 <= status < 300:
+                raise PeerError(f'{url} answered HTTP {status}' + self._detail(response))
+            body = read_body(response.raw, response.headers, self.max_reply_bytes)
+            return Reply(status, response.headers, body)
+
+    def _detail(self, response: requests.Response) -> str:
+        """The start of an error reply's body, as one safe line."""
         try:
-            # verify per request: on a session, requests lets REQUESTS_CA_BUNDLE
-            # (or CURL_CA_BUNDLE) in the environment override it.
-            response = self.http.request(method, url, timeout=self.timeout,
-                                         verify=self.verify, cert=self.cert, **kwargs)
-        except requests.Timeout:
-            raise PeerError(f'{url} did not answer within {self.timeout:g} seconds') from None
-        except requests.exceptions.SSLError as exc:
-            raise PeerError(self._tls_failure(url, exc)) from None
-        except requests.ConnectionError as exc:
-            raise PeerError(f'cannot reach {url}: {_reason(exc)}') from None
-        except requests.RequestException as exc:
-            raise PeerError(f'request to {url} failed: {_first_line(exc)}') from None
-        if response.status_code in (401, 403):
-            raise AuthenticationRefused(
-                f'{url} refused the credentials (HTTP {response.status_code}); '
-                'check communicator.username and communicator.password')
-        if response.status_code == 413:
-            raise BodyTooLarge(f'{url} refused the request as too large (HTTP 413)')
-        if response.status_code == 404 and missing_ok:
-            return response
-        if not 200 <= response.status_code < 300:
-            detail = _first_line(response.text[:200]) if response.text else ''
-            raise PeerError(f'{url} answered HTTP {response.status_code}'
-                            + (f': {detail}' if detail else ''))
-        return response
+            body = read_body(response.raw, response.headers, _ERROR_BODY_BYTES)
+        except ReplyRefused:
+            return ''
+        detail = printable(_first_line(body[:200].decode('utf-8', 'replace')), 200)
+        return f': {detail}' if detail else ''
 
     def _tls_failure(self, url: str, exc: Exception) -> str:
         """One line for a failed handshake, saying which setting to look at."""
         text = _first_line(exc)
         found = _SSL_REASON.search(text)
         if found is None:
-            return f'TLS handshake with {url} failed: {text[:300]}'
+            return f'TLS handshake with {url} failed: {printable(text, 300)}'
         code, reason = found.group(1), found.group(2).strip()
         if code == 'CERTIFICATE_VERIFY_FAILED':
             return (f'TLS verification of {url} failed: {reason} (communicator.verify '
@@ -122,7 +181,7 @@ class Client:
         response = self._request('POST', self.messages_url, data=payload, headers=headers)
         self._learn(response)
 
-    def _learn(self, response: requests.Response) -> None:
+    def _learn(self, response: Reply) -> None:
         protocol = response.headers.get(wire.PROTOCOL_HEADER, '')
         self.peer_gzip = protocol.isdigit() and int(protocol) >= 2
 
@@ -131,15 +190,33 @@ class Client:
                                  params={'from_id': from_id, 'pending': '1'})
         self._learn(response)
         try:
-            messages = wire.parse_messages(response.content)
+            messages = wire.parse_messages(response.body)
         except wire.WireError as exc:
-            raise PeerError(f'{self.messages_url} sent an invalid reply: {exc}') from None
+            raise PeerError(f'{self.messages_url} sent an invalid reply: '
+                            f'{printable(str(exc), 300)}') from None
         return PullReply(
             messages=messages,
             more=response.headers.get(wire.MORE_HEADER) == '1',
-            sender=response.headers.get(wire.NAME_HEADER) or self.base_uri,
+            sender=self._sender(response),
             acknowledges=wire.PROTOCOL_HEADER in response.headers,
         )
+
+    def _sender(self, response: Reply) -> str:
+        """Who the messages are from, as they will be stored: the name the
+        peer gives, which must be a possible name and not ours (a peer
+        posing as this app would address our records as their origin); the
+        gem gives none, and its URL stands for it."""
+        name = response.headers.get(wire.NAME_HEADER)
+        if name is None:
+            return self.base_uri
+        if not is_valid_name(name):
+            raise PeerError(f'{self.messages_url} sent an invalid {wire.NAME_HEADER} '
+                            f'header ({printable(name, 80)}): a name is 1-64 letters, '
+                            'digits, "_", "." or "-"')
+        if name == self.name:
+            raise PeerError(f'{self.messages_url} claims to be {name}, which is this '
+                            "app's own communicator.name")
+        return name
 
     def status(self) -> dict | None:
         """The peer's ``GET /status.json`` (our extension), or None when it
@@ -148,8 +225,8 @@ class Client:
         if response.status_code == 404:
             return None
         try:
-            status = response.json()
-        except ValueError:
+            status = wire.parse_json(response.body)
+        except wire.WireError:
             status = None
         if not isinstance(status, dict) or not isinstance(status.get('outbound'), dict):
             raise PeerError(f'{self.status_url} sent an invalid reply (not a status)')
@@ -159,6 +236,8 @@ class Client:
         self._request('POST', self.delivered_url, json={'ids': list(ids)})
 
 
+#: Of an error reply, the bytes read for its first line.
+_ERROR_BODY_BYTES = 64 * 1024
 #: OpenSSL's words inside requests' message: "[SSL: CODE] reason (_ssl.c:123)".
 _SSL_REASON = re.compile(r'\[SSL: ([A-Z0-9_]+)\] ([^(]+)')
 #: Alerts a server sends about the client's certificate, or its absence.
@@ -181,4 +260,4 @@ def _reason(exc: Exception) -> str:
     text = _first_line(exc)
     if 'Connection refused' in text:
         return 'Connection refused'
-    return text[:200]
+    return printable(text, 200)

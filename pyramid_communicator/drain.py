@@ -26,7 +26,7 @@ from .client import PeerError
 from .locking import run_lock
 from .progress import NO_PROGRESS, Progress
 from .settings import CommunicatorSettings
-from .status import OK, format_peer_status, left_in, peer_status, queue_status
+from .status import OK, format_peer_status, left_in, peer_name, peer_status, queue_status
 from .sync import Communicator, Summary, make_session
 
 #: Pauses between exchanges that moved nothing: from FIRST_PAUSE, doubling
@@ -92,7 +92,7 @@ class Drain:
                 return DrainResult(False, [*left, format_peer_status(peer)], total, rounds)
             words, peer_stuck = left_in(peer.status)
             if words:
-                left.append(f"{peer.status.get('name', 'peer')}: {', '.join(words)}")
+                left.append(f"{peer_name(peer.status)}: {', '.join(words)}")
             if not left:
                 return DrainResult(True, [], total, rounds)
             moved = summary.pushed + summary.pulled + summary.applied

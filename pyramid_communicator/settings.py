@@ -129,10 +129,12 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'a batch also ends once its message bodies reach this many bytes '
          '(at least one message goes)'),
         ('timeout', _positive_float, 10.0,
-         'seconds the client waits to connect and for each reply'),
+         'seconds a whole request of the client may take: connecting, sending '
+         'and the complete reply; past it the run fails'),
         ('max_body_bytes', _positive_int, 10 * 1024 * 1024,
-         'largest request body the server accepts (413 past it); the client '
-         'splits pushes to stay under it'),
+         'largest request body the server accepts (413 past it; the client '
+         'splits pushes to stay under it), and the largest reply the client '
+         'reads (decompressed)'),
         ('verify', _verify, True,
          'TLS verification: true, false, or the path of a CA bundle file'),
         ('cert', _file, None,
@@ -154,6 +156,10 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'the peer is a Rails app running the Ruby gem: its messages, which carry '
          'no versions, are applied as the gem did (they overwrite); otherwise such a '
          'message is refused, since our apps always send versions'),
+        ('run_seconds', _non_negative_int, 300,
+         'once a pcommunicate run has taken this long, it pushes and pulls no '
+         'further batch (each does one at least; what arrived is still applied; '
+         'exit status 0) and the next run goes on; 0 means no limit'),
         ('retention_days', _non_negative_int, 7,
          'delivered outbound messages, applied, refused, given-up and '
          'waiting-for-an-upgrade inbound messages (and conflict records) older than '
@@ -185,6 +191,7 @@ class CommunicatorSettings:
     retry_delay: int = 30
     lock_wait: int = 0
     gem_peer: bool = False
+    run_seconds: int = 300
     retention_days: int = 7
     login_attempts: int = 10
     login_window: int = 60

@@ -20,6 +20,7 @@ from zope.sqlalchemy import mark_changed
 from . import queues
 from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
+from .printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -136,45 +137,97 @@ def queue_status(session: Session, name: str, failures: int = 50,
 def _words(key: str) -> str:
     if key == 'waiting_upgrade':
         return 'waiting for an upgrade (a newer format: upgrade this app)'
-    return key.replace('_', ' ')
+    return printable(key.replace('_', ' '), 40)
 
 
 def format_status(status: dict[str, Any], title: str | None = None) -> str:
-    out, inb = status['outbound'], status['inbound']
-
-    def age(seconds):
-        return '-' if seconds is None else f'{seconds:.0f}s'
-
-    # waiting_upgrade is news only when there are any
-    counts = [f'{value} {_words(key)}' for key, value in inb.items()
-              if key not in ('pending', 'oldest_pending_age_seconds', 'total')
-              and (value or key != 'waiting_upgrade')]
-    lines = [
-        title or f"communicator {status['name']}",
-        f"outbound: {out['pending']} pending (oldest {age(out['oldest_pending_age_seconds'])}), "
-        f"{out['total']} in all",
-        f"inbound:  {inb['pending']} pending (oldest {age(inb['oldest_pending_age_seconds'])}), "
-        + ''.join(f'{count}, ' for count in counts) + f"{inb['total']} in all",
-        f"conflicts: {status['conflicts']['recent']} in the last "
-        f"{status['conflicts']['recent_hours']}h, {status['conflicts']['total']} in all "
-        "(--status --json lists them)",
-    ]
-    for key, value in status['last_exchanges'].items():
-        peer = f" ({value['peer']})" if value['peer'] else ''
-        lines.append(f"{key}: {value['at']}{peer}")
-    last_run = status.get('last_run')
+    """The status as lines for a terminal.  It may be the peer's, which
+    can send anything: a part missing or of the wrong type shows as a line
+    saying so (a count as ``?``), and every string is shown through
+    :func:`.printable.printable`, as are ours (they may quote the peer)."""
+    lines = [title or f"communicator {printable(status.get('name'), 64)}"]
+    out = _part(status, 'outbound')
+    if out is None:
+        lines.append('outbound: not reported')
+    else:
+        lines.append(f"outbound: {_number(out.get('pending'))} pending (oldest "
+                     f"{_age_text(out.get('oldest_pending_age_seconds'))}), "
+                     f"{_number(out.get('total'))} in all")
+    inb = _part(status, 'inbound')
+    if inb is None:
+        lines.append('inbound:  not reported')
+    else:
+        # waiting_upgrade is news only when there are any
+        counts = [f'{_number(value)} {_words(key)}' for key, value in
+                  list(inb.items())[:_MAX_COUNTS]
+                  if key not in ('pending', 'oldest_pending_age_seconds', 'total')
+                  and (value or key != 'waiting_upgrade')]
+        lines.append(f"inbound:  {_number(inb.get('pending'))} pending (oldest "
+                     f"{_age_text(inb.get('oldest_pending_age_seconds'))}), "
+                     + ''.join(f'{count}, ' for count in counts)
+                     + f"{_number(inb.get('total'))} in all")
+    conflicts = _part(status, 'conflicts')
+    if conflicts is None:
+        lines.append('conflicts: not reported')
+    else:
+        lines.append(f"conflicts: {_number(conflicts.get('recent'))} in the last "
+                     f"{_number(conflicts.get('recent_hours'))}h, "
+                     f"{_number(conflicts.get('total'))} in all (--status --json lists them)")
+    for key, value in list((_part(status, 'last_exchanges') or {}).items())[:_MAX_ROWS]:
+        value = value if isinstance(value, dict) else {}
+        peer = f" ({printable(value['peer'], 80)})" if value.get('peer') else ''
+        lines.append(f"{printable(key, 40)}: {printable(value.get('at'), 40)}{peer}")
+    last_run = _part(status, 'last_run')
     if last_run:
-        lines.append(f"last run: {last_run['at']} {last_run['result']}")
-    for failure in status['failures']:
-        kind = 'refused' if failure['refused'] else 'failed'
-        lines.append(f"{kind} #{failure['id']} (from {failure['sender']} "
-                     f"#{failure['remote_id']}, {failure['attempts']} attempts): "
-                     f"{_first_line(failure['error'])}")
+        lines.append(f"last run: {printable(last_run.get('at'), 40)} "
+                     f"{printable(last_run.get('result'), 300)}")
+    failures = status.get('failures')
+    for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
+        if not isinstance(failure, dict):
+            lines.append('a failure the status does not describe')
+            continue
+        kind = 'refused' if failure.get('refused') else 'failed'
+        lines.append(f"{kind} #{_number(failure.get('id'))} (from "
+                     f"{printable(failure.get('sender'), 80)} "
+                     f"#{_number(failure.get('remote_id'))}, "
+                     f"{_number(failure.get('attempts'))} attempts): "
+                     f"{_first_line(failure.get('error'))}")
     return '\n'.join(lines)
 
 
-def _first_line(error: str | None, width: int = 160) -> str:
-    return error.splitlines()[0][:width] if error else ''
+#: At most this many inbound counts, exchanges and failures are shown (a
+#: status of ours has a few, and 50 failures).
+_MAX_COUNTS, _MAX_ROWS = 20, 100
+
+
+def _part(status: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = status.get(key)
+    return value if isinstance(value, dict) else None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> str:
+    """A count as shown: ``?`` for anything else (missing, wrong type)."""
+    return str(value) if _is_count(value) and value < 10 ** 18 else '?'
+
+
+def _age_text(seconds: Any) -> str:
+    if seconds is None:
+        return '-'
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+            and 0 <= seconds < 10 ** 12:
+        return f'{seconds:.0f}s'
+    return '?'
+
+
+def _first_line(error: Any, width: int = 160) -> str:
+    if not isinstance(error, str):
+        return printable(error, width)
+    lines = error[:width * 4].splitlines()
+    return printable(lines[0], width) if lines else ''
 
 
 # -- the peer's side ------------------------------------------------------------
@@ -197,6 +250,11 @@ class PeerStatus:
                 'status': self.status}
 
 
+def peer_name(status: dict[str, Any]) -> str:
+    """The name a status gives, safe to show."""
+    return printable(status.get('name'), 64) or 'peer'
+
+
 def peer_status(client: Client) -> PeerStatus:
     """Ask the peer for its status over HTTP.  Call it with no database
     transaction open."""
@@ -212,12 +270,12 @@ def peer_status(client: Client) -> PeerStatus:
 
 def format_peer_status(peer: PeerStatus) -> str:
     if peer.state == OK:
-        return format_status(peer.status,
-                             f"communicator {peer.status.get('name')} (peer, {peer.url})")
+        return format_status(peer.status, f"communicator {peer_name(peer.status)} "
+                                          f"(peer, {peer.url})")
     if peer.state == NOT_AVAILABLE:
         return (f'peer {peer.url}: status not available (it serves no /status.json: '
                 'the Ruby gem, or pyramid_communicator before 0.2.0)')
-    return f'peer {peer.url}: status unreachable: {peer.error}'
+    return f'peer {peer.url}: status unreachable: {printable(peer.error, 500)}'
 
 
 # -- what a drain waits for --------------------------------------------------------
@@ -227,15 +285,20 @@ def left_in(status: dict[str, Any]) -> tuple[list[str], bool]:
     is drained), and whether any of it is stuck (no exchange clears it)."""
     words, stuck = [], False
     for queue, key, text in LEFT_BY_DRAIN:
-        count = status.get(queue, {}).get(key, 0)
-        if count:
-            stuck = stuck or key in STUCK
-            words.append(f'{count} {text}')
-            if key == 'failed':
-                failed = [f for f in status.get('failures', ()) if not f['refused']]
-                if failed:
-                    first = failed[0]
-                    words[-1] += f" (id {first['id']}: {_first_line(first['error'], 120)})"
+        count = (_part(status, queue) or {}).get(key, 0)
+        if not count:
+            continue
+        # A count the peer garbled cannot show it drained: left, unknown.
+        stuck = stuck or key in STUCK
+        words.append(f'{_number(count)} {text}')
+        failures = status.get('failures')
+        if key == 'failed' and isinstance(failures, list):
+            failed = [f for f in failures[:_MAX_ROWS]
+                      if isinstance(f, dict) and not f.get('refused')]
+            if failed:
+                first = failed[0]
+                words[-1] += (f" (id {_number(first.get('id'))}: "
+                              f"{_first_line(first.get('error'), 120)})")
     return words, stuck
 
 

@@ -47,14 +47,22 @@ class Summary:
     failed: int = 0
     waiting: int = 0
     seconds: float = 0.0
+    #: The run stopped at ``communicator.run_seconds`` with work left for
+    #: the next one (not a failure).
+    stopped_early: bool = False
 
     def __str__(self) -> str:
         return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
-                f'failed={self.failed} waiting={self.waiting} seconds={self.seconds:.2f}')
+                f'failed={self.failed} waiting={self.waiting} seconds={self.seconds:.2f}'
+                + (' stopped_early=1' if self.stopped_early else ''))
 
     def __iadd__(self, other: Summary) -> Summary:
         for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+            if field.name == 'stopped_early':
+                self.stopped_early = self.stopped_early or other.stopped_early
+            else:
+                setattr(self, field.name,
+                        getattr(self, field.name) + getattr(other, field.name))
         return self
 
 
@@ -113,6 +121,22 @@ class Communicator:
         self.tm = tm or transaction.TransactionManager(explicit=True)
         self.session = make_session(bind, self.tm)
         self.progress = progress
+        #: When this run pushes and pulls no further batch
+        #: (``communicator.run_seconds``; None: no limit), and whether it
+        #: stopped so, with work left.
+        self.ends_at: float | None = None
+        self.stopped_early = False
+
+    def _out_of_time(self, what: str, left: bool = True) -> bool:
+        """Past ``run_seconds``?  Then say so once: a run that stops with
+        work left is not a failure, but an operator should see it happen."""
+        if self.ends_at is None or time.monotonic() < self.ends_at:
+            return False
+        if left:
+            log.warning('%s stopped after communicator.run_seconds=%d with work left; '
+                        'the next run goes on', what, self.settings.run_seconds)
+            self.stopped_early = True
+        return True
 
     def close(self) -> None:
         self.session.close()
@@ -132,6 +156,8 @@ class Communicator:
             sending = self._submit(wire_thread, batch)
             while batch is not None:
                 following = self._next_batch(batch.messages[-1].id)  # meanwhile
+                if following is not None and self._out_of_time('push'):
+                    following = None  # this batch is the run's last
                 sending.result()
                 # The next batch goes while this one is marked delivered: a
                 # run stopped in between sends both again, which the peer
@@ -229,6 +255,10 @@ class Communicator:
                     if reply.messages and reply.acknowledges:
                         self.client.acknowledge(ids)
                     break
+                if self._out_of_time('pull'):
+                    if reply.acknowledges:
+                        self.client.acknowledge(ids)
+                    break
                 if reply.acknowledges:
                     # Stored: the acknowledgement, then the next batch (our
                     # server serves what is not acknowledged, from_id aside),
@@ -256,7 +286,11 @@ class Communicator:
             status = self.client.status()
         except PeerError:
             return None  # the pull itself says what is wrong
-        return None if status is None else status['outbound'].get('pending')
+        pending = None if status is None else status['outbound'].get('pending')
+        # Only shown, but a peer may send anything: a count or nothing.
+        if isinstance(pending, int) and not isinstance(pending, bool) and pending >= 0:
+            return pending
+        return None
 
     # -- apply ---------------------------------------------------------------
 
@@ -302,6 +336,9 @@ class Communicator:
 
     def _communicate(self, push: bool, pull: bool) -> Summary:
         started = time.monotonic()
+        if self.settings.run_seconds:
+            self.ends_at = started + self.settings.run_seconds
+        self.stopped_early = False
         summary = Summary()
         held_up = None
         if push:
@@ -323,6 +360,7 @@ class Communicator:
         summary.applied, summary.failed, summary.waiting = (
             result.applied, result.failed, result.waiting)
         summary.seconds = time.monotonic() - started
+        summary.stopped_early = self.stopped_early
         return summary
 
 

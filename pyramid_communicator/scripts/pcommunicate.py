@@ -25,6 +25,7 @@ from zope.sqlalchemy import register
 from ..client import Client, PeerError
 from ..drain import Drain
 from ..locking import run_lock
+from ..printable import printable
 from ..progress import Progress, Totals
 from ..records import UnknownRecord, receiver_for
 from ..retention import purge
@@ -109,7 +110,8 @@ class PCommunicateCommand:
             print(text, file=self.out)
 
     def fail(self, text: str, code: int = FAILED) -> int:
-        print(f'pcommunicate: {text}', file=self.err)
+        # One line, nothing a terminal acts on, whatever a peer put in it.
+        print(f'pcommunicate: {printable(text, 2000)}', file=self.err)
         return code
 
     def run(self) -> int:
@@ -202,7 +204,9 @@ class PCommunicateCommand:
         if self.args.json:
             if peer is not None:
                 report['peer'] = peer.as_json()
-            self.say(json.dumps(report, indent=2))
+            # ASCII: the peer's strings arrive with every control, bidi and
+            # other non-ASCII character as a \u escape, never raw.
+            self.say(json.dumps(report, indent=2, ensure_ascii=True))
         else:
             text = format_status(report)
             if peer is not None:
