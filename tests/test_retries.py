@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ import pytest
 import transaction
 from test_records import deliver, message, settings_of
 from test_references import comments, with_refs
+from test_views import basic, post_messages
+from test_views import message as wire_message
 
 from pyramid_communicator import inbox, queues
 from pyramid_communicator.inbox import ApplyResult
@@ -227,6 +230,21 @@ def test_applying_as_it_pulls_retries_nothing(facade):
         session.close()
     assert result == ApplyResult(waiting=1)
     assert attempts(facade) == {1: 1}
+
+
+def test_the_server_retries_a_bounded_number_after_each_request(webapp, facade):
+    """The server applies after every request of a run: each retries at
+    most ``retry_limit`` failures, not the whole pile."""
+    app = webapp(facade, **{'communicator.retry_limit': 3})  # retry_delay 0: all due
+    hopeless = [wire_message(n, json.dumps({'no_such_model': {'n': n}}), 'central', n)
+                for n in range(1, 11)]
+    post_messages(app, hopeless, headers={**basic(), 'X-Communicator-Name': 'central'})
+    assert attempts(facade) == {n: 1 for n in range(1, 11)}  # each tried once on arrival
+
+    for request in range(1, 5):
+        app.get('/messages.json?from_id=0', headers={**basic(), 'Accept': 'application/json'})
+        assert sum(attempts(facade).values()) == 10 + 3 * request
+    assert set(attempts(facade).values()) == {2, 3}  # in turn: none a third time before
 
 
 # -- status -----------------------------------------------------------------------
