@@ -11,9 +11,10 @@ extra transactions only when something fails.
 The batch's messages are claimed by a conditional UPDATE in its
 transaction (``queues.claim_batch``), so several workers or runs can
 apply the same queue at once without applying anything twice.  A message
-that fails is retried on later runs; later messages for the same record
-wait behind it so that updates are never applied out of order, while
-other records go on.
+that fails is retried on later runs, less often the longer it fails and
+a bounded number per run (:mod:`.retries`), in batches apart from new
+messages; later messages for the same record wait behind it so that
+updates are never applied out of order, while other records go on.
 
 A message of a newer format than this version knows
 (:data:`.wire.FORMAT_VERSION`) is neither applied nor failed: it stays

@@ -63,10 +63,6 @@ class Backoff:
         return failed_at + datetime.timedelta(seconds=self.wait(attempts))
 
 
-#: ``retry_now``: everything failed is due at once (``pcommunicate --retry``).
-NO_BACKOFF = Backoff(0, 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class RetryPlan:
     """Which failed messages an apply tries again."""
