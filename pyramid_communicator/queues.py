@@ -219,6 +219,21 @@ def pending_inbound(session: Session, limit: int, after_id: int = 0,
     return session.execute(query).all()
 
 
+def failed_inbound(session: Session, failed_before: datetime.datetime,
+                   ids: Sequence[int] | None = None) -> list[Row]:
+    """``(id, attempts, failed_at)`` of pending messages that failed at or
+    before ``failed_before``: the candidates for a retry, without their
+    bodies, so that many failures are cheap to look at on every run
+    (:mod:`.retries` decides which are due)."""
+    query = (select(IN.id, IN.attempts, IN.failed_at)
+             .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
+                    IN.refused_at.is_(None), IN.failed_at.is_not(None),
+                    IN.failed_at <= failed_before, understood()))
+    if ids is not None:
+        query = query.where(IN.id.in_(ids))
+    return session.execute(query).all()
+
+
 def understood():
     """Messages of a format this version knows; newer ones wait, pending,
     for the upgrade (never claimed, so never applied, failed or dropped)."""

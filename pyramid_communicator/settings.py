@@ -149,6 +149,13 @@ SETTINGS: tuple[Setting, ...] = tuple(
         ('retry_delay', _non_negative_int, 30,
          'seconds before a failed inbound message is tried again (pcommunicate '
          '--retry does not wait)'),
+        ('retry_max_delay', _non_negative_int, 3600,
+         'a failed inbound message waits communicator.retry_delay seconds, doubled '
+         'after each further failure, but never more than this many seconds'),
+        ('retry_limit', _positive_int, 50,
+         'failed inbound messages tried again per apply at most (a pcommunicate run, '
+         'or a request the server answers), the longest overdue first; the rest '
+         'wait for later ones (pcommunicate --retry tries all)'),
         ('lock_wait', _non_negative_int, 0,
          'seconds pcommunicate waits for a concurrent run to finish; 0 means '
          'exit at once (status 0) when another run holds the lock'),
@@ -189,6 +196,8 @@ class CommunicatorSettings:
     dbsession: str = 'dbsession'
     apply_on_receive: bool = True
     retry_delay: int = 30
+    retry_max_delay: int = 3600
+    retry_limit: int = 50
     lock_wait: int = 0
     gem_peer: bool = False
     run_seconds: int = 300

@@ -21,6 +21,7 @@ from . import queues
 from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
+from .retries import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,13 @@ def _oldest(condition, column):
 
 
 def queue_status(session: Session, name: str, failures: int = 50,
-                 conflicts: int = 50) -> dict[str, Any]:
+                 conflicts: int = 50, backoff: Backoff | None = None) -> dict[str, Any]:
     """Queue depths, oldest pending ages, failures (the latest
     ``failures``), refusals, conflicts and last exchanges: read-only, in
-    the caller's transaction."""
+    the caller's transaction.  With ``backoff`` (the app's retry
+    settings), each failure says when it is due to be tried again
+    (``next_attempt_at``; None when not known, and for a refusal, which
+    is never retried by itself)."""
     waiting = OUT.delivered_at.is_(None)
     out_pending, out_oldest, out_total = session.execute(
         select(_count(waiting), _oldest(waiting, OUT.created_at), func.count())
@@ -114,7 +118,8 @@ def queue_status(session: Session, name: str, failures: int = 50,
         'inbound': inbound,
         'failures': [{'id': r.id, 'sender': r.sender, 'remote_id': r.remote_id,
                       'attempts': r.attempts, 'error': r.last_error,
-                      'failed_at': _iso(r.failed_at), 'refused': r.refused_at is not None}
+                      'failed_at': _iso(r.failed_at), 'refused': r.refused_at is not None,
+                      'next_attempt_at': _next_attempt(r, backoff)}
                      for r in reversed(failed_rows)],
         'conflicts': {
             'recent': int(recent), 'recent_hours': RECENT_HOURS,
@@ -132,6 +137,28 @@ def queue_status(session: Session, name: str, failures: int = 50,
         'last_run': None if last_run is None else {'at': _iso(last_run[1]),
                                                    'result': last_run[0]},
     }
+
+
+def _next_attempt(row, backoff: Backoff | None) -> str | None:
+    if backoff is None or row.refused_at is not None or row.failed_at is None:
+        return None
+    return _iso(backoff.due_at(row.failed_at, row.attempts))
+
+
+def _when(next_attempt_at: object) -> str:
+    """``, next attempt in 90s``: how long a failure waits (back-off).
+    Nothing for a value that is not a time (the peer's status may hold
+    anything)."""
+    if not isinstance(next_attempt_at, str) or not next_attempt_at:
+        return ''
+    try:
+        due = datetime.datetime.fromisoformat(next_attempt_at[:40].removesuffix('Z'))
+    except ValueError:
+        return ''
+    if due.tzinfo is not None:
+        due = due.astimezone(datetime.UTC).replace(tzinfo=None)
+    seconds = (due - utcnow()).total_seconds()
+    return ', next attempt due now' if seconds <= 0 else f', next attempt in {seconds:.0f}s'
 
 
 def _words(key: str) -> str:
@@ -190,7 +217,8 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
         lines.append(f"{kind} #{_number(failure.get('id'))} (from "
                      f"{printable(failure.get('sender'), 80)} "
                      f"#{_number(failure.get('remote_id'))}, "
-                     f"{_number(failure.get('attempts'))} attempts): "
+                     f"{_number(failure.get('attempts'))} attempts"
+                     f"{_when(failure.get('next_attempt_at'))}): "
                      f"{_first_line(failure.get('error'))}")
     return '\n'.join(lines)
 

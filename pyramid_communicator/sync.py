@@ -88,14 +88,17 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
                   ) -> ApplyResult:
     """Apply pending inbound messages with a session and transaction
     manager of their own (as the server does after a request commits).
-    ``retry_now`` retries failed messages without ``retry_delay``;
-    ``known``: see :func:`.inbox.apply_pending`."""
+    ``retry_now`` retries all failed messages (or those of ``ids``) at
+    once, without back-off or ``retry_limit``; ``known``: see
+    :func:`.inbox.apply_pending`."""
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
         result = apply_pending(session, tm, settings.name, settings.batch_size, ids,
                                0 if retry_now else settings.retry_delay, known=known,
-                               gem_peer=settings.gem_peer)
+                               gem_peer=settings.gem_peer,
+                               retry_max_delay=settings.retry_max_delay,
+                               retry_limit=None if retry_now else settings.retry_limit)
         if ids is None:  # the server's normal run: keep history bounded
             purge_if_due(session, tm, settings.retention_days)
         return result
@@ -314,7 +317,9 @@ class Communicator:
         return apply_pending(self.session, self.tm, self.settings.name,
                              self.settings.batch_size, retry_delay=self.settings.retry_delay,
                              progress=progress, not_retried_since=not_retried_since,
-                             known=known, gem_peer=self.settings.gem_peer)
+                             known=known, gem_peer=self.settings.gem_peer,
+                             retry_max_delay=self.settings.retry_max_delay,
+                             retry_limit=self.settings.retry_limit)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

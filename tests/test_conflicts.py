@@ -325,8 +325,8 @@ def test_without_match_on_the_same_unique_key_on_both_sides_is_a_kept_failure(pa
     assert [p['title'] for p in posts(facade.side).values()] == ['Facade']
     shown = central.sync('--status')
     assert re.search(r'^inbound: .* 1 failed, 0 refused,', shown, re.M)
-    assert re.search(r'^failed #\d+ \(from facade #\d+, 1 attempts\): IntegrityError', shown,
-                     re.M)
+    assert re.search(r'^failed #\d+ \(from facade #\d+, 1 attempts, next attempt due now\): '
+                     r'IntegrityError', shown, re.M)
 
 
 # -- 7: deletes ----------------------------------------------------------------------

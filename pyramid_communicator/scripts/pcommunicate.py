@@ -29,6 +29,7 @@ from ..printable import printable
 from ..progress import Progress, Totals
 from ..records import UnknownRecord, receiver_for
 from ..retention import purge
+from ..retries import Backoff
 from ..seeding import publish_all
 from ..settings import get_settings, require_base_uri
 from ..status import FAILED as PEER_UNREACHABLE
@@ -192,7 +193,7 @@ class PCommunicateCommand:
         asked over HTTP once the local transaction is over."""
         tm, session = self._unit_of_work(bind)
         with tm:
-            report = queue_status(session, settings.name)
+            report = queue_status(session, settings.name, backoff=Backoff.of(settings))
         session.close()
         peer = None
         if settings.base_uri:
