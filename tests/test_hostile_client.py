@@ -13,6 +13,7 @@ import json
 import time
 
 import pytest
+from conftest import versioned
 from hostile import (
     drip,
     gzip_bomb,
@@ -229,8 +230,8 @@ def endless_facade():
             return json_reply([], X_Communicator_Protocol=2, X_Communicator_Name='facade')
         served.append(len(served) + 1)
         n = served[-1]
-        message = {'id': n, 'body': json.dumps({'post': {'title': f'endless {n}'}}),
-                   'origin': 'facade', 'original_id': n}
+        message = versioned({'id': n, 'body': json.dumps({'post': {'title': f'endless {n}'}}),
+                             'origin': 'facade', 'original_id': n}, 'facade')
         return [0.2, *json_reply([message], X_Communicator_Protocol=2,
                                  X_Communicator_Name='facade', X_Communicator_More=1)]
     return handler

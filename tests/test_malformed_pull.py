@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 
+from conftest import versioned
 from fakes import read_body, serve_wsgi
 from test_end_to_end import summary
 
 
 def good(number: int) -> dict:
-    return {'id': number, 'body': json.dumps({'post': {'title': f'Post {number}'}}),
-            'origin': 'facade', 'original_id': number, 'format': 1}
+    return versioned({'id': number, 'body': json.dumps({'post': {'title': f'Post {number}'}}),
+                      'origin': 'facade', 'original_id': number, 'format': 2}, 'facade')
 
 
 class MalformedPeer:

@@ -1,0 +1,453 @@
+"""A compromised peer against the trust rule (docs/security.rst).
+
+Central is the side that must stay safe when the facade is broken into.
+A hand-written hostile facade (``tests/hostile.py``, real HTTP on
+loopback) serves crafted messages to central's real client and takes its
+pushes; each attack runs central's sync engine against it and then
+checks what a user of central cares about:
+
+- nothing outside what was shared is written: central's own tables are
+  as before, except for what the attack may legitimately change;
+- nothing private is sent back: no pushed body carries a private value,
+  even after central edits its private records;
+- central's own app can still save every record.
+
+The OWASP API Top 10 classes these play: broken object-level
+authorisation (private records by natural key, by foreign key, by a new
+life of an identity), mass assignment (primary keys, excluded columns,
+forged versions), unsafe consumption of APIs (unversioned and malformed
+messages).  Resource consumption and server-side request forgery by
+replies are in ``test_hostile_client.py``; failed logins in
+``test_throttle.py``.
+
+The other direction, a hostile central against a facade, posts the same
+kinds of messages to the facade's ``/messages.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import Side
+from hostile import head, hostile_server, json_reply
+from sqlalchemy import Integer, MetaData, String, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from test_views import basic
+
+from pyramid_communicator import authority, publish, receives_from
+from pyramid_communicator.demo.models import Comment, Post, Tag
+from pyramid_communicator.models import NAMING_CONVENTION
+from pyramid_communicator.settings import parse_settings
+from pyramid_communicator.sync import Communicator
+from pyramid_communicator.versions import now_hlc
+
+HOUR = 3600 * 1_000_000
+
+
+class HostileBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('hostile_ruled', autopublish=True, conflicts=authority('central'))
+class Ruled(HostileBase):
+    """A model central has the last word on."""
+    __tablename__ = 'hostile_ruled'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str | None] = mapped_column(String(100))
+
+
+# -- the hostile facade ----------------------------------------------------------
+
+class HostileFacade:
+    """Serves ``serving`` to pulls until they are acknowledged, and keeps
+    what central pushes."""
+
+    def __init__(self) -> None:
+        self.serving: list[dict[str, Any]] = []
+        self.acknowledged: set[int] = set()
+        self.pushed: list[dict[str, Any]] = []
+
+    def handler(self, request) -> list:
+        headers = {'X_Communicator_Name': 'facade', 'X_Communicator_Protocol': 2}
+        path = urllib.parse.urlsplit(request.path).path
+        body = request.body
+        if request.headers.get('content-encoding') == 'gzip':
+            body = gzip.decompress(body)
+        if request.method == 'POST' and path == '/messages.json':
+            self.pushed.extend(json.loads(body))
+            return json_reply({'received': 0}, **headers)
+        if request.method == 'POST' and path == '/messages/delivered.json':
+            self.acknowledged.update(json.loads(body)['ids'])
+            return json_reply({'acknowledged': 0}, **headers)
+        if request.method == 'GET' and path == '/messages.json':
+            return json_reply([m for m in self.serving if m['id'] not in self.acknowledged],
+                              **headers)
+        return [head('404 Not Found', Content_Length=0)]
+
+    def serve(self, *messages: dict[str, Any]) -> None:
+        first = max((m['id'] for m in self.serving), default=0) + 1
+        self.serving.extend({**m, 'id': first + n} for n, m in enumerate(messages))
+
+
+@dataclasses.dataclass
+class Central:
+    side: Side
+    facade: HostileFacade
+    url: str
+    #: ids of records shared with the facade, and of private ones
+    ids: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def run(self, push: bool = True, pull: bool = True) -> None:
+        settings = parse_settings({
+            'communicator.name': 'central', 'communicator.username': 'u',
+            'communicator.password': 'p', 'communicator.base_uri': self.url,
+            'communicator.timeout': '10', 'communicator.retry_delay': '0'})
+        communicator = Communicator(settings, self.side.engine)
+        try:
+            communicator.communicate(push=push, pull=pull)
+        finally:
+            communicator.close()
+
+    def inbound(self) -> list[dict[str, Any]]:
+        return self.side.rows('inbound_messages')
+
+
+PRIVATE_VALUES = ('Central only', 'private body', 'internal', 'Private ruling')
+
+
+def make_world(side: Side) -> dict[str, int]:
+    """Records shared with the peer, and private ones it must never reach."""
+    ids = {}
+    with side.session() as session:
+        shared = Post(title='Shared', body='b', slug='shared')
+        secret = Post(title='Central only', body='private body', slug='secret')
+        session.add_all([shared, secret])
+        session.flush()
+        publish(session, shared)  # posts are published by hand: the secret never is
+        comment = Comment(post_id=shared.id, body='on shared')  # autopublished
+        tag = Tag(name='shared-tag', label='Shared tag')  # autopublished
+        ruled = Ruled(title='Ruled by central')  # autopublished
+        session.add_all([comment, tag, ruled])
+        session.flush()
+        ids.update(shared=shared.id, secret=secret.id, comment=comment.id, tag=tag.id,
+                   ruled=ruled.id)
+    # Made without the ORM's events: never published.
+    with side.engine.begin() as conn:
+        conn.execute(text("INSERT INTO tags (name, label) VALUES ('internal', 'Internal')"))
+        conn.execute(text("INSERT INTO hostile_ruled (title) VALUES ('Private ruling')"))
+        ids['internal'] = conn.execute(text("SELECT id FROM tags WHERE name = 'internal'")
+                                       ).scalar()
+        ids['private_ruled'] = conn.execute(
+            text("SELECT id FROM hostile_ruled WHERE title = 'Private ruling'")).scalar()
+    return ids
+
+
+@pytest.fixture
+def central(make_side) -> Iterator[Central]:
+    side = make_side('central')
+    HostileBase.metadata.create_all(side.engine)
+    facade = HostileFacade()
+    with hostile_server(facade.handler) as server:
+        world = Central(side, facade, server.url)
+        world.ids = make_world(side)
+        world.run()  # the shared records go out
+        assert side.count('outbound_messages', 'delivered_at IS NULL') == 0
+        yield world
+    side.engine.dispose()
+    HostileBase.metadata.drop_all(side.engine)
+
+
+HOST_TABLES = ('posts', 'comments', 'tags', 'hostile_ruled')
+
+
+def host_state(side: Side) -> dict[str, list[dict[str, Any]]]:
+    return {table: side.rows(table) for table in HOST_TABLES}
+
+
+# -- messages a compromised facade sends -------------------------------------------
+
+def edit(app: str, *attributes: str, hlc: int | None = None, **clock: int) -> dict[str, Any]:
+    """A version claiming a fresh edit of ``attributes`` by ``app``."""
+    hlc = hlc or now_hlc()
+    return {'clock': {app: hlc, **clock}, 'stamps': {key: [hlc, app] for key in attributes}}
+
+
+def deletion(app: str, **clock: int) -> dict[str, Any]:
+    hlc = now_hlc()
+    return {'clock': {app: hlc, **clock}, 'deleted': [hlc, app]}
+
+
+def message(name: str, attributes: dict[str, Any], origin: str, original_id: int,
+            version: dict[str, Any] | None, refs: dict[str, list] | None = None,
+            ) -> dict[str, Any]:
+    data = {'id': 0, 'body': json.dumps({name: attributes}), 'origin': origin,
+            'original_id': original_id, 'format': 2}
+    if version is not None:
+        data['version'] = version
+    if refs is not None:
+        data['refs'] = refs
+    return data
+
+
+def central_clock(side: Side, name: str, local_id: int) -> int:
+    """Central's own hlc of a record, as the facade was sent it."""
+    with side.engine.connect() as conn:
+        version = conn.execute(text(
+            "SELECT version FROM communicator_mappings WHERE name = :name AND "
+            "local_id = :id AND origin = ''"), {'name': name, 'id': local_id}).scalar()
+    return json.loads(version)['clock']['']
+
+
+#: attack -> (messages given central's ids and sent clock, the refusal's words)
+Attack = Callable[[dict[str, int], Callable[[str, int], int]], list[dict[str, Any]]]
+
+ATTACKS: dict[str, tuple[Attack, str]] = {
+    'delete a private record by its natural key': (
+        lambda ids, sent: [message('tag', {'name': 'internal'}, 'facade', 901,
+                                   deletion('facade'))],
+        'which was never sent to it'),
+    'take a private record over: delete an identity, then reuse it': (
+        lambda ids, sent: [
+            message('tag', {'name': 'decoy'}, 'facade', 902, deletion('facade')),
+            message('tag', {'name': 'internal', 'label': 'Taken over'}, 'facade', 902,
+                    edit('facade', 'name', 'label', hlc=now_hlc() + 1000))],
+        'which was never sent to it'),
+    'attach a new record to a private parent with a raw foreign key': (
+        lambda ids, sent: [message('comment', {'body': 'x', 'post_id': ids['secret']},
+                                   'facade', 903, edit('facade', 'body', 'post_id'))],
+        'without saying whom it refers to'),
+    'point a shared record at a private parent with a raw foreign key': (
+        lambda ids, sent: [message('comment', {'post_id': ids['secret']}, 'central',
+                                   ids['comment'],
+                                   edit('facade', 'post_id',
+                                        central=sent('comment', ids['comment'])))],
+        'without saying whom it refers to'),
+    'point a shared record at a private parent through refs': (
+        lambda ids, sent: [message('comment', {'post_id': ids['secret']}, 'central',
+                                   ids['comment'],
+                                   edit('facade', 'post_id',
+                                        central=sent('comment', ids['comment'])),
+                                   refs={'post_id': ['central', ids['secret']]})],
+        'which was never sent to it'),
+    'address a private record by its id': (
+        lambda ids, sent: [message('post', {'title': 'Hijacked'}, 'central', ids['secret'],
+                                   edit('facade', 'title'))],
+        'which was never sent to it'),
+    'start a new life of a shared record': (
+        lambda ids, sent: [message('post', {'title': 'New life'}, 'central', ids['shared'],
+                                   {**edit('facade', 'title'), 'life': 1})],
+        'only its origin can'),
+    'delete a shared record in a new life': (
+        lambda ids, sent: [message('tag', {'name': 'shared-tag'}, 'central', ids['tag'],
+                                   {**deletion('facade'), 'life': 3})],
+        'only its origin can'),
+    'claim to have seen central an hour ahead': (
+        lambda ids, sent: [message('hostile_ruled', {'title': 'Facade wins?'}, 'central',
+                                   ids['ruled'],
+                                   edit('facade', 'title', central=now_hlc() + HOUR))],
+        'that central never sent it'),
+    "claim an edit labelled central's": (
+        lambda ids, sent: [message('hostile_ruled', {'title': 'Facade wins?'}, 'central',
+                                   ids['ruled'],
+                                   {'clock': {'facade': now_hlc()},
+                                    'stamps': {'title': [now_hlc() + HOUR, 'central']}})],
+        'that central never sent it'),
+    "claim a delete labelled central's": (
+        lambda ids, sent: [message('tag', {'name': 'shared-tag'}, 'central', ids['tag'],
+                                   {'clock': {'facade': now_hlc(),
+                                              'central': sent('tag', ids['tag'])},
+                                    'deleted': [sent('tag', ids['tag']), 'central']})],
+        'claims a delete by central'),
+    'grow a version with made-up apps': (
+        lambda ids, sent: [message('post', {'title': 'Bloat'}, 'central', ids['shared'],
+                                   edit('facade', 'title', **{f'app{n}': 1 for n in range(50)}))],
+        'which central does not know of'),
+    'grow a version past the wire limit': (
+        lambda ids, sent: [message('post', {'title': 'Bloat'}, 'central', ids['shared'],
+                                   edit('facade', 'title', **{f'a{n}': 1 for n in range(300)}))],
+        '"version" must be'),
+    'create a record under another origin': (
+        lambda ids, sent: [message('post', {'title': 'Forged origin'}, 'elsewhere', 5,
+                                   edit('facade', 'title'))],
+        'may create records of its own origin only'),
+    'overwrite without a version': (
+        lambda ids, sent: [message('hostile_ruled', {'title': 'No version'}, 'central',
+                                   ids['ruled'], None)],
+        'without a version'),
+}
+
+
+def refusals(central: Central) -> list[str]:
+    return [row['last_error'] for row in central.inbound() if row['refused_at'] is not None]
+
+
+@pytest.mark.parametrize('attack', ATTACKS)
+def test_a_compromised_facade_cannot_reach_past_what_was_shared(central, attack):
+    build, reason = ATTACKS[attack]
+    side = central.side
+    before = host_state(side)
+    private_mappings = side.count('communicator_mappings',
+                                  f"name = 'post' AND local_id = {central.ids['secret']}")
+    central.facade.serve(*build(central.ids, lambda name, i: central_clock(side, name, i)))
+    central.run()
+
+    assert host_state(side) == before, attack
+    assert any(reason in error for error in refusals(central)), refusals(central)
+    assert side.count('inbound_messages', 'processed_at IS NOT NULL AND refused_at IS NULL'
+                      ) <= 1  # the decoy delete of an identity of the facade's own
+    assert side.count('communicator_mappings',
+                      f"name = 'post' AND local_id = {central.ids['secret']}") == \
+        private_mappings == 0
+    assert 'refused' in central_status(central)
+    nothing_private_goes_out(central)
+    central_still_saves_every_record(central)
+
+
+def central_status(central: Central) -> str:
+    from pyramid_communicator.status import format_status, queue_status
+    with central.side.session() as session:
+        return format_status(queue_status(session, 'central'))
+
+
+def central_still_saves_every_record(central: Central) -> None:
+    """Central's app edits and saves each of its records (autopublish and
+    publish run as in a request; autopublish then sends the private tag and
+    ruling too: the app's own choice), and a push carries them."""
+    with central.side.session() as session:
+        for cls in (Post, Comment, Tag, Ruled):
+            for record in session.scalars(select(cls)):
+                if cls is Comment:
+                    record.body = f'{record.body} (edited)'
+                elif cls is Tag:
+                    record.label = f'{record.label} (edited)'
+                else:
+                    record.title = f'{record.title} (edited)'
+                session.flush()
+                if cls is Post and record.slug == 'shared':
+                    publish(session, record)
+    central.run()
+    assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 0
+
+
+def nothing_private_goes_out(central: Central) -> None:
+    """Also not once central edits its private post (never published)."""
+    with central.side.session() as session:
+        session.get(Post, central.ids['secret']).body = 'private body, edited'
+    central.run()
+    for pushed in central.facade.pushed:
+        for value in PRIVATE_VALUES:
+            assert value not in pushed['body'], pushed
+
+
+def test_a_forged_clock_waits_until_the_edit_it_claims_is_delivered(central):
+    """The facade cannot know central's unsent edit; if it names it anyway
+    (its hlc guessed), the message waits until that edit is delivered,
+    and only then is the facade's edit causally after it."""
+    side = central.side
+    with side.session() as session:
+        ruled = session.get(Ruled, central.ids['ruled'])
+        ruled.title = 'Central edit, not pushed yet'
+    guessed = central_clock(side, 'hostile_ruled', central.ids['ruled'])
+    central.facade.serve(message('hostile_ruled', {'title': 'Facade edit'}, 'central',
+                                 central.ids['ruled'],
+                                 edit('facade', 'title', central=guessed)))
+    central.run(push=False)
+    assert side.rows('hostile_ruled')[0]['title'] == 'Central edit, not pushed yet'
+    [waiting] = central.inbound()
+    assert waiting['processed_at'] is None and waiting['refused_at'] is None
+    assert 'not delivered yet' in waiting['last_error']
+
+    central.run()  # the edit is pushed, then the facade's message is retried
+    assert side.rows('hostile_ruled')[0]['title'] == 'Facade edit'
+
+
+def test_authority_holds_against_a_concurrent_edit(central):
+    """What the facade may do honestly: an edit concurrent with central's
+    unsent one loses under authority('central')."""
+    side = central.side
+    sent = central_clock(side, 'hostile_ruled', central.ids['ruled'])
+    with side.session() as session:
+        session.get(Ruled, central.ids['ruled']).title = 'Central edit'
+    central.facade.serve(message('hostile_ruled', {'title': 'Facade edit'}, 'central',
+                                 central.ids['ruled'],
+                                 edit('facade', 'title', hlc=now_hlc() + 10 ** 6,
+                                      central=sent)))
+    central.run(push=False)
+    assert side.rows('hostile_ruled')[0]['title'] == 'Central edit'
+    [conflict] = side.rows('communicator_conflicts')
+    assert (conflict['winner'], conflict['policy']) == ('local', 'authority:central')
+
+
+def test_mass_assignment_of_keys_and_excluded_columns_is_ignored(central):
+    """A shared comment's allowed attribute changes; its primary key and
+    the column the model excludes do not."""
+    side = central.side
+    before = side.rows('comments')
+    central.facade.serve(message(
+        'comment', {'id': 999, 'title': 'Injected', 'body': 'Edited on the facade'},
+        'central', central.ids['comment'],
+        edit('facade', 'body', 'title', central=central_clock(side, 'comment',
+                                                              central.ids['comment']))))
+    central.run()
+    [after] = side.rows('comments')
+    assert after == {**before[0], 'body': 'Edited on the facade'}
+
+
+# -- the other direction: a hostile central against a facade --------------------------
+
+REVERSE: dict[str, tuple[Callable[[dict[str, int]], list[dict[str, Any]]], str]] = {
+    'delete a private record by its natural key': (
+        lambda ids: [message('tag', {'name': 'internal'}, 'central', 901,
+                             deletion('central'))],
+        'which was never sent to it'),
+    'attach to a private parent with a raw foreign key': (
+        lambda ids: [message('comment', {'body': 'x', 'post_id': ids['secret']}, 'central',
+                             903, edit('central', 'body', 'post_id'))],
+        'without saying whom it refers to'),
+    'address a private record by its id': (
+        lambda ids: [message('post', {'title': 'Hijacked'}, 'facade', ids['secret'],
+                             edit('central', 'title'))],
+        'which was never sent to it'),
+    'claim to have seen the facade an hour ahead': (
+        lambda ids: [message('post', {'title': 'Central wins?'}, 'facade', ids['shared'],
+                             edit('central', 'title', facade=now_hlc() + HOUR))],
+        'that facade never sent it'),
+    'start a new life of a shared record': (
+        lambda ids: [message('post', {'title': 'New life'}, 'facade', ids['shared'],
+                             {**edit('central', 'title'), 'life': 1})],
+        'only its origin can'),
+    'overwrite without a version': (
+        lambda ids: [message('post', {'title': 'No version'}, 'facade', ids['shared'], None)],
+        'without a version'),
+}
+
+
+@pytest.fixture
+def facade_app(make_side, webapp):
+    side = make_side('facade')
+    HostileBase.metadata.create_all(side.engine)
+    ids = make_world(side)
+    with side.engine.begin() as conn:  # central pulled and acknowledged them
+        conn.execute(text('UPDATE outbound_messages SET delivered_at = created_at'))
+    yield side, webapp(side), ids
+    side.engine.dispose()
+    HostileBase.metadata.drop_all(side.engine)
+
+
+@pytest.mark.parametrize('attack', REVERSE)
+def test_a_compromised_central_cannot_reach_past_what_was_shared(facade_app, attack):
+    side, app, ids = facade_app
+    build, reason = REVERSE[attack]
+    before = host_state(side)
+    messages = [{**m, 'id': n} for n, m in enumerate(build(ids), 1)]
+    response = app.post('/messages.json', json.dumps(messages), headers={
+        **basic(), 'Content-Type': 'application/json', 'X-Communicator-Name': 'central'})
+    assert response.status_int == 202
+    assert host_state(side) == before
+    errors = [row['last_error'] for row in side.rows('inbound_messages')]
+    assert any(reason in (error or '') for error in errors), errors
