@@ -121,7 +121,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   known: Mapping[tuple[str, int], WireMessage] | None = None,
                   gem_peer: bool = False,
                   retry_max_delay: float = DEFAULT_MAX_DELAY,
-                  retry_limit: int | None = None) -> ApplyResult:
+                  retry_limit: int | None = None,
+                  stop: Callable[[], bool] | None = None) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed is tried again once ``retry_delay * 2 **
@@ -143,6 +144,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     batch went through (applied, failed or left waiting).  ``known``:
     messages this process just received and stored, by (sender, remote
     id), parsed already (the stored rows stay what is applied).
+    ``stop``: asked after each page; True ends the call with the rest
+    left pending (``communicator.run_seconds``).
     ``gem_peer``: messages without versions are applied (a Rails peer
     running the gem), not refused.
     """
@@ -197,6 +200,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
             progress(len(rows))
         if len(rows) < batch_size:
             return result
+        if stop is not None and stop():
+            return result  # the rest stays pending, for the next run
 
 
 def _plan_retries(session: Session, tm: transaction.TransactionManager, backoff: Backoff,

@@ -164,9 +164,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'no versions, are applied as the gem did (they overwrite); otherwise such a '
          'message is refused, since our apps always send versions'),
         ('run_seconds', _non_negative_int, 300,
-         'once a pcommunicate run has taken this long, it pushes and pulls no '
-         'further batch (each does one at least; what arrived is still applied; '
-         'exit status 0) and the next run goes on; 0 means no limit'),
+         'once a pcommunicate run has taken this long, it pushes, pulls and '
+         'applies no further batch (each does one at least; exit status 0) and '
+         'the next run goes on; 0 means no limit'),
         ('retention_days', _non_negative_int, 7,
          'delivered outbound messages, applied, refused, given-up and '
          'waiting-for-an-upgrade inbound messages (and conflict records) older than '

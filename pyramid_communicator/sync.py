@@ -319,7 +319,8 @@ class Communicator:
                              progress=progress, not_retried_since=not_retried_since,
                              known=known, gem_peer=self.settings.gem_peer,
                              retry_max_delay=self.settings.retry_max_delay,
-                             retry_limit=self.settings.retry_limit)
+                             retry_limit=self.settings.retry_limit,
+                             stop=lambda: self._out_of_time('apply'))
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

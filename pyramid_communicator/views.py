@@ -21,6 +21,7 @@ from pyramid.request import Request
 from pyramid.response import Response
 
 from . import queues, throttle, wire
+from .retries import Backoff
 from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .status import queue_status
 from .sync import apply_inbound
@@ -312,7 +313,8 @@ def get_status(request: Request) -> Response:
     peer = _admit(request, settings)
     if isinstance(peer, Response):
         return peer
-    status = queue_status(_dbsession(request, settings), settings.name)
+    status = queue_status(_dbsession(request, settings), settings.name,
+                          backoff=Backoff.of(settings))
     return _json(200, status, **_headers(settings))
 
 

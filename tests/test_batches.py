@@ -2,11 +2,18 @@
 still cross completely: in several requests, never all at once."""
 from __future__ import annotations
 
+import json
+
 import pytest
+from conftest import versioned
 from test_end_to_end import summary
+from test_records import deliver
 
 from pyramid_communicator import publish
 from pyramid_communicator.demo.models import Post
+from pyramid_communicator.settings import parse_settings
+from pyramid_communicator.sync import apply_inbound
+from pyramid_communicator.wire import parse_messages
 
 
 def publish_posts(side, count: int, body: str = 'x') -> None:
@@ -105,3 +112,33 @@ def test_a_pull_applies_as_it_goes_and_tries_each_failure_once_per_run(
     assert (figures['pulled'], figures['applied'], figures['failed']) == (0, 0, 1)
     assert [row['attempts'] for row in central.side.rows('inbound_messages')
             if row['processed_at'] is None] == [2]
+
+
+def test_an_apply_stops_at_run_seconds_between_pages_and_the_next_run_goes_on(
+        make_side, monkeypatch):
+    """A backlog of received messages is applied a page at a time; once
+    ``run_seconds`` has passed, the run stops after its page, exit 0, and
+    the next run applies the rest."""
+    from pyramid_communicator import sync
+
+    central = make_side('central')
+    deliver(central, *parse_messages(json.dumps([
+        versioned({'id': n, 'body': json.dumps({'post': {'title': f'p{n}'}}),
+                   'origin': 'facade', 'original_id': n, 'format': 2}, 'facade')
+        for n in range(1, 21)])), sender='facade')
+    settings = parse_settings({'communicator.name': 'central', 'communicator.username': 'u',
+                               'communicator.password': 'p', 'communicator.batch_size': '5',
+                               'communicator.base_uri': 'http://127.0.0.1:9',
+                               'communicator.run_seconds': '1'})
+    clock = iter(range(0, 10_000, 10))  # every look at the clock: 10 s later
+    monkeypatch.setattr(sync.time, 'monotonic', lambda: next(clock))
+    communicator = sync.Communicator(settings, central.engine)
+    try:
+        summary = communicator.communicate(push=False, pull=False)
+    finally:
+        communicator.close()
+    assert summary.stopped_early and summary.applied == 5
+    assert central.count('inbound_messages', 'processed_at IS NULL') == 15
+
+    monkeypatch.undo()
+    assert apply_inbound(central.engine, settings).applied == 15
