@@ -74,7 +74,9 @@ def main(url: str, count: int) -> None:
     create_tables(engine)
     settings = parse_settings({'communicator.name': 'facade',
                                'communicator.username': 'u',
-                               'communicator.password': 'p'})
+                               'communicator.password': 'p',
+                               # the first kind is the gem's: no versions
+                               'communicator.gem_peer': 'true'})
     hlc = time.time_ns() // 1000 - 10 ** 9  # older than the local edits
     try:
         gem = _apply(engine, settings, _messages(1, count, False, 0, 'g'))

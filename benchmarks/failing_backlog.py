@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import transaction
@@ -50,11 +51,15 @@ from pyramid_communicator.wire import WireMessage  # noqa: E402
 WORK_EACH_WAY = 20
 
 
-def store_failing(engine: Engine, n: int, sender: str = 'http://hostile.invalid') -> None:
+def store_failing(engine: Engine, n: int, sender: str = 'hostile') -> None:
     """N comments on posts that never arrive, as if from another peer (so
-    that they take no remote id the real facade's messages use)."""
-    messages = [WireMessage(i, json.dumps({'comment': {'body': f'orphan {i}'}}), 'facade', i,
-                            {'post_id': ['facade', 1_000_000 + i]})
+    that they take no remote id the real facade's messages use), each with
+    the version a peer of ours sends."""
+    hlc = time.time_ns() // 1000
+    version = {'clock': {sender: hlc}, 'stamps': {'body': [hlc, sender],
+                                                  'post_id': [hlc, sender]}}
+    messages = [WireMessage(i, json.dumps({'comment': {'body': f'orphan {i}'}}), sender, i,
+                            {'post_id': [sender, 1_000_000 + i]}, version)
                 for i in range(1, n + 1)]
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(engine, tm)
