@@ -107,3 +107,53 @@ def test_drift_by_hand_is_found_and_repaired(synced_pair):
     assert central.side.count('comments', "body = 'restored'") == 1
     status = central.sync('--status')
     assert 'last repair' in status and 'last verify' in status
+
+
+@pytest.mark.slow
+def test_traffic_grows_with_differences_not_with_the_table(pair):
+    central, facade = pair
+    with central.side.session() as session:
+        session.add_all(Tag(name=f'tag-{i}', label=f'Label {i}', color='red', weight=i % 100)
+                        for i in range(2000))
+    central.sync()
+    assert facade.side.count('tags') == 2000
+    ids = [row['id'] for row in facade.side.rows('tags')]
+    sql(facade.side, *(f"UPDATE tags SET label = 'drift {i}' WHERE id = {i}"
+                       for i in (ids[10], ids[999], ids[1990])))
+
+    result, report = verify(central, 'tag')
+    assert result.returncode == DIFFERENT, result.stderr
+    assert len(report['differences']) == 3
+    table = sum(len(json.dumps({'tag': {k: row[k] for k in ('name', 'label', 'color',
+                                                                'weight')}}))
+                for row in central.side.rows('tags'))
+    # 3 differences among 2,000 records: a few leaves and the ranges above
+    # them, not the table (about 100 KB of wire bodies).
+    assert report['bytes'] * 10 < table, (report['bytes'], table)
+    assert report['records'] <= 3 * 16
+
+
+def test_verify_route_refuses_hostile_requests(webapp, make_side):
+    from test_views import basic as auth
+    app = webapp(make_side('facade'), **{'communicator.max_body_bytes': 1024 * 1024})
+    url = '/verify.json'
+    assert app.post(url, b'{}', status=401)
+    bad = [b'[]', b'{"name": "nope", "op": "origins"}',
+           b'{"name": "tag", "op": "drop"}',
+           b'{"name": "tag", "op": "digests", "ranges": [["central", 5, 5]]}',
+           b'{"name": "tag", "op": "digests", "ranges": [["central", 1, 9], ["central", 5, 20]]}',
+           b'{"name": "tag", "op": "digests", "ranges": [["bad name!", 1, 2]]}',
+           b'{"name": "tag", "op": "digests", "ranges": [["central", 1.5, 2]]}',
+           b'{"name": "tag", "op": "digests", "ranges": [["central", true, 2]]}',
+           b'{"name": "tag", "op": "republish", "identities": [["central"]]}',
+           json.dumps({'name': 'tag', 'op': 'digests',
+                       'ranges': [['central', i, i + 1] for i in range(257)]}).encode(),
+           b'{"name": "tag", "op": "origins", "extra": 1}']
+    for body in bad:
+        response = app.post(url, body, headers=auth(), status=400)
+        assert set(response.json) == {'error'}, body
+    too_big = b'{"name": "tag", "op": "origins", "pad": "' + b'x' * 2_000_000 + b'"}'
+    app.post(url, too_big, headers=auth(), status=413)
+    app.get(url, headers=auth(), status=405)
+    ok = app.post(url, b'{"name": "tag", "op": "origins"}', headers=auth(), status=200)
+    assert ok.json == {'origins': {}}
