@@ -49,6 +49,7 @@ def synced_pair(pair):
     return central, facade
 
 
+@pytest.mark.slow
 def test_equal_sides_verify_clean(synced_pair):
     central, facade = synced_pair
     result, report = verify(central)
