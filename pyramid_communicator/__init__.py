@@ -43,6 +43,7 @@ def includeme(config: Configurator) -> None:
     config.add_route('communicator.messages', '/messages.json')
     config.add_route('communicator.delivered', '/messages/delivered.json')
     config.add_route('communicator.status', '/status.json')
+    config.add_route('communicator.verify', '/verify.json')
     common = dict(permission=NO_PERMISSION_REQUIRED, require_csrf=False)
     config.add_view(views.get_messages, route_name='communicator.messages',
                     request_method='GET', **common)
@@ -52,6 +53,8 @@ def includeme(config: Configurator) -> None:
                     request_method='POST', **common)
     config.add_view(views.get_status, route_name='communicator.status',
                     request_method='GET', **common)
+    config.add_view(views.post_verify, route_name='communicator.verify',
+                    request_method='POST', **common)
     for route_name in views.ALLOWED:
         config.add_view(views.method_not_allowed, route_name=route_name, **common)
     # Once the host's own includes have run: is the session attribute there?

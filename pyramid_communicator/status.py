@@ -136,7 +136,15 @@ def queue_status(session: Session, name: str, failures: int = 50,
                            if key.startswith('last_') and key.endswith('_at')},
         'last_run': None if last_run is None else {'at': _iso(last_run[1]),
                                                    'result': last_run[0]},
+        # pcommunicate --verify and --repair (central), a repair's
+        # re-publishing asked of this side (a facade).
+        **{key: {'at': _iso(states[key][1]), 'result': states[key][0]}
+           for key in CHECK_KEYS if key in states},
     }
+
+
+#: State rows of ``--verify`` and ``--repair`` that ``--status`` shows.
+CHECK_KEYS = ('last_verify', 'last_repair')
 
 
 def _next_attempt(row, backoff: Backoff | None) -> str | None:
@@ -208,6 +216,11 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
     if last_run:
         lines.append(f"last run: {printable(last_run.get('at'), 40)} "
                      f"{printable(last_run.get('result'), 300)}")
+    for key in CHECK_KEYS:
+        check = _part(status, key)
+        if check:
+            lines.append(f"{key.replace('_', ' ')}: {printable(check.get('at'), 40)} "
+                         f"{printable(check.get('result'), 300)}")
     failures = status.get('failures')
     for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
         if not isinstance(failure, dict):

@@ -318,9 +318,41 @@ def get_status(request: Request) -> Response:
     return _json(200, status, **_headers(settings))
 
 
+def post_verify(request: Request) -> Response:
+    """``POST /verify.json`` (ours): summaries or records of identity
+    ranges for central's ``pcommunicate --verify``, or (op ``republish``)
+    records to publish again for ``--repair`` (see :mod:`.verify`).  The
+    request is checked whole and bounded before anything is read."""
+    from .verify import answer, parse_request
+    settings = get_settings(request.registry)
+    parsed = _parsed_post(request, settings, parse_request)
+    if isinstance(parsed, Response):
+        return parsed
+    peer, verify_request = parsed
+    try:
+        reply = answer(_dbsession(request, settings), settings.name, verify_request)
+    except wire.WireError as exc:
+        return _error(400, str(exc))
+    if verify_request.op == 'republish':
+        log.info('republished %d %s record(s) for %s to repair drift',
+                 reply['republished'], verify_request.name, peer)
+        queues.set_state(_dbsession(request, settings), 'last_repair',
+                         f'republished {reply["republished"]} {verify_request.name} '
+                         f'for {peer}'[:255])
+    body = json.dumps(reply, separators=(',', ':')).encode('utf-8')
+    compress = 'gzip' in (request.headers.get('Accept-Encoding') or '')
+    response = Response(status=200, content_type='application/json', charset='utf-8',
+                        body=wire.gzip_body(body) if compress else body)
+    if compress:
+        response.content_encoding = 'gzip'
+        response.vary = ('Accept-Encoding',)
+    response.headers.update(_headers(settings))
+    return response
+
+
 #: Methods each route answers; others get a 405.
 ALLOWED = {'communicator.messages': 'GET, POST', 'communicator.delivered': 'POST',
-           'communicator.status': 'GET'}
+           'communicator.status': 'GET', 'communicator.verify': 'POST'}
 
 
 def method_not_allowed(request: Request) -> Response:

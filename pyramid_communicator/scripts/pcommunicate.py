@@ -3,7 +3,8 @@
 Exit status: 0 on success (also when another run holds the lock and this
 one therefore did nothing), 1 when the exchange failed, when ``--status``
 could not ask the peer, or when ``--drain`` did not drain; 2 for a bad
-command line or configuration.
+command line or configuration; 3 when ``--verify`` found differences, or
+``--repair`` left some.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..drain import Drain
 from ..locking import run_lock
 from ..printable import printable
 from ..progress import Progress, Totals
+from ..queues import set_state
 from ..records import UnknownRecord, receiver_for
 from ..retention import purge
 from ..retries import Backoff
@@ -45,7 +47,7 @@ from ..sync import Communicator, apply_inbound, make_session
 
 log = logging.getLogger(__name__)
 
-OK, FAILED, USAGE = 0, 1, 2
+OK, FAILED, USAGE, DIFFERENT = 0, 1, 2, 3
 #: Seconds ``--drain`` goes on by default.
 DRAIN_TIMEOUT = 300.0
 
@@ -92,13 +94,24 @@ class PCommunicateCommand:
         action.add_argument('--publish-all', nargs='+', metavar='NAME',
                             help='publish every existing record of these models (their '
                                  'receives_from names); resumes after an interruption')
+        action.add_argument('--verify', nargs='*', metavar='NAME',
+                            help='compare the synced records of these models (default: '
+                                 'all) with the peer\'s; exit 3 listing the differences')
+        action.add_argument('--repair', nargs='*', metavar='NAME',
+                            help='make these models (default: all) equal on both sides: '
+                                 'the side that must win re-publishes, then a sync; exit 3 '
+                                 'if differences are left')
+        parser.add_argument('--prefer', metavar='APP',
+                            help='with --repair: the app whose values win where both '
+                                 'hold the same version (default: this app)')
         parser.add_argument('--timeout', type=float, metavar='SECONDS',
                             help=f'with --drain: give up after this long '
                                  f'(default {DRAIN_TIMEOUT:g})')
         parser.add_argument('--quiet', action='store_true',
                             help='no progress and no summary line; errors still go to '
                                  'stderr')
-        parser.add_argument('--json', action='store_true', help='with --status: JSON output')
+        parser.add_argument('--json', action='store_true',
+                            help='with --status, --verify or --repair: JSON output')
         parser.add_argument('--reason', help='with --give-up: why (recorded)')
         parser.add_argument('--by', default=None,
                             help='with --give-up: who (recorded; default: login name)')
@@ -123,6 +136,8 @@ class PCommunicateCommand:
             return self.fail('--older-than DAYS (0 or more) goes with --purge', USAGE)
         if args.timeout is not None and (not args.drain or args.timeout < 0):
             return self.fail('--timeout SECONDS (0 or more) goes with --drain', USAGE)
+        if args.prefer is not None and args.repair is None:
+            return self.fail('--prefer APP goes with --repair', USAGE)
         try:
             setup_logging(args.config_uri)
             env = bootstrap(args.config_uri)
@@ -156,6 +171,8 @@ class PCommunicateCommand:
                 return self.fail(str(exc), USAGE)
             if args.drain:
                 return self.drain(settings, bind)
+            if args.verify is not None or args.repair is not None:
+                return self.verify(settings, bind)
             return self.communicate(settings, bind)
 
     def communicate(self, settings, bind) -> int:
@@ -173,6 +190,76 @@ class PCommunicateCommand:
                 communicator.close()
         self.say(str(summary))
         return OK
+
+    def _names(self) -> list[str] | None:
+        from ..verify import all_names
+        names = self.args.verify if self.args.verify is not None else self.args.repair
+        for name in names:
+            receiver_for(name)  # UnknownRecord for a name no model receives
+        return list(dict.fromkeys(names)) or all_names()
+
+    def verify(self, settings, bind) -> int:
+        """``--verify`` and ``--repair``: the descent of :mod:`..verify`,
+        and for a repair the re-publishing and sync of :mod:`..repair`,
+        logged and kept for ``--status`` (``last_verify``,
+        ``last_repair``)."""
+        from ..repair import repair
+        from ..verify import Verifier, format_report
+        try:
+            names = self._names()
+        except UnknownRecord as exc:
+            return self.fail(str(exc), USAGE)
+        prefer = self.args.prefer or settings.name
+        client = Client(settings)
+        try:
+            if self.args.repair is None:
+                report = Verifier(bind, settings.name, client).run(names)
+                self._remember(bind, 'last_verify', report.summary())
+                self._print_report(report, format_report)
+                return DIFFERENT if report.differences else OK
+            with run_lock(bind, settings.name, settings.lock_wait) as acquired:
+                if not acquired:
+                    return self.fail('another pcommunicate run holds the lock; '
+                                     'repair not started')
+                result = repair(bind, settings, client, names, prefer)
+        except PeerError as exc:
+            return self.fail(str(exc))
+        except ValueError as exc:  # a bad --prefer
+            return self.fail(str(exc), USAGE)
+        finally:
+            client.close()
+        self._remember(bind, 'last_repair', result.summary())
+        self._remember(bind, 'last_verify', result.after.summary())
+        if self.args.json:
+            data = {'repair': {'found': len(result.before.differences),
+                               'republished_here': result.local,
+                               'republished_by_peer': result.peer,
+                               'left_as_is': [{**d.as_json(result.before.local_name,
+                                                           result.before.peer_name),
+                                               'reason': why} for d, why in result.plan.left],
+                               'sync': str(result.sync) if result.sync else None,
+                               'before': result.before.as_json()},
+                    **result.after.as_json()}
+            self.say(json.dumps(data, indent=2, ensure_ascii=True))
+        else:
+            for difference, why in result.plan.left:
+                self.say(printable(f'left as is: {difference.name} '
+                                   f'{list(difference.identity)}: {why}', 2000))
+            self.say(f'repair: {result.summary()}')
+            self.say(format_report(result.after))
+        return DIFFERENT if result.after.differences else OK
+
+    def _print_report(self, report, format_report) -> None:
+        if self.args.json:
+            self.say(json.dumps(report.as_json(), indent=2, ensure_ascii=True))
+        else:
+            self.say(format_report(report))
+
+    def _remember(self, bind, key: str, value: str) -> None:
+        tm, session = self._unit_of_work(bind)
+        with tm:
+            set_state(session, key, value[:255])
+        session.close()
 
     def _unit_of_work(self, bind):
         tm = transaction.TransactionManager(explicit=True)

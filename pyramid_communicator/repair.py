@@ -1,0 +1,224 @@
+"""``pcommunicate --repair``: make the two sides equal again, after
+:mod:`.verify` found where they differ.
+
+Repairs travel as ordinary messages, under the trust rule
+(:mod:`.trust`), never as writes into the peer's tables: the side whose
+version must win *re-publishes* its record as a new local edit stamped
+now (:func:`republish`), which the other side takes as newer, and a
+normal sync carries it.  Central re-publishes its own winners; it asks
+the peer (``POST /verify.json``, op ``republish``) to re-publish the
+peer's.  So a repair can do nothing a peer's ordinary edit could not.
+
+Who wins (:func:`plan`):
+
+- both sides hold the record, their versions differ: the newer, as a sync
+  would settle it (the one whose clock has seen the other's; concurrent:
+  the later edit);
+- versions equal but values differ (an edit outside the add-on): the app
+  named by ``--prefer`` (default this app);
+- one side lacks it: the side that holds it re-creates it there, unless a
+  tombstone there says it was deleted (then it is left, and reported), or
+  the record's identity belongs to the side that lacks it: no peer may
+  create another app's own record (:func:`.trust.check_origin`), so that
+  one is reported for an operator to restore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .digests import Identity, Scanner
+from .models import communicator_mappings
+from .publishing import publish_records
+from .records import Receiver
+from .verify import Difference
+
+log = logging.getLogger(__name__)
+M = communicator_mappings.c
+
+#: Identities per ``republish`` request (and per local transaction).
+REPUBLISH_BATCH = 500
+
+
+@dataclasses.dataclass
+class Plan:
+    local: list[Difference] = dataclasses.field(default_factory=list)
+    peer: list[Difference] = dataclasses.field(default_factory=list)
+    #: (difference, why it is left as it is)
+    left: list[tuple[Difference, str]] = dataclasses.field(default_factory=list)
+
+
+def _clock(version: dict[str, Any] | None) -> dict[str, int]:
+    clock = (version or {}).get('clock')
+    return clock if isinstance(clock, dict) else {}
+
+
+def _latest(version: dict[str, Any] | None) -> int:
+    values = [v for v in _clock(version).values() if isinstance(v, int)]
+    return max(values, default=0)
+
+
+def newer(local: dict[str, Any] | None, peer: dict[str, Any] | None) -> str | None:
+    """'local' or 'peer' for the version a sync would take as newer; None
+    for equal versions."""
+    ours, theirs = _clock(local), _clock(peer)
+    if ours == theirs:
+        return None
+    apps = set(ours) | set(theirs)
+    if all(ours.get(app, 0) >= theirs.get(app, 0) for app in apps):
+        return 'local'
+    if all(theirs.get(app, 0) >= ours.get(app, 0) for app in apps):
+        return 'peer'
+    return 'local' if _latest(local) >= _latest(peer) else 'peer'
+
+
+def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
+         prefer: str) -> Plan:
+    """Which side re-publishes each differing record, and what is left."""
+    result = Plan()
+    for d in differences:
+        origin = d.identity[0]
+        if d.local is not None and d.peer is not None:
+            winner = newer(d.local.version, d.peer.version)
+            if winner is None:
+                winner = 'local' if prefer == local_name else 'peer'
+        else:
+            holder, lacking, state = ((local_name, peer_name, d.peer_state)
+                                      if d.local is not None else
+                                      (peer_name, local_name, d.local_state))
+            why = _not_recreated(origin, holder, lacking, state)
+            if why is not None:
+                result.left.append((d, why))
+                continue
+            winner = 'local' if holder == local_name else 'peer'
+        (result.local if winner == 'local' else result.peer).append(d)
+    return result
+
+
+def _not_recreated(origin: str, holder: str, lacking: str, state: str | None) -> str | None:
+    """Why ``holder`` may not re-create a record on ``lacking`` (None: it may)."""
+    if state == 'deleted':
+        return f'deleted on {lacking} (a tombstone): not created again'
+    if origin == lacking:
+        return (f"{lacking}'s own record is gone there and only {lacking} may create it: "
+                'restore it from a backup')
+    if origin != holder and state != 'stale':
+        return f'a record of {origin}: only {origin} may create it on {lacking}'
+    return None
+
+
+def republish(session: Session, receiver: Receiver, identities: Sequence[Identity],
+              local_name: str) -> tuple[int, list[Identity]]:
+    """Publish these records again as a new local edit of every crossing
+    attribute, in ``session``'s transaction: the peer takes them as newer
+    than what it holds, whatever was edited outside the add-on.  Returns
+    how many were published and the identities without a live record here.
+
+    Publishing stamps only attributes whose value differs from the one last
+    stamped; the stamped fingerprints are forgotten first, so that every
+    attribute counts as edited now."""
+    connection = session.connection()
+    scanner = Scanner(connection, receiver, local_name)
+    local_ids = scanner.local_ids(identities)
+    skipped = [identity for identity in identities if identity not in local_ids]
+    records = []
+    for local_id in sorted(set(local_ids.values())):
+        record = session.get(receiver.cls, local_id)
+        if record is None:
+            continue
+        for row in connection.execute(select(M.id, M.version).where(
+                M.name == receiver.name, M.local_id == local_id)).all():
+            if row.version:
+                version = json.loads(row.version)
+                version['stamps'] = {key: [stamp[0], stamp[1], '']
+                                     for key, stamp in (version.get('stamps') or {}).items()}
+                connection.execute(update(communicator_mappings).where(M.id == row.id)
+                                   .values(version=json.dumps(version, sort_keys=True,
+                                                              separators=(',', ':'))))
+        records.append(record)
+    skipped += [identity for identity, local_id in local_ids.items()
+                if session.get(receiver.cls, local_id) is None]
+    done = publish_records(session, records)
+    if done:
+        log.info('republished %d %s record(s) to repair drift', done, receiver.name)
+    return done, skipped
+
+
+@dataclasses.dataclass
+class RepairResult:
+    before: Any
+    plan: Plan
+    #: Records re-published here, and by the peer on our request.
+    local: int = 0
+    peer: int = 0
+    #: The sync that carried the repairs (a :class:`.sync.Summary`).
+    sync: Any = None
+    after: Any = None
+
+    def summary(self) -> str:
+        left = len(self.after.differences) if self.after is not None else '?'
+        return (f'found={len(self.before.differences)} republished_here={self.local} '
+                f'republished_by_peer={self.peer} left={left}')
+
+
+def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: str,
+           progress: Any = None) -> RepairResult:
+    """Verify, re-publish each winner on its side, sync, and verify again.
+
+    Each side's re-publishing commits before the sync carries it: our own
+    in a host session and transaction of its own, the peer's in its
+    request's.  The caller holds the run lock."""
+    import transaction
+    from zope.sqlalchemy import register
+
+    from .records import receiver_for
+    from .sync import Communicator
+    from .verify import Verifier
+
+    verifier = Verifier(bind, settings.name, client)
+    before = verifier.run(names)
+    if prefer not in (settings.name, verifier.peer_name):
+        raise ValueError(f'--prefer {prefer}: neither this app ({settings.name}) nor its '
+                         f'peer ({verifier.peer_name})')
+    result = RepairResult(before, plan(before.differences, settings.name,
+                                       verifier.peer_name, prefer))
+    for difference, why in result.plan.left:
+        log.warning('repair leaves %s %s as it is: %s', difference.name,
+                    list(difference.identity), why)
+    for name in names:
+        receiver = receiver_for(name)
+        ours = [d.identity for d in result.plan.local if d.name == name]
+        theirs = [d.identity for d in result.plan.peer if d.name == name]
+        for start in range(0, len(ours), REPUBLISH_BATCH):
+            tm = transaction.TransactionManager(explicit=True)
+            session = Session(bind=bind)  # a host session: what it publishes is sent
+            register(session, transaction_manager=tm)
+            try:
+                with tm:
+                    done, _ = republish(session, receiver, ours[start:start + REPUBLISH_BATCH],
+                                        settings.name)
+            finally:
+                session.close()
+            result.local += done
+        for start in range(0, len(theirs), REPUBLISH_BATCH):
+            reply, _ = client.verify_request({'name': name, 'op': 'republish', 'identities': [
+                list(identity) for identity in theirs[start:start + REPUBLISH_BATCH]]})
+            done = reply.get('republished')
+            if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
+                result.peer += done
+    if result.local or result.peer:
+        communicator = Communicator(settings, bind, client=client,
+                                    **({'progress': progress} if progress else {}))
+        try:
+            result.sync = communicator.communicate()
+        finally:
+            communicator.session.close()
+    result.after = verifier.run(names)
+    log.info('repair: %s', result.summary())
+    return result
