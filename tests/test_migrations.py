@@ -474,3 +474,34 @@ def test_host_autogenerate_writes_only_the_hosts_changes(databases, tmp_path):
 
     config.set_main_option('ignore_communicator_tables', 'true')
     assert not any(table in autogenerate(config) for table in models.metadata.tables)
+
+
+def test_downgrade_of_0003_keeps_given_up_messages_from_going(databases, tmp_path,
+                                                              created_schema):
+    """Without the set-aside columns a given-up message would be pending
+    again: it counts as delivered instead; a set-aside one is pending."""
+    url = databases.url('migrate_0003')
+    config = host(tmp_path, url)
+    command.upgrade(config, 'heads')
+    side = Side('central', url, create_engine(url))
+    now = datetime.datetime(2026, 12, 7, 6, 0)
+    with side.engine.begin() as conn:
+        conn.execute(models.outbound_messages.insert(), [
+            {'body': post_body('given up'), 'original_id': 1, 'created_at': now,
+             'failed_at': now, 'attempts': 1, 'last_error': 'too large',
+             'given_up_at': now, 'given_up_by': 'alice', 'given_up_reason': 'huge'},
+            {'body': post_body('set aside'), 'original_id': 2, 'created_at': now,
+             'failed_at': now, 'attempts': 1, 'last_error': 'too large',
+             'given_up_at': None, 'given_up_by': None, 'given_up_reason': None}])
+
+    command.downgrade(config, 'communicator_0002')
+
+    assert heads(config, url) == {'host_0001', 'communicator_0002'}
+    assert [(r['original_id'], r['delivered_at'] is not None)
+            for r in side.rows('outbound_messages')] == [(1, True), (2, False)]
+    assert 'failed_at' not in side.rows('outbound_messages')[0]
+
+    command.upgrade(config, 'heads')
+    command.check(config)
+    assert schema(url) == created_schema
+    side.engine.dispose()
