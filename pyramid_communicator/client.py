@@ -34,6 +34,16 @@ class BodyTooLarge(PeerError):
     pass
 
 
+class RequestRefused(PeerError):
+    """The peer answered with an HTTP error (not 401/403, 413 or a
+    redirect): ``status`` says which, so that a push can tell a request
+    the peer will never take (most 4xx) from one worth sending again."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclasses.dataclass
 class Reply:
     """A reply read whole, within the bounds."""
@@ -146,7 +156,8 @@ class Client:
             if status == 404 and missing_ok:
                 return Reply(status, response.headers, b'')
             if not 200 <= status < 300:
-                raise PeerError(f'{url} answered HTTP {status}' + self._detail(response))
+                raise RequestRefused(f'{url} answered HTTP {status}' + self._detail(response),
+                                     status)
             body = read_body(response.raw, response.headers, self.max_reply_bytes)
             return Reply(status, response.headers, body)
 

@@ -79,6 +79,17 @@ class OutboundMessage(Base):
     format: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default='1')
     created_at: Mapped[datetime.datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    #: Set aside (:mod:`.outbound_failures`): the peer refused the message
+    #: for good (too large, or invalid), when and why, and how often it was
+    #: tried.  It is not pushed, and later messages of its record wait
+    #: behind it, until an operator retries it (these cleared) or gives up
+    #: on it (``given_up_*``: then it never goes, and holds nothing back).
+    attempts: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    failed_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    given_up_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    given_up_by: Mapped[str | None] = mapped_column(String(255))
+    given_up_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # "WHERE delivered_at IS NULL ORDER BY id" is the queue's only scan.

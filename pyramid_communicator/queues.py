@@ -20,6 +20,7 @@ from zope.sqlalchemy import mark_changed
 
 from . import bulk, wire
 from .models import communicator_state, inbound_messages, outbound_messages, utcnow
+from .outbound_failures import PENDING as PENDING_OUT
 from .predicates import one_of
 from .wire import WireMessage
 
@@ -66,18 +67,19 @@ def _insert_ignoring_duplicates(session: Session, table: Table,
 # -- outbound ---------------------------------------------------------------
 
 def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Row]:
-    """Undelivered messages in id order.  No cursor survives a run: an id
-    that commits late is still undelivered next time, never skipped."""
+    """Undelivered messages in id order, set-aside and given-up ones left
+    out (:mod:`.outbound_failures`).  No cursor survives a run: an id that
+    commits late is still undelivered next time, never skipped."""
     return session.execute(
         select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version,
                OUT.format)
-        .where(OUT.delivered_at.is_(None), OUT.id > after_id)
+        .where(PENDING_OUT, OUT.id > after_id)
         .order_by(OUT.id).limit(limit)
     ).all()
 
 
 def count_pending_outbound(session: Session) -> int:
-    return session.execute(select(func.count()).where(OUT.delivered_at.is_(None))).scalar_one()
+    return session.execute(select(func.count()).where(PENDING_OUT)).scalar_one()
 
 
 def within_bytes(rows: list[Row], limit: int) -> list[Row]:

@@ -220,6 +220,15 @@ def from_wire(column: Any, value: Any) -> Any:
     return value
 
 
+def body_name(body: str) -> str | None:
+    """The record name a stored body starts with (``{"name":{...}}``),
+    without decoding the body (or with only its start at hand)."""
+    if not body.startswith('{"'):
+        return None
+    end = body.find('"', 2)
+    return body[2:end] if end > 2 else None
+
+
 def decode_body(body: str) -> tuple[str, dict[str, Any]]:
     """Split a body into (record name, attributes); ValueError if malformed."""
     data = json.loads(body)

@@ -17,7 +17,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
-from . import queues
+from . import outbound_failures, queues
 from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
@@ -52,6 +52,7 @@ def _inbound_counts() -> dict[str, Any]:
 #: side does not report (an older peer) are taken as 0.
 LEFT_BY_DRAIN = (
     ('outbound', 'pending', 'outbound pending'),
+    ('outbound', 'failed', 'outbound set aside'),
     ('inbound', 'pending', 'inbound pending'),
     ('inbound', 'failed', 'failed'),
     ('inbound', 'waiting_upgrade', 'waiting for an upgrade'),
@@ -85,9 +86,11 @@ def queue_status(session: Session, name: str, failures: int = 50,
     settings), each failure says when it is due to be tried again
     (``next_attempt_at``; None when not known, and for a refusal, which
     is never retried by itself)."""
-    waiting = OUT.delivered_at.is_(None)
-    out_pending, out_oldest, out_total = session.execute(
-        select(_count(waiting), _oldest(waiting, OUT.created_at), func.count())
+    waiting = outbound_failures.PENDING
+    out_pending, out_oldest, out_failed, out_given_up, out_total = session.execute(
+        select(_count(waiting), _oldest(waiting, OUT.created_at),
+               _count(outbound_failures.SET_ASIDE), _count(outbound_failures.GIVEN_UP),
+               func.count())
     ).one()
     counts = _inbound_counts()
     *in_counts, in_oldest, in_total = session.execute(
@@ -112,15 +115,19 @@ def queue_status(session: Session, name: str, failures: int = 50,
     inbound['total'] = int(in_total)
     return {
         'name': name,
+        # pending: goes with the next push, or waits behind a set-aside
+        # message of its record; failed: set aside, for an operator.
         'outbound': {'pending': int(out_pending),
                      'oldest_pending_age_seconds': _age(out_oldest),
-                     'total': int(out_total)},
+                     'total': int(out_total), 'failed': int(out_failed),
+                     'given_up': int(out_given_up)},
         'inbound': inbound,
         'failures': [{'id': r.id, 'sender': r.sender, 'remote_id': r.remote_id,
                       'attempts': r.attempts, 'error': r.last_error,
                       'failed_at': _iso(r.failed_at), 'refused': r.refused_at is not None,
                       'next_attempt_at': _next_attempt(r, backoff)}
                      for r in reversed(failed_rows)],
+        'outbound_failures': outbound_failures.listed(session, name, failures),
         'conflicts': {
             'recent': int(recent), 'recent_hours': RECENT_HOURS,
             'total': int(conflict_total),
@@ -185,9 +192,13 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
     if out is None:
         lines.append('outbound: not reported')
     else:
+        # Counts of set-aside and given-up messages are news only when
+        # there are any (and absent from an older peer's status).
+        counts = [f'{_number(out[key])} {words}, ' for key, words in
+                  (('failed', 'set aside'), ('given_up', 'given up')) if out.get(key)]
         lines.append(f"outbound: {_number(out.get('pending'))} pending (oldest "
                      f"{_age_text(out.get('oldest_pending_age_seconds'))}), "
-                     f"{_number(out.get('total'))} in all")
+                     + ''.join(counts) + f"{_number(out.get('total'))} in all")
     inb = _part(status, 'inbound')
     if inb is None:
         lines.append('inbound:  not reported')
@@ -232,6 +243,17 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
                      f"#{_number(failure.get('remote_id'))}, "
                      f"{_number(failure.get('attempts'))} attempts"
                      f"{_when(failure.get('next_attempt_at'))}): "
+                     f"{_first_line(failure.get('error'))}")
+    set_aside = status.get('outbound_failures')
+    for failure in (set_aside if isinstance(set_aside, list) else [])[:_MAX_ROWS]:
+        if not isinstance(failure, dict):
+            lines.append('an outbound failure the status does not describe')
+            continue
+        lines.append(f"set aside outbound #{_number(failure.get('id'))} "
+                     f"({printable(failure.get('record'), 64)} "
+                     f"{printable(failure.get('origin'), 64)}"
+                     f"#{_number(failure.get('original_id'))}, "
+                     f"{_number(failure.get('attempts'))} attempts): "
                      f"{_first_line(failure.get('error'))}")
     return '\n'.join(lines)
 
@@ -333,7 +355,7 @@ def left_in(status: dict[str, Any]) -> tuple[list[str], bool]:
         stuck = stuck or key in STUCK
         words.append(f'{_number(count)} {text}')
         failures = status.get('failures')
-        if key == 'failed' and isinstance(failures, list):
+        if queue == 'inbound' and key == 'failed' and isinstance(failures, list):
             failed = [f for f in failures[:_MAX_ROWS]
                       if isinstance(f, dict) and not f.get('refused')]
             if failed:

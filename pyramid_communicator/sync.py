@@ -27,8 +27,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
-from . import queues, wire
-from .client import BodyTooLarge, Client, PeerError, PullReply
+from . import outbound_failures, queues, wire
+from .client import BodyTooLarge, Client, PeerError, PullReply, RequestRefused
 from .inbox import ApplyResult, apply_pending
 from .models import utcnow
 from .progress import NO_PROGRESS, Progress
@@ -50,10 +50,14 @@ class Summary:
     #: The run stopped at ``communicator.run_seconds`` with work left for
     #: the next one (not a failure).
     stopped_early: bool = False
+    #: Outbound messages the peer refused for good in this run, now set
+    #: aside (:mod:`.outbound_failures`); shown only when there are any.
+    set_aside: int = 0
 
     def __str__(self) -> str:
         return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
                 f'failed={self.failed} waiting={self.waiting} seconds={self.seconds:.2f}'
+                + (f' set_aside={self.set_aside}' if self.set_aside else '')
                 + (' stopped_early=1' if self.stopped_early else ''))
 
     def __iadd__(self, other: Summary) -> Summary:
@@ -106,11 +110,6 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
         session.close()
 
 
-class MessageTooLarge(PeerError):
-    """One outbound message is larger than the peer accepts.  It holds up
-    the push (a later message may update the same record) but not the pull."""
-
-
 class Communicator:
     """Push, pull and apply for the app whose database is ``bind``."""
 
@@ -129,6 +128,12 @@ class Communicator:
         #: stopped so, with work left.
         self.ends_at: float | None = None
         self.stopped_early = False
+        #: Records whose messages wait behind a set-aside one: read when a
+        #: push starts, grown by the wire thread as it sets messages aside
+        #: (the main thread only asks it, to leave them out of batches).
+        self.held: set[outbound_failures.Identity] = set()
+        #: Messages set aside by this run's pushes.
+        self.set_aside = 0
 
     def _out_of_time(self, what: str, left: bool = True) -> bool:
         """Past ``run_seconds``?  Then say so once: a run that stops with
@@ -148,11 +153,14 @@ class Communicator:
     # -- push ----------------------------------------------------------------
 
     def push(self) -> int:
-        """Send undelivered outbound messages until none are left."""
+        """Send undelivered outbound messages until none are left; those
+        the peer refuses for good are set aside, and the later messages of
+        their records wait (:mod:`.outbound_failures`)."""
         pushed = 0
         total = None
-        if self.progress.shown:
-            with self.tm:
+        with self.tm:
+            self.held = outbound_failures.held_identities(self.session, self.settings.name)
+            if self.progress.shown:
                 total = queues.count_pending_outbound(self.session)
         with self.progress.bar('push', total) as bar, _wire_thread('push') as wire_thread:
             batch = self._next_batch(0)
@@ -161,17 +169,25 @@ class Communicator:
                 following = self._next_batch(batch.messages[-1].id)  # meanwhile
                 if following is not None and self._out_of_time('push'):
                     following = None  # this batch is the run's last
-                sending.result()
+                sent: _Sent = sending.result()
                 # The next batch goes while this one is marked delivered: a
                 # run stopped in between sends both again, which the peer
                 # stores once.
                 sending = self._submit(wire_thread, following)
                 with self.tm:
-                    queues.mark_delivered(self.session, [m.id for m in batch.messages])
+                    queues.mark_delivered(self.session, sent.delivered)
+                    outbound_failures.record(self.session, sent.set_aside)
                     queues.set_state(self.session, 'last_push_at')
-                log.info('pushed %d messages (up to id %d)', len(batch.messages),
-                         batch.messages[-1].id)
-                pushed += len(batch.messages)
+                for item in sent.set_aside:  # cron mails it: someone must decide
+                    log.warning('set aside outbound message %d: %s; the later messages of '
+                                'its record wait (pcommunicate --status lists it, '
+                                '--retry-outbound or --give-up-outbound settle it)',
+                                item.message_id, item.reason)
+                if sent.delivered:
+                    log.info('pushed %d messages (up to id %d)', len(sent.delivered),
+                             max(sent.delivered))
+                pushed += len(sent.delivered)
+                self.set_aside += len(sent.set_aside)
                 bar.update(len(batch.messages))
                 batch = following
         if pushed == 0:
@@ -186,35 +202,76 @@ class Communicator:
         return wire_thread.submit(self._send, batch.messages, batch.payload)
 
     def _next_batch(self, after: int) -> _Batch | None:
-        """The batch after id ``after``, encoded; None when nothing is left."""
+        """The batch after id ``after``, encoded, without the messages that
+        wait behind a set-aside one; None when nothing is left."""
         with self.tm:
-            rows = queues.within_bytes(
-                queues.pending_outbound(self.session, self.settings.batch_size, after),
-                self.settings.batch_bytes)
-        if not rows:
-            return None
+            while True:
+                rows = queues.pending_outbound(self.session, self.settings.batch_size, after)
+                if not rows:
+                    return None
+                kept = [row for row in rows if not self._held_back(
+                    row.body, row.origin, row.original_id)]
+                if kept:
+                    break
+                after = rows[-1].id  # a page of held-back messages only: read on
+        rows = queues.within_bytes(kept, self.settings.batch_bytes)
         messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
+        # Unchanged unless the wire thread sets a message aside meanwhile.
         return _Batch(messages, wire.dumps(messages))
 
-    def _send(self, messages: list[wire.WireMessage], payload: bytes | None = None) -> None:
-        """POST messages (``payload``: encoded already), in halves when they
-        exceed the body size limit."""
-        if payload is None:
-            payload = wire.dumps(messages)
-        too_large = len(payload) > self.settings.max_body_bytes
-        if not too_large:
+    def _held_back(self, body: str, origin: str | None, original_id: int | None) -> bool:
+        if not self.held or original_id is None:
+            return False
+        return outbound_failures.identity(body, origin, original_id,
+                                          self.settings.name) in self.held
+
+    def _send(self, messages: list[wire.WireMessage], payload: bytes | None = None) -> _Sent:
+        """POST messages (``payload``: encoded already); what the peer
+        refuses for good is found by halves and set aside."""
+        sent = _Sent()
+        self._send_part(messages, payload, sent)
+        return sent
+
+    def _send_part(self, messages: list[wire.WireMessage], payload: bytes | None,
+                   sent: _Sent) -> None:
+        kept = [m for m in messages if not self._held_back(m.body, m.origin, m.original_id)]
+        if not kept:
+            return
+        if payload is None or len(kept) < len(messages):
+            payload = wire.dumps(kept)
+        reason = None
+        if len(payload) > self.settings.max_body_bytes:
+            reason = (f'{len(payload)} bytes encoded, more than '
+                      f'communicator.max_body_bytes={self.settings.max_body_bytes} '
+                      'lets one push carry')
+        else:
             try:
                 self.client.push(payload)
+                sent.delivered.extend(m.id for m in kept)
                 return
             except BodyTooLarge:
-                too_large = True
-        if len(messages) == 1:
-            raise MessageTooLarge(
-                f'outbound message {messages[0].id} is {len(payload)} bytes encoded, '
-                'more than the peer accepts (communicator.max_body_bytes)')
-        half = len(messages) // 2
-        self._send(messages[:half])
-        self._send(messages[half:])
+                reason = (f'{len(payload)} bytes encoded, more than the peer accepts '
+                          '(its communicator.max_body_bytes)')
+            except RequestRefused as exc:
+                if not outbound_failures.refused_for_good(exc.status):
+                    raise
+                reason = f'refused by the peer: {exc}'
+                if len(kept) == 1:
+                    # The peer takes an empty push, so it is this message
+                    # it refuses, not every request (a wrong URL, a peer
+                    # configured with our name): those fail the run here.
+                    self.client.push(b'[]')
+        if len(kept) == 1:
+            message = kept[0]
+            sent.set_aside.append(outbound_failures.SetAside(message.id, reason))
+            key = outbound_failures.identity(message.body, message.origin,
+                                             message.original_id, self.settings.name)
+            if key is not None:
+                self.held.add(key)
+            return
+        half = len(kept) // 2
+        self._send_part(kept[:half], None, sent)
+        self._send_part(kept[half:], None, sent)
 
     # -- pull ----------------------------------------------------------------
 
@@ -346,12 +403,9 @@ class Communicator:
             self.ends_at = started + self.settings.run_seconds
         self.stopped_early = False
         summary = Summary()
-        held_up = None
+        self.set_aside = 0
         if push:
-            try:
-                summary.pushed = self.push()
-            except MessageTooLarge as exc:
-                held_up = exc  # the peer is fine: still pull and apply
+            summary.pushed = self.push()
         result = ApplyResult()
         run_started = utcnow()
         if pull:
@@ -361,12 +415,11 @@ class Communicator:
             log.warning('%d inbound messages are of a newer format than this version '
                         'knows; they wait for an upgrade', result.waiting_upgrade)
         purge_if_due(self.session, self.tm, self.settings.retention_days)
-        if held_up is not None:
-            raise held_up
         summary.applied, summary.failed, summary.waiting = (
             result.applied, result.failed, result.waiting)
         summary.seconds = time.monotonic() - started
         summary.stopped_early = self.stopped_early
+        summary.set_aside = self.set_aside
         return summary
 
 
@@ -374,6 +427,14 @@ class Communicator:
 class _Batch:
     messages: list[wire.WireMessage]
     payload: bytes
+
+
+@dataclasses.dataclass
+class _Sent:
+    """What became of a batch: the ids the peer took, the messages it
+    refused for good; the rest (held back behind those) stays pending."""
+    delivered: list[int] = dataclasses.field(default_factory=list)
+    set_aside: list[outbound_failures.SetAside] = dataclasses.field(default_factory=list)
 
 
 def _wire_thread(name: str) -> ThreadPoolExecutor:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from . import bulk, tracking
 from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
-from .records import Receiver, from_wire, natural_key, receiver_for
+from .records import Receiver, body_name, from_wire, natural_key, receiver_for
 from .versions import HERE, Version
 
 M = communicator_mappings.c
@@ -246,11 +246,12 @@ class WorkingSet:
             return found
         for chunk in _chunks(sorted(by_id), 500):
             rows = self._rows(select(OUT.body, OUT.origin, OUT.original_id, OUT.version)
-                              .where(OUT.delivered_at.is_(None),
+                              # given up: never goes, the peer may pass it
+                              .where(OUT.delivered_at.is_(None), OUT.given_up_at.is_(None),
                                      one_of(OUT.original_id, chunk, self.dialect)))
             for row in rows:
                 origin = HERE if row.origin in (None, self.local_name) else row.origin
-                name = _body_name(row.body)
+                name = body_name(row.body)
                 if (name, origin) not in by_id[row.original_id] or not row.version:
                     continue
                 hlc = json.loads(row.version).get('clock', {}).get(HERE)
@@ -413,15 +414,6 @@ class WorkingSet:
             by_name[name][key] = self.natural_tombstones[(name, key)]
         for name, deleted in by_name.items():
             tracking.bury_natural(connection, name, deleted)
-
-
-def _body_name(body: str) -> str | None:
-    """The record name a stored body starts with (``{"name":{...}}``),
-    without decoding the body."""
-    if not body.startswith('{"'):
-        return None
-    end = body.find('"', 2)
-    return body[2:end] if end > 2 else None
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -23,6 +23,7 @@ from pyramid.paster import bootstrap, setup_logging
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
+from .. import outbound_failures
 from ..client import Client, PeerError
 from ..drain import Drain
 from ..locking import run_lock
@@ -88,6 +89,13 @@ class PCommunicateCommand:
                                  'ids); given-up messages named here are revived')
         action.add_argument('--give-up', nargs='+', type=int, metavar='ID',
                             help='stop retrying these inbound messages (needs --reason)')
+        action.add_argument('--retry-outbound', nargs='*', type=int, metavar='ID',
+                            help='send set-aside outbound messages again with the next '
+                                 'push (all, or these ids; given-up ones named here are '
+                                 'revived)')
+        action.add_argument('--give-up-outbound', nargs='+', type=int, metavar='ID',
+                            help='never send these set-aside outbound messages; the later '
+                                 'messages of their records go (needs --reason)')
         action.add_argument('--purge', action='store_true',
                             help='delete delivered and applied messages (and conflict '
                                  'records) older than communicator.retention_days now')
@@ -112,9 +120,10 @@ class PCommunicateCommand:
                                  'stderr')
         parser.add_argument('--json', action='store_true',
                             help='with --status, --verify or --repair: JSON output')
-        parser.add_argument('--reason', help='with --give-up: why (recorded)')
+        parser.add_argument('--reason', help='with --give-up(-outbound): why (recorded)')
         parser.add_argument('--by', default=None,
-                            help='with --give-up: who (recorded; default: login name)')
+                            help='with --give-up(-outbound): who (recorded; default: '
+                                 'login name)')
         parser.add_argument('--older-than', type=float, metavar='DAYS',
                             help='with --purge: instead of communicator.retention_days')
         return parser
@@ -132,6 +141,8 @@ class PCommunicateCommand:
         args = self.args
         if args.give_up and not args.reason:
             return self.fail('--give-up needs --reason', USAGE)
+        if args.give_up_outbound and not args.reason:
+            return self.fail('--give-up-outbound needs --reason', USAGE)
         if args.older_than is not None and (not args.purge or args.older_than < 0):
             return self.fail('--older-than DAYS (0 or more) goes with --purge', USAGE)
         if args.timeout is not None and (not args.drain or args.timeout < 0):
@@ -161,6 +172,10 @@ class PCommunicateCommand:
                 return self.give_up(settings, bind)
             if args.retry is not None:
                 return self.retry(settings, bind)
+            if args.give_up_outbound:
+                return self.give_up_outbound(bind)
+            if args.retry_outbound is not None:
+                return self.retry_outbound(bind)
             if args.purge:
                 return self.purge(settings, bind)
             if args.publish_all:
@@ -329,6 +344,35 @@ class PCommunicateCommand:
                              'see pcommunicate --status for their errors')
         return OK
 
+    def give_up_outbound(self, bind) -> int:
+        """Settle set-aside outbound messages for good: never sent."""
+        tm, session = self._unit_of_work(bind)
+        ids = self.args.give_up_outbound
+        with tm:
+            count = outbound_failures.give_up(session, ids, self.args.by or getpass.getuser(),
+                                              self.args.reason)
+        session.close()
+        self.say(f'gave up on {count} outbound message(s)')
+        missed = len(set(ids)) - count
+        if missed:
+            return self.fail(f'{missed} of the ids named are not set-aside outbound messages '
+                             '(unknown, pending, delivered or already given up)')
+        return OK
+
+    def retry_outbound(self, bind) -> int:
+        """Let set-aside outbound messages go again.  Only the local queue
+        changes (the peer need not be up): the next push sends them."""
+        tm, session = self._unit_of_work(bind)
+        ids = self.args.retry_outbound or None
+        with tm:
+            count = outbound_failures.retry(session, ids)
+        session.close()
+        self.say(f'{count} outbound message(s) go again with the next push')
+        missed = len(set(ids)) - count if ids else 0
+        if missed:
+            return self.fail(f'{missed} of the ids named are not set-aside or given-up '
+                             'outbound messages (unknown, pending or delivered)')
+        return OK
 
     def purge(self, settings, bind) -> int:
         tm, session = self._unit_of_work(bind)
