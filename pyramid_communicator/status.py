@@ -21,6 +21,7 @@ from . import queues
 from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
+from .restores import RESTORE_KEY
 from .retries import Backoff
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def queue_status(session: Session, name: str, failures: int = 50,
     inbound = {key: int(value) for key, value in zip(counts, in_counts, strict=True)}
     inbound['oldest_pending_age_seconds'] = _age(in_oldest)
     inbound['total'] = int(in_total)
-    return {
+    report = {
         'name': name,
         'outbound': {'pending': int(out_pending),
                      'oldest_pending_age_seconds': _age(out_oldest),
@@ -137,6 +138,10 @@ def queue_status(session: Session, name: str, failures: int = 50,
         'last_run': None if last_run is None else {'at': _iso(last_run[1]),
                                                    'result': last_run[0]},
     }
+    restore = states.get(RESTORE_KEY)
+    if restore is not None:  # only once one was detected
+        report['last_restore'] = {'at': _iso(restore[1]), 'what': restore[0]}
+    return report
 
 
 def _next_attempt(row, backoff: Backoff | None) -> str | None:
@@ -208,6 +213,10 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
     if last_run:
         lines.append(f"last run: {printable(last_run.get('at'), 40)} "
                      f"{printable(last_run.get('result'), 300)}")
+    restore = _part(status, 'last_restore')
+    if restore:
+        lines.append(f"restore detected: {printable(restore.get('at'), 40)} "
+                     f"{printable(restore.get('what'), 300)}")
     failures = status.get('failures')
     for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
         if not isinstance(failure, dict):

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
-from . import queues, wire
+from . import queues, restores, wire
 from .client import BodyTooLarge, Client, PeerError, PullReply
 from .inbox import ApplyResult, apply_pending
 from .models import utcnow
@@ -50,6 +50,8 @@ class Summary:
     #: The run stopped at ``communicator.run_seconds`` with work left for
     #: the next one (not a failure).
     stopped_early: bool = False
+    #: A checkpoint differed (a restore): what this side healed.
+    healed: str | None = None
 
     def __str__(self) -> str:
         return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
@@ -60,6 +62,8 @@ class Summary:
         for field in dataclasses.fields(self):
             if field.name == 'stopped_early':
                 self.stopped_early = self.stopped_early or other.stopped_early
+            elif field.name == 'healed':
+                self.healed = self.healed or other.healed
             else:
                 setattr(self, field.name,
                         getattr(self, field.name) + getattr(other, field.name))
@@ -129,6 +133,10 @@ class Communicator:
         #: stopped so, with work left.
         self.ends_at: float | None = None
         self.stopped_early = False
+        #: This run began with a checkpoint: the peer has had an exchange.
+        self.checkpointed = False
+        #: What the last checkpoint healed (None: nothing differed).
+        self.healing: restores.Healing | None = None
 
     def _out_of_time(self, what: str, left: bool = True) -> bool:
         """Past ``run_seconds``?  Then say so once: a run that stops with
@@ -175,7 +183,8 @@ class Communicator:
                 bar.update(len(batch.messages))
                 batch = following
         if pushed == 0:
-            self.client.push(b'[]')  # still an exchange: the peer retries its failures
+            if not self.checkpointed:  # still an exchange: the peer retries its failures
+                self.client.push(b'[]')
             with self.tm:
                 queues.set_state(self.session, 'last_push_at')
         return pushed
@@ -215,6 +224,28 @@ class Communicator:
         half = len(messages) // 2
         self._send(messages[:half])
         self._send(messages[half:])
+
+    # -- checkpoint ------------------------------------------------------------
+
+    def checkpoint(self) -> restores.Healing | None:
+        """Compare checkpoints with the peer before anything moves; if
+        either database was restored, heal (:mod:`.restores`).  The HTTP
+        request goes between our two transactions, never inside one."""
+        with self.tm:
+            headers, proposed = restores.request_headers(self.session)
+        answer = self.client.checkpoint(headers)
+        self.checkpointed = True
+        if answer is None:
+            return None
+        reply, peer = answer
+        try:
+            with self.tm:
+                self.healing = restores.conclude(self.session, self.settings.name, peer,
+                                                 proposed, reply)
+        except wire.WireError as exc:
+            raise PeerError(f'{self.client.messages_url} sent an invalid checkpoint: '
+                            f'{exc}') from None
+        return self.healing
 
     # -- pull ----------------------------------------------------------------
 
@@ -347,6 +378,9 @@ class Communicator:
         self.stopped_early = False
         summary = Summary()
         held_up = None
+        self.checkpointed = False
+        if self.checkpoint() is not None:
+            summary.healed = str(self.healing)
         if push:
             try:
                 summary.pushed = self.push()

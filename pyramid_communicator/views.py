@@ -20,7 +20,7 @@ from pyramid.authentication import extract_http_basic_credentials
 from pyramid.request import Request
 from pyramid.response import Response
 
-from . import queues, throttle, wire
+from . import queues, restores, throttle, wire
 from .retries import Backoff
 from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .status import queue_status
@@ -256,6 +256,13 @@ def post_messages(request: Request) -> Response:
         return parsed
     sender, messages = parsed
     session = _dbsession(request, settings)
+    checkpoint: dict[str, str] = {}
+    if restores.CHECKPOINT_HEADER in request.headers:
+        # Before anything is stored: a restore heals first (:mod:`.restores`).
+        try:
+            checkpoint = restores.serve(session, settings.name, sender, request.headers)
+        except wire.WireError as exc:
+            return _error(400, str(exc))
     stored: list[wire.WireMessage] = []
     if messages:
         # The state row first: its lock queues concurrent POSTs (racing
@@ -278,7 +285,7 @@ def post_messages(request: Request) -> Response:
         reply['refused'] = messages.refused
     if messages.skipped:
         reply['skipped'] = messages.skipped
-    return _json(202, reply, **_headers(settings))
+    return _json(202, reply, **_headers(settings), **checkpoint)
 
 
 #: Ids one acknowledgement may name, per message of a batch: a client
