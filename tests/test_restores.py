@@ -111,10 +111,15 @@ def test_a_restored_facade_gets_what_it_lost_and_its_new_records_reach_central(
     # restore loses them there.
     ids['c3'] = central_post(central, title='c3', body='c3')
     edit(central, ids['c1'], 'c1 edited before the restore')
+    # ... and the facade's edit reaches central: its message id, lost with
+    # the restore, is handed out again there.
+    facade.update_post(ids['f1'], title='f1', body='f1 edited before the restore')
     central.sync()
     assert contents(facade.side)['c3'] == ('c3',)
+    assert contents(central.side)['f1'] == ('f1 edited before the restore',)
     backup.restore()
     assert 'c3' not in contents(facade.side)
+    facade.update_post(ids['f1'], title='f1', body='f1 edited again on the restored facade')
 
     # After the restore, both sides make and edit records.
     facade.create_post(title='f4', body='made on the restored facade')
@@ -124,12 +129,13 @@ def test_a_restored_facade_gets_what_it_lost_and_its_new_records_reach_central(
 
     result = central.pcommunicate()
     assert result.returncode == 0, result.stderr
-    assert 'restored from a backup' in result.stderr and 'facade restored' in result.stderr
     central.sync()
     records = converged(central, facade)
+    assert 'restored from a backup' in result.stderr and 'facade restored' in result.stderr
     assert records == {'c1': ('c1 edited before the restore',),
                        'c2': ('c2 edited after the restore',), 'c3': ('c3',), 'c4': ('c4',),
-                       'f1': ('f1',), 'f2': ('f2 edited on the restored facade',),
+                       'f1': ('f1 edited again on the restored facade',),
+                       'f2': ('f2 edited on the restored facade',),
                        'f4': ('made on the restored facade',)}
     status = central.sync('--status')
     assert 'restore detected' in status and 'sent again' in status
@@ -145,10 +151,13 @@ def test_a_restored_central_gets_what_it_lost_and_its_new_records_reach_the_faca
     backup = Backup(central.side, tmp_path)
     ids['f3'] = facade.create_post(title='f3', body='f3')['id']
     facade.update_post(ids['f1'], title='f1', body='f1 edited before the restore')
+    edit(central, ids['c1'], 'c1 edited before the restore')  # its id is handed out again
     central.sync()
     assert contents(central.side)['f3'] == ('f3',)
+    assert contents(facade.side)['c1'] == ('c1 edited before the restore',)
     backup.restore()
     assert 'f3' not in contents(central.side)
+    edit(central, ids['c1'], 'c1 edited again on the restored central')
 
     facade.create_post(title='f4', body='f4')
     facade.update_post(ids['f2'], title='f2', body='f2 edited after the restore')
@@ -157,10 +166,11 @@ def test_a_restored_central_gets_what_it_lost_and_its_new_records_reach_the_faca
 
     result = central.pcommunicate()
     assert result.returncode == 0, result.stderr
-    assert 'central restored' in result.stderr
     central.sync()
     records = converged(central, facade)
-    assert records == {'c1': ('c1',), 'c2': ('c2 edited on the restored central',),
+    assert 'central restored' in result.stderr
+    assert records == {'c1': ('c1 edited again on the restored central',),
+                       'c2': ('c2 edited on the restored central',),
                        'c4': ('made on the restored central',),
                        'f1': ('f1 edited before the restore',),
                        'f2': ('f2 edited after the restore',), 'f3': ('f3',), 'f4': ('f4',)}
