@@ -133,8 +133,6 @@ class Communicator:
         #: stopped so, with work left.
         self.ends_at: float | None = None
         self.stopped_early = False
-        #: This run began with a checkpoint: the peer has had an exchange.
-        self.checkpointed = False
         #: What the last checkpoint healed (None: nothing differed).
         self.healing: restores.Healing | None = None
 
@@ -183,8 +181,7 @@ class Communicator:
                 bar.update(len(batch.messages))
                 batch = following
         if pushed == 0:
-            if not self.checkpointed:  # still an exchange: the peer retries its failures
-                self.client.push(b'[]')
+            self.client.push(b'[]')  # still an exchange: the peer retries its failures
             with self.tm:
                 queues.set_state(self.session, 'last_push_at')
         return pushed
@@ -234,7 +231,6 @@ class Communicator:
         with self.tm:
             headers, proposed = restores.request_headers(self.session)
         answer = self.client.checkpoint(headers)
-        self.checkpointed = True
         if answer is None:
             return None
         reply, peer = answer
@@ -378,7 +374,6 @@ class Communicator:
         self.stopped_early = False
         summary = Summary()
         held_up = None
-        self.checkpointed = False
         if self.checkpoint() is not None:
             summary.healed = str(self.healing)
         if push:

@@ -271,9 +271,11 @@ def post_messages(request: Request) -> Response:
         # which InnoDB can answer with a deadlock.
         queues.set_state(session, 'last_received_at', sender)
         stored = queues.store_inbound(session, sender, messages)
-    # Only what is to be applied: store_inbound leaves refused ones out.
-    _apply_after_commit(request, settings,
-                        {(sender, m.id): m for m in stored if m.error is None})
+    # Only what is to be applied: store_inbound leaves refused ones out.  A
+    # checkpoint alone applies nothing: the run's push does, as before.
+    if messages or not checkpoint:
+        _apply_after_commit(request, settings,
+                            {(sender, m.id): m for m in stored if m.error is None})
     # The sender's name only when it gave one: never the Basic user name.
     named = sender if request.headers.get(wire.NAME_HEADER) else 'a client without a name'
     log.info('received %d messages from %s', len(messages), named)
