@@ -199,6 +199,22 @@ class Client:
         response = self._request('POST', self.messages_url, data=payload, headers=headers)
         self._learn(response)
 
+    def checkpoint(self, headers: Mapping[str, str]) -> tuple[Mapping[str, str], str] | None:
+        """The run's first request: an empty push carrying the checkpoint
+        headers (:mod:`.restores`).  The reply's headers and the peer's
+        name, or None when the peer keeps no checkpoints (a gem, an older
+        version: they take the empty push and answer without them, or
+        have no such route)."""
+        response = self._request('POST', self.messages_url, missing_ok=True, data=b'[]',
+                                 headers={'Content-Type': 'application/json', **headers})
+        if response.status_code == 404:
+            return None
+        self._learn(response)
+        from .restores import CHECKPOINT_HEADER
+        if CHECKPOINT_HEADER not in response.headers:
+            return None
+        return response.headers, self._sender(response)
+
     def _learn(self, response: Reply) -> None:
         protocol = response.headers.get(wire.PROTOCOL_HEADER, '')
         self.peer_gzip = protocol.isdigit() and int(protocol) >= 2

@@ -21,6 +21,7 @@ from . import outbound_failures, queues
 from .client import Client, PeerError
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
+from .restores import RESTORE_KEY
 from .retries import Backoff
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def queue_status(session: Session, name: str, failures: int = 50,
     inbound = {key: int(value) for key, value in zip(counts, in_counts, strict=True)}
     inbound['oldest_pending_age_seconds'] = _age(in_oldest)
     inbound['total'] = int(in_total)
-    return {
+    report = {
         'name': name,
         # pending: goes with the next push, or waits behind a set-aside
         # message of its record; failed: set aside, for an operator.
@@ -148,6 +149,10 @@ def queue_status(session: Session, name: str, failures: int = 50,
         **{key: {'at': _iso(states[key][1]), 'result': states[key][0]}
            for key in CHECK_KEYS if key in states},
     }
+    restore = states.get(RESTORE_KEY)
+    if restore is not None:  # only once one was detected
+        report['last_restore'] = {'at': _iso(restore[1]), 'what': restore[0]}
+    return report
 
 
 #: State rows of ``--verify`` and ``--repair`` that ``--status`` shows.
@@ -232,6 +237,10 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
         if check:
             lines.append(f"{key.replace('_', ' ')}: {printable(check.get('at'), 40)} "
                          f"{printable(check.get('result'), 300)}")
+    restore = _part(status, 'last_restore')
+    if restore:
+        lines.append(f"restore detected: {printable(restore.get('at'), 40)} "
+                     f"{printable(restore.get('what'), 300)}")
     failures = status.get('failures')
     for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
         if not isinstance(failure, dict):

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
-from . import outbound_failures, queues, wire
+from . import outbound_failures, queues, restores, wire
 from .client import BodyTooLarge, Client, PeerError, PullReply, RequestRefused
 from .inbox import ApplyResult, apply_pending
 from .models import utcnow
@@ -53,6 +53,8 @@ class Summary:
     #: Outbound messages the peer refused for good in this run, now set
     #: aside (:mod:`.outbound_failures`); shown only when there are any.
     set_aside: int = 0
+    #: A checkpoint differed (a restore): what this side healed.
+    healed: str | None = None
 
     def __str__(self) -> str:
         return (f'pushed={self.pushed} pulled={self.pulled} applied={self.applied} '
@@ -64,6 +66,8 @@ class Summary:
         for field in dataclasses.fields(self):
             if field.name == 'stopped_early':
                 self.stopped_early = self.stopped_early or other.stopped_early
+            elif field.name == 'healed':
+                self.healed = self.healed or other.healed
             else:
                 setattr(self, field.name,
                         getattr(self, field.name) + getattr(other, field.name))
@@ -134,6 +138,8 @@ class Communicator:
         self.held: set[outbound_failures.Identity] = set()
         #: Messages set aside by this run's pushes.
         self.set_aside = 0
+        #: What the last checkpoint healed (None: nothing differed).
+        self.healing: restores.Healing | None = None
 
     def _out_of_time(self, what: str, left: bool = True) -> bool:
         """Past ``run_seconds``?  Then say so once: a run that stops with
@@ -273,6 +279,27 @@ class Communicator:
         self._send_part(kept[:half], None, sent)
         self._send_part(kept[half:], None, sent)
 
+    # -- checkpoint ------------------------------------------------------------
+
+    def checkpoint(self) -> restores.Healing | None:
+        """Compare checkpoints with the peer before anything moves; if
+        either database was restored, heal (:mod:`.restores`).  The HTTP
+        request goes between our two transactions, never inside one."""
+        with self.tm:
+            headers, proposed = restores.request_headers(self.session)
+        answer = self.client.checkpoint(headers)
+        if answer is None:
+            return None
+        reply, peer = answer
+        try:
+            with self.tm:
+                self.healing = restores.conclude(self.session, self.settings.name, peer,
+                                                 proposed, reply)
+        except wire.WireError as exc:
+            raise PeerError(f'{self.client.messages_url} sent an invalid checkpoint: '
+                            f'{exc}') from None
+        return self.healing
+
     # -- pull ----------------------------------------------------------------
 
     def pull(self, applied: ApplyResult | None = None) -> int:
@@ -404,6 +431,8 @@ class Communicator:
         self.stopped_early = False
         summary = Summary()
         self.set_aside = 0
+        if self.checkpoint() is not None:
+            summary.healed = str(self.healing)
         if push:
             summary.pushed = self.push()
         result = ApplyResult()

@@ -20,7 +20,7 @@ from pyramid.authentication import extract_http_basic_credentials
 from pyramid.request import Request
 from pyramid.response import Response
 
-from . import queues, throttle, wire
+from . import queues, restores, throttle, wire
 from .retries import Backoff
 from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .status import queue_status
@@ -256,6 +256,13 @@ def post_messages(request: Request) -> Response:
         return parsed
     sender, messages = parsed
     session = _dbsession(request, settings)
+    checkpoint: dict[str, str] = {}
+    if restores.CHECKPOINT_HEADER in request.headers:
+        # Before anything is stored: a restore heals first (:mod:`.restores`).
+        try:
+            checkpoint = restores.serve(session, settings.name, sender, request.headers)
+        except wire.WireError as exc:
+            return _error(400, str(exc))
     stored: list[wire.WireMessage] = []
     if messages:
         # The state row first: its lock queues concurrent POSTs (racing
@@ -264,9 +271,11 @@ def post_messages(request: Request) -> Response:
         # which InnoDB can answer with a deadlock.
         queues.set_state(session, 'last_received_at', sender)
         stored = queues.store_inbound(session, sender, messages)
-    # Only what is to be applied: store_inbound leaves refused ones out.
-    _apply_after_commit(request, settings,
-                        {(sender, m.id): m for m in stored if m.error is None})
+    # Only what is to be applied: store_inbound leaves refused ones out.  A
+    # checkpoint alone applies nothing: the run's push does, as before.
+    if messages or not checkpoint:
+        _apply_after_commit(request, settings,
+                            {(sender, m.id): m for m in stored if m.error is None})
     # The sender's name only when it gave one: never the Basic user name.
     named = sender if request.headers.get(wire.NAME_HEADER) else 'a client without a name'
     log.info('received %d messages from %s', len(messages), named)
@@ -278,7 +287,7 @@ def post_messages(request: Request) -> Response:
         reply['refused'] = messages.refused
     if messages.skipped:
         reply['skipped'] = messages.skipped
-    return _json(202, reply, **_headers(settings))
+    return _json(202, reply, **_headers(settings), **checkpoint)
 
 
 #: Ids one acknowledgement may name, per message of a batch: a client
