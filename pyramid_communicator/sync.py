@@ -431,7 +431,7 @@ class Communicator:
         self.stopped_early = False
         summary = Summary()
         self.set_aside = 0
-        if self.checkpoint() is not None:
+        if (push or pull) and self.checkpoint() is not None:
             summary.healed = str(self.healing)
         if push:
             summary.pushed = self.push()
