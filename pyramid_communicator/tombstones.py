@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
@@ -104,6 +104,14 @@ class Page:
     position: str | None
 
 
+#: Deleted only as read: a row an apply changed meanwhile (a record
+#: created again, a later delete merged in) is no longer the one judged.
+_DELETE_MAPPING = delete(communicator_mappings).where(
+    M.id == bindparam('_id'), M.local_id.is_(None), M.version == bindparam('_version'))
+_DELETE_NATURAL = delete(communicator_natural_tombstones).where(
+    T.id == bindparam('_id'), T.version == bindparam('_version'))
+
+
 def _deleted_hlc(version: Version) -> int | None:
     """When the delete (the latest, for a natural key) was stamped."""
     hlcs = list(version.deletes.values())
@@ -150,8 +158,8 @@ def purge_page(session: Session, cutoff: datetime.datetime, position: str | None
         candidates = [(row, when) for row, when in candidates
                       if row.original_id not in awaited]
     if candidates:
-        session.execute(delete(communicator_mappings).where(
-            one_of(M.id, [row.id for row, _ in candidates], dialect)))
+        session.execute(_DELETE_MAPPING, [{'_id': row.id, '_version': row.version}
+                                          for row, _ in candidates])
         _remember_purged(session, max(when for _, when in candidates))
         mark_changed(session)
     if len(rows) == page:
@@ -172,8 +180,9 @@ def purge_natural_page(session: Session, cutoff: datetime.datetime, position: st
               if (when := _deleted_hlc(Version.loads(row.version))) is not None
               and when < limit]
     if purged:
-        session.execute(delete(communicator_natural_tombstones).where(
-            one_of(T.id, [row_id for row_id, _ in purged], session.get_bind().dialect.name)))
+        versions = {row.id: row.version for row in rows}
+        session.execute(_DELETE_NATURAL, [{'_id': row_id, '_version': versions[row_id]}
+                                          for row_id, _ in purged])
         _remember_purged(session, max(when for _, when in purged))
         mark_changed(session)
     return Page(len(purged), str(rows[-1].id) if len(rows) == page else None)

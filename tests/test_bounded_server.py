@@ -102,18 +102,19 @@ def test_apply_seconds_zero_applies_everything_at_once(webapp, make_side):
 def test_a_push_behind_a_large_backlog_is_answered_within_the_budget(webapp, make_side):
     facade = make_side('facade')
     backlog(facade, 1, 5000)
-    app = webapp(facade, **{'communicator.apply_seconds': '1',
+    app = webapp(facade, **{'communicator.apply_seconds': '0.25',
                             'communicator.batch_size': '200'})
     seconds = push(app, [tag(5001, 5001, 'tag-5001')])
     applied = facade.count('tags')
-    # A generous bound: the budget, one page past it, the store and WebTest.
-    assert seconds < 4, seconds
+    # A generous bound (the budget, the page that runs past it, the store,
+    # WebTest, a busy machine), and far below the client's 10 s timeout.
+    assert seconds < 3.5, seconds
     assert 200 <= applied < 5001
     replies = [seconds]
     while pending(facade) and len(replies) < 200:  # later exchanges apply the rest
         replies.append(push(app, []))
     assert facade.count('tags') == 5001 and pending(facade) == 0
-    assert max(replies) < 4, replies
+    assert max(replies) < 3.5, replies
     assert len(replies) > 1
 
 
