@@ -192,6 +192,9 @@ class _Application:
                 record = self.work.match(self.receiver, attributes)
                 if record is not None:
                     self.matched(record)
+            if (record is None and identity is None and previous_identity is None
+                    and self.key is not None):
+                self.not_forgotten()
             if record is None:
                 # New here: it may carry only what an earlier life of the
                 # identity, or a deleted record of its natural key, had seen.
@@ -213,6 +216,28 @@ class _Application:
                 self.note_unique_keys(record)
         self.track(record, identity, version)
         return record
+
+    def not_forgotten(self) -> None:
+        """A record of an identity unknown here is about to be created.  If
+        its version is older than a delete whose tombstone was purged here
+        (:mod:`.tombstones`), it may be a late update of that deleted
+        record, which the tombstone would have kept deleted: refused, not
+        created again.  A record new to us carries stamps of when it was
+        first published, after every tombstone purged (those are older than
+        ``communicator.retention_days``); one that waited longer than that
+        in the peer's queue is refused too (docs/operations.rst)."""
+        incoming = self.incoming
+        if incoming is None:
+            return  # the gem's messages know no deletes
+        horizon = self.work.purged_before()
+        if not horizon:
+            return
+        hlcs = [hlc for hlc, _ in incoming.stamps.values()] or list(incoming.clock.values())
+        if hlcs and min(hlcs) <= horizon:
+            raise Refused(f'{self.message.sender} sent {self.name} {self.key[1]} of '
+                          f'{self.key[0] or self.local_name}, unknown here, with a version '
+                          'older than deletes forgotten here (communicator.retention_days): '
+                          'taken for a late update of a deleted record, not created again')
 
     def matched(self, record: object) -> None:
         """A create that meets a local record by its ``match_on`` key changes

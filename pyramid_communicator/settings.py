@@ -62,6 +62,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float('inf'):
+        raise ValueError('must be a number of at least 0')
+    return number
+
+
 def _uri(value: str) -> str:
     if not re.match(r'^https?://[^/]+', value):
         raise ValueError('must be an http:// or https:// URL')
@@ -146,6 +153,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
          "name of the request attribute holding the host's SQLAlchemy session"),
         ('apply_on_receive', _bool, True,
          'the server applies received messages right after storing them'),
+        ('apply_seconds', _non_negative_float, 3.0,
+         'seconds the server spends, after storing a request, applying pending inbound '
+         'messages (oldest first, a page of communicator.batch_size at least) and '
+         'purging old history before it answers; the rest waits for later requests. '
+         "Keep it well below the client's communicator.timeout; 0 means no limit"),
         ('retry_delay', _non_negative_int, 30,
          'seconds before a failed inbound message is tried again (pcommunicate '
          '--retry does not wait)'),
@@ -169,8 +181,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
          'the next run goes on; 0 means no limit'),
         ('retention_days', _non_negative_int, 7,
          'delivered outbound messages, applied, refused, given-up and '
-         'waiting-for-an-upgrade inbound messages (and conflict records) older than '
-         'this are deleted, hourly during normal runs; 0 keeps them'),
+         'waiting-for-an-upgrade inbound messages, conflict records and tombstones of '
+         'deletes the peer has, older than this, are deleted, hourly during normal runs '
+         'and in slices by the server; 0 keeps them'),
         ('login_attempts', _non_negative_int, 10,
          'failed logins from one client address within communicator.login_window '
          'after which the server answers it 429 without checking credentials; 0 never'),
@@ -195,6 +208,7 @@ class CommunicatorSettings:
     key: str | None = None
     dbsession: str = 'dbsession'
     apply_on_receive: bool = True
+    apply_seconds: float = 3.0
     retry_delay: int = 30
     retry_max_delay: int = 3600
     retry_limit: int = 50

@@ -19,7 +19,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import transaction
@@ -93,12 +93,16 @@ def make_session(bind: Engine, tm: transaction.TransactionManager) -> Session:
 def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
                   retry_now: bool = False,
                   known: Mapping[tuple[str, int], wire.WireMessage] | None = None,
+                  stop: Callable[[], bool] | None = None,
                   ) -> ApplyResult:
     """Apply pending inbound messages with a session and transaction
     manager of their own (as the server does after a request commits).
     ``retry_now`` retries all failed messages (or those of ``ids``) at
     once, without back-off or ``retry_limit``; ``known``: see
-    :func:`.inbox.apply_pending`."""
+    :func:`.inbox.apply_pending`.  ``stop`` (the server's budget, see
+    ``communicator.apply_seconds``) ends the apply between pages and the
+    purge between its pages; each does one page at least, and the next
+    call goes on."""
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
@@ -106,9 +110,10 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
                                0 if retry_now else settings.retry_delay, known=known,
                                gem_peer=settings.gem_peer,
                                retry_max_delay=settings.retry_max_delay,
-                               retry_limit=None if retry_now else settings.retry_limit)
+                               retry_limit=None if retry_now else settings.retry_limit,
+                               stop=stop)
         if ids is None:  # the server's normal run: keep history bounded
-            purge_if_due(session, tm, settings.retention_days)
+            purge_if_due(session, tm, settings.retention_days, stop=stop)
         return result
     finally:
         session.close()

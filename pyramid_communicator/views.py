@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -105,20 +106,34 @@ def _dbsession(request: Request, settings: CommunicatorSettings):
     return getattr(request, settings.dbsession)
 
 
-def _apply_after_commit(request: Request, settings: CommunicatorSettings,
+def _apply_after_commit(request: Request, settings: CommunicatorSettings, started: float,
                         known: dict[tuple[str, int], wire.WireMessage] | None = None) -> None:
     """Apply pending inbound messages once this request has committed:
     new arrivals (``known``: those this request stored, parsed already),
-    and failures of earlier runs retried whenever the client talks to us."""
+    and failures of earlier runs retried whenever the client talks to us.
+
+    The hook runs inside the request, before the reply goes out (the
+    transaction commits when the view returns, and WSGI servers send
+    nothing until the app returns), so the client waits for it.  It works
+    for ``communicator.apply_seconds`` from ``started`` (when the request
+    came) at most, oldest messages first and a page at least, then the
+    hourly purge gets what is left of that (a page at least); whatever
+    remains waits for the next request, which the client sends anyway.
+    Unbounded, a backlog made every reply take as long as applying all of
+    it, the client gave up after ``communicator.timeout`` and sent again."""
     if not settings.apply_on_receive:
         return
     bind = _dbsession(request, settings).get_bind()
+    deadline = started + settings.apply_seconds if settings.apply_seconds else None
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
 
     def hook(committed: bool) -> None:
         if not committed:
             return
         try:
-            result = apply_inbound(bind, settings, known=known)
+            result = apply_inbound(bind, settings, known=known, stop=out_of_time)
         except Exception as exc:  # the reply is sent anyway; retried next time
             log.error('applying inbound messages failed: %s', type(exc).__name__)
             log.debug('applying inbound messages failed', exc_info=True)
@@ -173,6 +188,7 @@ def get_messages(request: Request) -> Response:
     order and a cursor would skip the late ones.  Without it (the Ruby
     gem's client) it serves ``id >= from_id`` and counts them delivered.
     """
+    started = time.monotonic()
     settings = get_settings(request.registry)
     peer = _admit(request, settings)
     if isinstance(peer, Response):
@@ -204,7 +220,7 @@ def get_messages(request: Request) -> Response:
     # When the peer last pulled from us (to within seconds: a big pull
     # writes it once, not on every GET).
     queues.touch_state(session, 'last_served_at', peer)
-    _apply_after_commit(request, settings)
+    _apply_after_commit(request, settings, started)
     body = wire.dumps(messages)
     compress = (request.headers.get(wire.NAME_HEADER)
                 and 'gzip' in (request.headers.get('Accept-Encoding') or ''))
@@ -250,6 +266,7 @@ def post_messages(request: Request) -> Response:
     shows it), acknowledged with the rest by the 202, never applied; the
     valid ones beside it are applied.  Items without a usable id are
     skipped and counted in the reply."""
+    started = time.monotonic()
     settings = get_settings(request.registry)
     parsed = _parsed_post(request, settings, wire.parse_messages)
     if isinstance(parsed, Response):
@@ -274,7 +291,7 @@ def post_messages(request: Request) -> Response:
     # Only what is to be applied: store_inbound leaves refused ones out.  A
     # checkpoint alone applies nothing: the run's push does, as before.
     if messages or not checkpoint:
-        _apply_after_commit(request, settings,
+        _apply_after_commit(request, settings, started,
                             {(sender, m.id): m for m in stored if m.error is None})
     # The sender's name only when it gave one: never the Basic user name.
     named = sender if request.headers.get(wire.NAME_HEADER) else 'a client without a name'
@@ -300,6 +317,7 @@ ACK_IDS_MIN = 1000
 def post_delivered(request: Request) -> Response:
     """``POST /messages/delivered.json`` ``{"ids": [...]}``: the client
     stored these messages; they will not be served again."""
+    started = time.monotonic()
     settings = get_settings(request.registry)
     limit = max(ACK_IDS_MIN, ACK_IDS_PER_BATCH * settings.batch_size)
     parsed = _parsed_post(request, settings, lambda raw: wire.parse_ids(raw, limit))
@@ -309,7 +327,7 @@ def post_delivered(request: Request) -> Response:
     session = _dbsession(request, settings)
     acknowledged = queues.mark_delivered(session, ids)
     queues.set_state(session, 'last_acknowledged_at', peer)
-    _apply_after_commit(request, settings)
+    _apply_after_commit(request, settings, started)
     return _json(200, {'acknowledged': acknowledged}, **_headers(settings))
 
 

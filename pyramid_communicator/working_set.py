@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm import Session
 
-from . import bulk, tracking
+from . import bulk, tombstones, tracking
 from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
 from .records import Receiver, body_name, from_wire, natural_key, receiver_for
@@ -81,6 +81,7 @@ class WorkingSet:
         self.buried_names: set[str] = set()
         self.conflicts: list[dict[str, Any]] = []
         self._digests: dict[tuple, str | None] = {}
+        self._purged_before: int | None = None
 
     # -- reading -------------------------------------------------------------
 
@@ -219,6 +220,13 @@ class WorkingSet:
                 if identity.record is not None:
                     self.aliases[id(identity.record)].append(identity)
         return identity
+
+    def purged_before(self) -> int:
+        """The latest delete whose tombstone was purged here (0: none), read
+        once per batch when first asked (:func:`.tombstones.purged_before`)."""
+        if self._purged_before is None:
+            self._purged_before = tombstones.purged_before(self.session)
+        return self._purged_before
 
     def undelivered(self, record: object | None, identity: Identity | None = None) -> int | None:
         """The smallest hlc of this app's edits of ``record`` (or of the

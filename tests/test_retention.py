@@ -52,7 +52,8 @@ def test_purge_deletes_what_is_done_and_keeps_what_is_not(pair, make_central):
     result = central.pcommunicate('--purge')
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ('purged outbound=0 inbound=1 conflicts=0 '
-                                     'refused=0 given_up=0 waiting_upgrade=0')
+                                     'refused=0 given_up=0 waiting_upgrade=0 '
+                                     'tombstones=0 natural_tombstones=0')
     [kept] = central.side.rows('inbound_messages')  # failed: kept
     assert kept['processed_at'] is None and 'IntegrityError' in kept['last_error']
     assert central.side.count('outbound_messages') == pending  # undelivered: kept
@@ -63,7 +64,8 @@ def test_purge_deletes_what_is_done_and_keeps_what_is_not(pair, make_central):
     result = facade_ini.pcommunicate('--purge', '--older-than', '5')
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ('purged outbound=2 inbound=3 conflicts=0 '
-                                     'refused=0 given_up=0 waiting_upgrade=0')
+                                     'refused=0 given_up=0 waiting_upgrade=0 '
+                                     'tombstones=0 natural_tombstones=0')
     [kept] = facade.side.rows('inbound_messages')  # the failed one stays
     assert kept['processed_at'] is None and 'IntegrityError' in kept['last_error']
 

@@ -67,6 +67,7 @@ def test_minimal_settings_give_the_documented_defaults() -> None:
     assert settings.login_attempts == 10
     assert settings.login_window == 60
     assert settings.run_seconds == 300
+    assert settings.apply_seconds == 3.0
 
 
 def test_parse_settings_without_pyramid_gives_the_same_result_as_include() -> None:
@@ -91,6 +92,9 @@ def test_parse_settings_without_pyramid_gives_the_same_result_as_include() -> No
     ('communicator.login_window', '0'),
     ('communicator.run_seconds', '-1'),
     ('communicator.run_seconds', '1.5'),
+    ('communicator.apply_seconds', '-1'),
+    ('communicator.apply_seconds', 'nan'),
+    ('communicator.apply_seconds', 'inf'),
     ('communicator.base_uri', 'ftp://x'),
     ('communicator.base_uri', 'facade.example.com'),
     ('communicator.base_uri', 'http://'),
@@ -130,6 +134,8 @@ def test_malformed_non_string_value_from_python_fails_too(key: str, value: int) 
     ('communicator.max_body_bytes', '1024', 1024),
     ('communicator.lock_wait', '30', 30),
     ('communicator.run_seconds', '0', 0),
+    ('communicator.apply_seconds', '0', 0.0),
+    ('communicator.apply_seconds', '0.5', 0.5),
     ('communicator.base_uri', 'https://facade.example.com/sync/', 'https://facade.example.com/sync'),
     ('communicator.base_uri', 'http://127.0.0.1:6544', 'http://127.0.0.1:6544'),
     ('communicator.name', 'facade-2.eu_west', 'facade-2.eu_west'),
