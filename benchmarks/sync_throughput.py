@@ -288,6 +288,9 @@ def write_ini(path: Path, settings: dict[str, str], port: int | None = None,
 
 
 class FacadeServer:
+    #: The path asked until the server answers.
+    probe = '/tags'
+
     def __init__(self, ini: Path, port: int, log: Path) -> None:
         self.ini, self.port, self.log = ini, port, log
         self.url = f'http://127.0.0.1:{port}'
@@ -302,7 +305,7 @@ class FacadeServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f'the facade exited: {self.log.read_text()[-2000:]}')
             try:
-                requests.get(self.url + '/tags', timeout=1)
+                requests.get(self.url + self.probe, timeout=1)
                 return self
             except requests.ConnectionError:
                 time.sleep(0.1)

@@ -83,21 +83,7 @@ def drift(engine: Engine, n: int, d: int, label: str | None) -> None:
 class Facade(bench.FacadeServer):
     """The facade, waited for on a route that answers at once (the demo's
     ``/tags`` lists the whole table)."""
-
-    def start(self) -> Facade:
-        import requests
-        self.process = subprocess.Popen([str(bench.BIN / 'pserve'), str(self.ini)],
-                                        stdout=self.log.open('ab'), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f'the facade exited: {self.log.read_text()[-2000:]}')
-            try:
-                requests.get(self.url + '/verify.json', timeout=1)
-                return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError('the facade did not start within 30 seconds')
+    probe = '/verify.json'
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,12 +192,18 @@ class Client:
 
         Compressed once the peer has said it takes gzip (our server from
         protocol 2 on; the first request of a run goes plain)."""
+        self._post_json(self.messages_url, payload)
+
+    def _post_json(self, url: str, payload: bytes) -> tuple[Reply, int]:
+        """POST a JSON body, gzipped once the peer takes it; the reply and
+        the bytes sent."""
         headers = {'Content-Type': 'application/json'}
         if self.peer_gzip:
             payload = wire.gzip_body(payload)
             headers['Content-Encoding'] = 'gzip'
-        response = self._request('POST', self.messages_url, data=payload, headers=headers)
+        response = self._request('POST', url, data=payload, headers=headers)
         self._learn(response)
+        return response, len(payload)
 
     def checkpoint(self, headers: Mapping[str, str]) -> tuple[Mapping[str, str], str] | None:
         """The run's first request: an empty push carrying the checkpoint
@@ -271,14 +277,9 @@ class Client:
         peer's reply, a JSON object, and the peer's name.  The bodies'
         sizes on the wire are counted (``verify_bytes_*``)."""
         payload = json.dumps(request, separators=(',', ':')).encode('utf-8')
-        headers = {'Content-Type': 'application/json'}
-        if self.peer_gzip:
-            payload = wire.gzip_body(payload)
-            headers['Content-Encoding'] = 'gzip'
-        response = self._request('POST', self.verify_url, data=payload, headers=headers)
-        self._learn(response)
+        response, sent = self._post_json(self.verify_url, payload)
         self.verify_requests += 1
-        self.verify_bytes_sent += len(payload)
+        self.verify_bytes_sent += sent
         length = response.headers.get('Content-Length', '')
         self.verify_bytes_received += int(length) if length.isdigit() else len(response.body)
         try:

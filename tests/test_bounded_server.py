@@ -9,13 +9,12 @@ import time
 from typing import Any
 
 import pytest
-import transaction
 from conftest import Side
 from sqlalchemy import text
+from test_retention import purge
 from test_views import basic, post_messages
 
 from pyramid_communicator import queues, retention, tombstones, wire
-from pyramid_communicator.sync import make_session
 from pyramid_communicator.versions import now_hlc
 
 DAY = 24 * 3600 * 1_000_000
@@ -57,15 +56,6 @@ def push(app, messages: list[dict[str, Any]]) -> float:
     response = post_messages(app, messages, headers=CENTRAL)
     assert response.status_int == 202, response.body
     return time.monotonic() - started
-
-
-def purge(side: Side, days: float) -> retention.PurgeResult:
-    tm = transaction.TransactionManager(explicit=True)
-    session = make_session(side.engine, tm)
-    try:
-        return retention.purge(session, tm, days)
-    finally:
-        session.close()
 
 
 def states(side: Side) -> dict[str, str]:
