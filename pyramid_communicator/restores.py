@@ -18,9 +18,12 @@ received, which inbound already knows, purge watermark included):
 
 Tokens are ``<n>.<random>``: the side whose ``n`` is behind is the one
 restored (said in the log and in ``--status``; that side also takes a new
-*epoch*, the random identity of its database).  Healing twice is
-harmless, so a checkpoint that differs for another reason (a reply lost
-after the facade recorded the new token) only costs a log line.
+*epoch*, the random identity of its database).  The facade keeps the
+token before its last one too: central holding that one means the last
+checkpoint's reply was lost (or central stopped before recording it), not
+a restore, and nothing is healed, unless one side no longer holds what
+it acknowledged to the other (it received, or was acknowledged, more than
+it now has): that is a restore whatever the tokens say.
 
 Everything the peer reports is hostile input.  It can only make this side
 send again what it already sent (``delivered_at`` set: never a record it
@@ -316,17 +319,31 @@ def serve(session: Session, local_name: str, peer: str,
     central sends with ours, heal if they differ, record the new one; the
     reply headers.  Raises :class:`.wire.WireError` for malformed ones."""
     theirs = _parse(request, reply=False)
-    mine = _state(session, _server_key(peer))
+    mine, _, previous = (_state(session, _server_key(peer)) or '').partition(' ')
+    mine, previous = mine or None, previous or None
     if theirs.recorded is None and mine is None:
         verdict = 'first'
     elif theirs.recorded == mine:
         verdict = 'same'
+    elif theirs.recorded is not None and theirs.recorded == previous:
+        # Central never recorded the token we did last time: that reply was
+        # lost (or central stopped before it committed), and nothing else
+        # of that run happened.  Not a restore: nothing to heal.
+        log.info('the last checkpoint reply to %s was lost; going on from the one before',
+                 peer)
+        verdict = 'same'
     else:
+        verdict = 'differs'
+    if verdict == 'same' and (theirs.received < acknowledged(session, peer)
+                              or queues.last_remote_id(session, peer) < theirs.acknowledged):
+        # One side no longer holds what it acknowledged to the other: it
+        # lost writes (a restore), whatever the tokens say.
         verdict = 'differs'
     # Central says what it holds of ours; what we hold of its, before
     # anything changes, goes back so that it can heal too.
     _conclude(session, local_name, peer, mine, theirs, theirs.recorded,
               verdict == 'differs')
-    queues.set_state(session, _server_key(peer), theirs.second)
+    # The one before is kept, to tell a lost reply from a restore.
+    queues.set_state(session, _server_key(peer), f'{theirs.second} {mine or ""}'.rstrip())
     return _headers(session, peer, f'{mine or "-"} {verdict}')
 
