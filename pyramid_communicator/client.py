@@ -90,6 +90,10 @@ class Client:
                                   'Accept-Encoding': 'gzip'})
         #: Does the peer take gzip bodies?  Learnt from its replies.
         self.peer_gzip = False
+        #: Who answered the last push (its ``X-Communicator-Name``; the URL
+        #: for a gem, which names itself nowhere), as ``last_push_at``
+        #: records it beside ``last_pull_at``'s sender.
+        self.push_peer: str | None = None
         #: Bodies of ``/verify.json`` exchanges as they crossed the wire
         #: (compressed where they were), and how many there were.
         self.verify_bytes_sent = 0
@@ -198,6 +202,7 @@ class Client:
             headers['Content-Encoding'] = 'gzip'
         response = self._request('POST', self.messages_url, data=payload, headers=headers)
         self._learn(response)
+        self.push_peer = self._sender(response)
 
     def checkpoint(self, headers: Mapping[str, str]) -> tuple[Mapping[str, str], str] | None:
         """The run's first request: an empty push carrying the checkpoint
