@@ -279,7 +279,7 @@ class _Application:
         target = self.receiver.references().get(key)
         if target is not None and wire_value is not None:
             return self.resolve(target, *refs[key])  # merge() saw to it that refs has it
-        return from_wire(self.receiver.columns()[key], wire_value)
+        return from_wire(self.receiver.columns()[key], wire_value, self.work.dialect)
 
     def resolve(self, target: Receiver, origin: str, original_id: int) -> int:
         own = origin == self.local_name
@@ -330,7 +330,7 @@ class _Application:
             seen_here, seen_there = covered(s_in, local.clock), covered(s_loc, incoming.clock)
             if seen_here and not seen_there:
                 continue  # ours is newer: the message is stale for this attribute
-            current = getattr(record, key)
+            current = self.receiver.canonical(key, getattr(record, key))
             if not seen_here and not seen_there and fingerprint(current) != fingerprint(remote):
                 kept, stamp = self.settle(record, key, current, remote, s_loc, s_in)
                 setattr(record, key, kept)

@@ -90,6 +90,10 @@ class Client:
                                   'Accept-Encoding': 'gzip'})
         #: Does the peer take gzip bodies?  Learnt from its replies.
         self.peer_gzip = False
+        #: Who answered the last push (its ``X-Communicator-Name``; the URL
+        #: for a gem, which names itself nowhere), as ``last_push_at``
+        #: records it beside ``last_pull_at``'s sender.
+        self.push_peer: str | None = None
         #: Bodies of ``/verify.json`` exchanges as they crossed the wire
         #: (compressed where they were), and how many there were.
         self.verify_bytes_sent = 0
@@ -192,7 +196,8 @@ class Client:
 
         Compressed once the peer has said it takes gzip (our server from
         protocol 2 on; the first request of a run goes plain)."""
-        self._post_json(self.messages_url, payload)
+        response, _ = self._post_json(self.messages_url, payload)
+        self.push_peer = self._sender(response)
 
     def _post_json(self, url: str, payload: bytes) -> tuple[Reply, int]:
         """POST a JSON body, gzipped once the peer takes it; the reply and

@@ -187,7 +187,7 @@ class Scanner:
                 if key in identities and value is not None:
                     values[key] = identities[key].get(value, UNSHARED)
                 else:
-                    values[key] = canonical_value(value)
+                    values[key] = canonical_value(self.receiver.canonical(key, value))
             found.append(values)
         return found
 

@@ -10,12 +10,16 @@ import base64
 import dataclasses
 import datetime
 import decimal
+import enum
 import functools
 import json
+import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import inspect
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .conflicts import Policy
 from .versions import digest
@@ -30,6 +34,11 @@ OPERATIONS = frozenset({'create', 'update', 'delete'})
 
 class UnknownRecord(LookupError):
     """A message names a record no model ``receives_from``."""
+
+
+class WireTypeError(ValueError):
+    """A wire value the column cannot hold (a JSON array for a column
+    that is no ARRAY or JSON, say): the message fails, naming both."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,23 @@ class Receiver:
     def columns(self) -> dict[str, Any]:
         """Attribute key -> Column, for the attributes that may cross."""
         return self._columns
+
+    def canonical(self, key: str, value: Any) -> Any:
+        """An attribute's value as every backend reads it back (see
+        :func:`canonicalizer`): what versions fingerprint, so that a value
+        read from the database does not look like an edit of the value
+        that was set or received."""
+        convert = self._canonicalizers.get(key)
+        return value if convert is None or value is None else convert(value)
+
+    @functools.cached_property
+    def _canonicalizers(self) -> dict[str, Callable[[Any], Any]]:
+        found = {}
+        for key, column in self.columns().items():
+            convert = canonicalizer(column.type)
+            if convert is not None:
+                found[key] = convert
+        return found
 
     @functools.cached_property
     def _columns(self) -> dict[str, Any]:
@@ -122,7 +148,15 @@ def receiver_of(obj: object) -> Receiver:
 # -- record -> message ------------------------------------------------------
 
 def to_wire(value: Any) -> Any:
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+    """A Python value as JSON holds it.  Aware datetimes go as UTC (one
+    instant, one string, whatever zone the backend read it in); enums by
+    name, as SQLAlchemy's ``Enum`` stores them; intervals as an ISO 8601
+    duration of days and seconds (see :func:`duration`)."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.UTC)
+        return value.isoformat()
+    if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return str(value)
@@ -130,7 +164,40 @@ def to_wire(value: Any) -> Any:
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode('ascii')
+    if isinstance(value, datetime.timedelta):
+        return duration(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (list, tuple)):  # an ARRAY (of dates, say), a JSON list
+        return [item if type(item) in _PLAIN else to_wire(item) for item in value]
     return value
+
+
+_MICROSECONDS_A_DAY = 86_400_000_000
+_DURATION = re.compile(r'(-?)P(\d+)DT(\d+)(?:\.(\d{1,6}))?S')
+
+
+def duration(value: datetime.timedelta) -> str:
+    """An interval exactly, as ISO 8601 days and seconds with microseconds
+    (``P1DT3600.5S``, ``-P0DT0.000001S``): no months or years, whose
+    length depends on the date, so it means one timedelta everywhere."""
+    micro = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+    sign = '-' if micro < 0 else ''
+    days, rest = divmod(abs(micro), _MICROSECONDS_A_DAY)
+    seconds, micro = divmod(rest, 1_000_000)
+    fraction = f'.{micro:06d}' if micro else ''
+    return f'{sign}P{days}DT{seconds}{fraction}S'
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    found = _DURATION.fullmatch(text)
+    if found is None:
+        raise ValueError(f'not an interval as the wire writes one (P<days>DT<seconds>S): '
+                         f'{text[:40]!r}')
+    sign, days, seconds, fraction = found.groups()
+    value = datetime.timedelta(days=int(days), seconds=int(seconds),
+                               microseconds=int((fraction or '0').ljust(6, '0')))
+    return -value if sign else value
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
@@ -170,7 +237,7 @@ def record_values(obj: object) -> dict[str, Any]:
             value = state.dict[key]
         else:
             value = getattr(obj, key) if state.has_identity else None
-        values[key] = value
+        values[key] = receiver.canonical(key, value)
     return values
 
 
@@ -189,35 +256,179 @@ def local_id(obj: object) -> int | None:
 
 # -- message -> record ------------------------------------------------------
 
-def from_wire(column: Any, value: Any) -> Any:
+def python_type(type_: TypeEngine) -> type | None:
+    """The Python type a column type holds, None when it says nothing
+    (JSON).  A host's ``TypeDecorator`` that names none has its ``impl``'s:
+    the wire form follows the stored type, and the decorator's own
+    ``process_bind_param``/``process_result_value`` run in SQLAlchemy as
+    always."""
+    try:
+        found = type_.python_type
+    except NotImplementedError:
+        found = None
+    if found in (None, object) and isinstance(type_, TypeDecorator):
+        return python_type(type_.impl_instance)
+    return None if found is object else found
+
+
+def _decorated(type_: TypeEngine) -> bool:
+    """A host's ``TypeDecorator`` (not one of SQLAlchemy's own, such as
+    ``Interval``): its Python values are its own business."""
+    return isinstance(type_, TypeDecorator) and type(type_).__module__.split('.')[0] != \
+        'sqlalchemy'
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    """Aware, in UTC; a naive value counts as UTC (what SQLite and MySQL
+    hand back for a ``DateTime(timezone=True)`` that we wrote)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value.astimezone(datetime.UTC)
+
+
+def _naive_utc(value: datetime.datetime) -> datetime.datetime:
+    if value.tzinfo is None:
+        return value
+    return value.astimezone(datetime.UTC).replace(tzinfo=None)
+
+
+def _decimal(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal) or isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return decimal.Decimal(repr(value))  # the shortest exact repr, never binary noise
+    if isinstance(value, (int, str)):
+        return decimal.Decimal(value)
+    return value
+
+
+def _float(value: Any) -> Any:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _bool(value: Any) -> Any:
+    return bool(value) if type(value) is int else value
+
+
+def _uuid(value: Any) -> Any:
+    return uuid.UUID(value) if isinstance(value, str) else value
+
+
+def canonicalizer(type_: TypeEngine) -> Callable[[Any], Any] | None:
+    """How a value of this column type is made what the database reads
+    back, on any backend: the naive or aware datetime in UTC as the column
+    stores it, a Decimal for a Numeric set from an int or float, a float
+    for an int in a Float column, a bool for 0 and 1, a UUID for its
+    string.  None where the value needs nothing."""
+    if _decorated(type_):
+        # The decorator decides what it takes; an instant stays an instant.
+        return lambda v: v.astimezone(datetime.UTC) \
+            if isinstance(v, datetime.datetime) and v.tzinfo is not None else v
+    kind = python_type(type_)
+    if kind is datetime.datetime:
+        convert = _utc if getattr(type_, 'timezone', False) else _naive_utc
+        return lambda v: convert(v) if isinstance(v, datetime.datetime) else v
+    if kind is decimal.Decimal:
+        return _decimal
+    if kind is float:
+        return _float
+    if kind is bool:
+        return _bool
+    if kind is uuid.UUID:
+        return _uuid
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return lambda v: kind[v] if isinstance(v, str) and v in kind.__members__ else v
+    return None
+
+
+def _column_name(column: Any) -> str:
+    table = getattr(column, 'table', None)
+    return f'{table.name}.{column.name}' if table is not None else str(column.name)
+
+
+def from_wire(column: Any, value: Any, dialect: str | None = None) -> Any:
+    """A wire value as the Python value of ``column``'s attribute, in the
+    form :func:`canonicalizer` gives (so its fingerprint is the one the
+    value has once read back).  ``dialect`` (a name) picks the column's
+    ``with_variant`` type for that backend: an ``ARRAY`` that is a
+    ``Text`` on SQLite refuses a list clearly instead of failing in the
+    driver."""
     if value is None:
         return None
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
+    type_ = column.type
+    # The canonical form is the declared type's (a variant such as MySQL's
+    # DATETIME(fsp=6) of a DateTime(timezone=True) says nothing of zones),
+    # as :meth:`Receiver.canonical` sees it.
+    convert = canonicalizer(type_)
+    if dialect is not None:
+        type_ = getattr(type_, '_variant_mapping', {}).get(dialect, type_)
+    converted = _from_wire(type_, value, column)
+    return converted if convert is None else convert(converted)
+
+
+def _from_wire(type_: TypeEngine, value: Any, column: Any) -> Any:
+    kind = python_type(type_)
+    if isinstance(value, (list, dict)):
+        if kind is None or _decorated(type_):
+            return value  # JSON, or the host's decorator: any JSON value
+        if kind is list and isinstance(value, list):
+            item_type = getattr(type_, 'item_type', None)
+            return value if item_type is None else _items(item_type, value, column)
+        if kind is dict and isinstance(value, dict):
+            return value
+        what = 'array' if isinstance(value, list) else 'object'
+        raise WireTypeError(
+            f'{_column_name(column)} is a {type_!r} column, which cannot hold the JSON '
+            f'{what} the peer sent (from an ARRAY or JSON column of its own?): give both '
+            'sides a column of a type that holds it')
+    if kind is None:
         return value
-    if not isinstance(value, str) or python_type is str:
-        if python_type is float and isinstance(value, int):
+    if kind is list or kind is dict:
+        raise WireTypeError(
+            f'{_column_name(column)} is a {type_!r} column, which cannot hold the '
+            f'{type(value).__name__} value the peer sent')
+    if type(value) is WireFloat:
+        if kind is decimal.Decimal:
+            return decimal.Decimal(value.text)  # as written: never through a float
+        return float(value)
+    if not isinstance(value, str) or kind is str:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if kind is datetime.timedelta and isinstance(value, (int, float)):
+            return datetime.timedelta(seconds=value)
         return value
-    if python_type is datetime.datetime:
+    if kind is datetime.datetime:
         parsed = datetime.datetime.fromisoformat(value)
-        if parsed.tzinfo is not None and not getattr(column.type, 'timezone', False):
+        if parsed.tzinfo is not None and not _decorated(type_) and \
+                not getattr(type_, 'timezone', False):
             parsed = parsed.astimezone(datetime.UTC).replace(tzinfo=None)
         return parsed
-    if python_type is datetime.date:
+    if kind is datetime.date:
         return datetime.date.fromisoformat(value[:10])
-    if python_type is datetime.time:
+    if kind is datetime.time:
         return datetime.time.fromisoformat(value)
-    if python_type is decimal.Decimal:
+    if kind is datetime.timedelta:
+        return parse_duration(value)
+    if kind is decimal.Decimal:
         return decimal.Decimal(value)
-    if python_type is uuid.UUID:
+    if kind is uuid.UUID:
         return uuid.UUID(value)
-    if python_type is bytes:
+    if kind is bytes:
         return base64.b64decode(value)
-    if python_type in (int, float):
-        return python_type(value)
+    if kind in (int, float):
+        return kind(value)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        if value in kind.__members__:
+            return kind[value]
+        return kind(value)  # a peer that sends values (a gem with values_callable)
     return value
+
+
+def _items(item_type: TypeEngine, value: list, column: Any) -> list:
+    """An ARRAY's items (nested lists for more dimensions) one by one."""
+    return [None if item is None else
+            _items(item_type, item, column) if isinstance(item, list) else
+            _from_wire(item_type, item, column) for item in value]
 
 
 def body_name(body: str) -> str | None:
@@ -229,9 +440,24 @@ def body_name(body: str) -> str | None:
     return body[2:end] if end > 2 else None
 
 
+class WireFloat(float):
+    """A JSON number with a fraction or exponent as a body spelt it: a
+    float, which also keeps its text, so that a Numeric column takes the
+    exact decimal a peer wrote (``0.10``) and not the nearest double.
+    Integers need nothing of the kind: Python's ``json`` parses them
+    exactly, however large (peers must too: a BigInteger beyond 2**53
+    crosses as a JSON integer)."""
+    __slots__ = ('text',)
+
+    def __new__(cls, text: str) -> WireFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
 def decode_body(body: str) -> tuple[str, dict[str, Any]]:
     """Split a body into (record name, attributes); ValueError if malformed."""
-    data = json.loads(body)
+    data = json.loads(body, parse_float=WireFloat)
     if not (isinstance(data, dict) and len(data) == 1):
         raise ValueError('body must be a JSON object with exactly one record name')
     (name, attributes), = data.items()

@@ -188,7 +188,7 @@ class Communicator:
                 with self.tm:
                     queues.mark_delivered(self.session, sent.delivered)
                     outbound_failures.record(self.session, sent.set_aside)
-                    queues.set_state(self.session, 'last_push_at')
+                    queues.set_state(self.session, 'last_push_at', self.client.push_peer)
                 for item in sent.set_aside:  # cron mails it: someone must decide
                     log.warning('set aside outbound message %d: %s; the later messages of '
                                 'its record wait (pcommunicate --status lists it, '
@@ -204,7 +204,7 @@ class Communicator:
         if pushed == 0:
             self.client.push(b'[]')  # still an exchange: the peer retries its failures
             with self.tm:
-                queues.set_state(self.session, 'last_push_at')
+                queues.set_state(self.session, 'last_push_at', self.client.push_peer)
         return pushed
 
     def _submit(self, wire_thread: ThreadPoolExecutor, batch: _Batch | None) -> Future | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -351,8 +352,11 @@ def test_a_database_made_by_create_all_of_0_2_0_is_stamped_not_upgraded(database
     models.metadata.create_all(engine)
     engine.dispose()
 
-    with pytest.raises(CommandError, match='alembic stamp communicator@head'):
+    with pytest.raises(CommandError, match='alembic stamp communicator@head') as refused:
         command.upgrade(config, 'heads')
+    # The other way to get here (a test teardown that keeps our tables) is
+    # told to drop them, not to stamp stale rows as current.
+    assert 'pyramid_communicator.models.metadata.drop_all(engine)' in str(refused.value)
 
     command.stamp(config, 'communicator@head')
     command.check(config)
@@ -505,3 +509,71 @@ def test_downgrade_of_0003_keeps_given_up_messages_from_going(databases, tmp_pat
     command.check(config)
     assert schema(url) == created_schema
     side.engine.dispose()
+
+
+# -- a new app from the Pyramid cookiecutter -----------------------------------------
+
+def test_the_first_revision_of_a_new_app_goes_to_its_own_directory_and_branch(
+        databases, tmp_path):
+    """The cookiecutter's app has no revision yet: ``--head base`` starts
+    its own branch in its own directory; without them Alembic would write
+    it into our package, after our head."""
+    url = databases.url('migrate_first')
+    config = host(tmp_path, url)
+    versions = tmp_path / 'host' / 'alembic' / 'versions'
+    (versions / 'host_0001_demo_tables.py').unlink()  # a new app: none of its own yet
+    command.upgrade(config, 'heads')  # autogenerate wants the database at all heads
+
+    command.revision(config, message='init', autogenerate=True, head='base',
+                     branch_label='myapp', version_path=str(versions))
+
+    [written] = versions.glob('*.py')
+    script = written.read_text()
+    assert re.search(r"^down_revision: .* = None$", script, re.M), script
+    assert re.search(r"^branch_labels: .* = \('myapp',\)$", script, re.M), script
+    assert "op.create_table('posts'" in script
+    assert 'communicator' not in script  # our tables are ours to create
+    command.upgrade(config, 'heads')
+    assert len(heads(config, url)) == 2
+    command.check(config)
+
+
+
+def cookiecutter_session(config: Config, url: str, target: str,
+                         drop_ours: bool) -> None:
+    """What the cookiecutter's ``dbengine`` fixture does around a test
+    session (drop, purge the stamp, upgrade; then drop and purge), with
+    our ``drop_all`` added where ``drop_ours``."""
+    from pyramid_communicator.demo.models import Base
+    engine = create_engine(url)
+
+    def clear() -> None:
+        Base.metadata.drop_all(bind=engine)
+        if drop_ours:
+            models.metadata.drop_all(bind=engine)
+        command.stamp(config, None, purge=True)
+    try:
+        clear()
+        command.upgrade(config, target)
+        clear()
+    finally:
+        engine.dispose()
+
+
+def test_the_cookiecutter_conftest_needs_heads_and_our_tables_dropped(databases, tmp_path):
+    """What a new user meets, in order, and the conftest that works
+    (docs/testing.rst)."""
+    url = databases.url('migrate_conftest')
+    config = host(tmp_path, url)
+
+    with pytest.raises(CommandError, match="Multiple head revisions are present for "
+                                           "given argument 'head'"):
+        cookiecutter_session(config, url, 'head', drop_ours=False)
+
+    cookiecutter_session(config, url, 'heads', drop_ours=False)  # a first run passes
+    with pytest.raises(CommandError) as refused:  # the next does not
+        cookiecutter_session(config, url, 'heads', drop_ours=False)
+    assert 'metadata.drop_all(engine)' in str(refused.value)
+
+    for _ in range(2):  # the documented teardown: any number of runs
+        cookiecutter_session(config, url, 'heads', drop_ours=True)

@@ -158,6 +158,7 @@ def test_status_shows_a_failure_that_give_up_then_stops(pair):
     assert failure['error'].startswith('IntegrityError')
     assert report['last_exchanges']['last_pull_at']['peer'] == 'facade'
     assert report['last_exchanges']['last_push_at']['at'].endswith('Z')
+    assert report['last_exchanges']['last_push_at']['peer'] == 'facade'
     # --status only looks: nothing was pushed.
     assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 1
 
@@ -182,7 +183,7 @@ def test_status_shows_a_failure_that_give_up_then_stops(pair):
     assert lines[0] == 'communicator central'
     assert lines[1] == 'outbound: 0 pending (oldest -), 1 in all'
     assert lines[2] == 'inbound:  0 pending (oldest -), 0 failed, 0 refused, 1 given up, 1 in all'
-    assert any(re.fullmatch(r'last_push_at: \d{4}-\d\d-\d\dT[\d:.]+Z', line)
+    assert any(re.fullmatch(r'last_push_at: \d{4}-\d\d-\d\dT[\d:.]+Z \(facade\)', line)
                for line in lines), lines
     assert any(re.fullmatch(r'last_pull_at: \S+Z \(facade\)', line) for line in lines), lines
     assert not any(line.startswith('failed #') for line in lines), lines

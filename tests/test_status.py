@@ -147,6 +147,7 @@ def test_central_status_json_has_the_peer(pair) -> None:
     assert report['name'] == 'central'
     assert report['last_run']['result'].startswith('ok: pushed=1 ')
     assert report['last_exchanges']['last_pull_at']['peer'] == 'facade'
+    assert report['last_exchanges']['last_push_at']['peer'] == 'facade'
     peer = report['peer']
     assert (peer['url'], peer['state'], peer['error']) == (facade.url, 'ok', None)
     assert peer['status']['name'] == 'facade'

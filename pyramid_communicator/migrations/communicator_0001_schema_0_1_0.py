@@ -38,10 +38,20 @@ def _existing() -> set[str]:
             f'pyramid_communicator: found only {sorted(found)} of {list(TABLES)}; '
             'create the missing ones (or drop these) before upgrading')
     if found and 'version' in {c['name'] for c in inspector.get_columns('outbound_messages')}:
+        # Two ways to get here, told apart by nobody but the operator: a
+        # test teardown that drops the host's tables and purges
+        # alembic_version but leaves ours (the Pyramid cookiecutter's
+        # conftest does, and stamping would then keep stale rows), or a
+        # create_all of 0.2.0 that was never stamped.
         raise CommandError(
-            'pyramid_communicator: these tables were made by metadata.create_all of '
-            'version 0.2.0 or later, not 0.1.0; mark them as current with '
-            '"alembic stamp communicator@head" instead of upgrading them')
+            'pyramid_communicator: our tables exist (of version 0.2.0 or later) but '
+            'alembic_version does not list the communicator branch. Left over by a '
+            'test teardown that dropped only the app\'s tables and purged '
+            'alembic_version (the Pyramid cookiecutter\'s conftest)? Drop them there '
+            'too: pyramid_communicator.models.metadata.drop_all(engine) (see '
+            '"Testing your host app" in the docs). Made by metadata.create_all '
+            'instead? Mark them as current with "alembic stamp communicator@head" '
+            'rather than upgrading them')
     return found
 
 
