@@ -113,12 +113,13 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings,
     if not settings.apply_on_receive:
         return
     bind = _dbsession(request, settings).get_bind()
+    registry = request.registry  # where plain messages find their handlers
 
     def hook(committed: bool) -> None:
         if not committed:
             return
         try:
-            result = apply_inbound(bind, settings, known=known)
+            result = apply_inbound(bind, settings, known=known, registry=registry)
         except Exception as exc:  # the reply is sent anyway; retried next time
             log.error('applying inbound messages failed: %s', type(exc).__name__)
             log.debug('applying inbound messages failed', exc_info=True)
