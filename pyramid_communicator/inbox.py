@@ -264,7 +264,8 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
             claimed = queues.claim_batch(session, [row.id for row, _ in ready])
             items = [(row, _message(row, decoded.get(row.id), arrived.get(row.id)))
                      for row, _ in ready if row.id in claimed]
-            _apply_claimed(session, local_name, items, len(ready) == 1, gem_peer, registry)
+            _apply_claimed(session, tm, local_name, items, len(ready) == 1, gem_peer,
+                           registry)
             applied = len(items)  # the rest: another worker has them
     except Exception as exc:
         culprit = getattr(exc, 'communicator_inbound_id', None)
@@ -311,7 +312,8 @@ def _fail(session: Session, tm: transaction.TransactionManager, item: tuple,
         blocked.add(key)
 
 
-def _apply_claimed(session: Session, local_name: str, items: list[tuple],
+def _apply_claimed(session: Session, tm: transaction.TransactionManager,
+                   local_name: str, items: list[tuple],
                    alone: bool, gem_peer: bool, registry: Any) -> None:
     """Apply claimed messages in order, in the caller's transaction: each
     run of records through a working set of its own, written before the
@@ -345,7 +347,7 @@ def _apply_claimed(session: Session, local_name: str, items: list[tuple],
             write_records()
             try:
                 dispatch(session, registry, found[row.id], row.sender, row.remote_id,
-                         message.decoded[1])
+                         message.decoded[1], tm)
             except Exception as exc:
                 # Whose failure it is is known: the batch need not be halved
                 # (which would call the others' handlers again and again).

@@ -168,6 +168,11 @@ class Message:
     #: what you write commits with the message's applied mark.
     session: Session
     registry: Any
+    #: The ``transaction.TransactionManager`` of that transaction: ours,
+    #: neither ``request.tm`` nor the thread-local ``transaction.manager``.
+    #: Bind what joins transactions to it (pyramid_mailer:
+    #: ``get_mailer(registry).bind(transaction_manager=...)``).
+    transaction_manager: Any = None
 
 
 def _accept_from(value: str | Iterable[str] | None) -> frozenset[str] | None:
@@ -271,7 +276,7 @@ def handler_for(registry: Any, sender: str, fields: dict[str, Any]) -> Handler:
 
 
 def dispatch(session: Session, registry: Any, handler: Handler, sender: str,
-             remote_id: int, fields: dict[str, Any]) -> None:
+             remote_id: int, fields: dict[str, Any], tm: Any = None) -> None:
     """Hand one received message to its handler, in the caller's
     transaction (which marks it applied).
 
@@ -283,7 +288,8 @@ def dispatch(session: Session, registry: Any, handler: Handler, sender: str,
     kind = handler.kind
     session.info.setdefault(SETTINGS_INFO, get_settings(registry))
     message = Message(kind, fields['payload'], sender, remote_id,
-                      _sent_at(fields.get('sent_at')), fields.get('key'), session, registry)
+                      _sent_at(fields.get('sent_at')), fields.get('key'), session, registry,
+                      tm)
     session.flush()  # the records applied before it, unpublished
     applying = session.info.pop(APPLYING, None)
     try:

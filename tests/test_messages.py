@@ -204,7 +204,7 @@ def test_the_message_a_handler_gets(apps):
     assert (message.kind, message.payload, message.origin, message.id, message.key) == (
         'hello', {'a': [1, 'two']}, 'central', remote_id, 'k-1')
     assert message.sent_at is not None and message.registry is facade.registry
-    assert message.session is not None
+    assert message.session is not None and message.transaction_manager is not None
 
 
 def test_what_a_handler_writes_commits_with_the_message_once(apps):

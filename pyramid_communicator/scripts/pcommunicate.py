@@ -163,7 +163,7 @@ class PCommunicateCommand:
         with env:
             try:
                 settings = get_settings(env['registry'])
-                #: The app's registry: the handlers of plain messages.
+                # The app's registry: the handlers of plain messages.
                 self.registry = env['registry']
                 bind = getattr(env['request'], settings.dbsession).get_bind()
             except (ConfigurationError, AttributeError) as exc:
