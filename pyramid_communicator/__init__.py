@@ -18,11 +18,12 @@ from pyramid.request import Request
 from pyramid.security import NO_PERMISSION_REQUIRED
 
 from .conflicts import Conflict, Edit, authority
+from .messages import message_handler, send
 from .publishing import publish, publish_delete, receives_from
 from .settings import REGISTRY_KEY, get_settings, parse_settings
 
 __all__ = ['includeme', 'publish', 'publish_delete', 'receives_from', 'authority',
-           'Conflict', 'Edit', 'get_settings']
+           'Conflict', 'Edit', 'get_settings', 'send', 'message_handler']
 
 
 def includeme(config: Configurator) -> None:
@@ -33,13 +34,17 @@ def includeme(config: Configurator) -> None:
     CSRF, root or session setup is touched: our views check their own
     Basic credentials and need no permission.
     """
-    from . import throttle, views
+    from . import messages, throttle, views
 
     settings = parse_settings(config.get_settings())
     config.registry[REGISTRY_KEY] = settings
     # Per process: each server process counts failed logins on its own.
     config.registry[throttle.REGISTRY_KEY] = throttle.LoginThrottle(
         settings.login_attempts, settings.login_window)
+    # Plain messages: config.add_message_handler, and @message_handler
+    # found by config.scan() (see .messages).
+    messages.handlers(config.registry)
+    config.add_directive('add_message_handler', messages.add_message_handler)
     config.add_route('communicator.messages', '/messages.json')
     config.add_route('communicator.delivered', '/messages/delivered.json')
     config.add_route('communicator.status', '/status.json')

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import transaction
 from sqlalchemy.engine import Engine
@@ -53,8 +54,10 @@ class Drain:
     def __init__(self, settings: CommunicatorSettings, bind: Engine, timeout: float,
                  progress: Progress = NO_PROGRESS,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 registry: Any = None) -> None:
         self.settings = settings
+        self.registry = registry  # plain messages' handlers (see .sync.Communicator)
         self.bind = bind
         self.timeout = timeout
         self.progress = progress
@@ -68,7 +71,8 @@ class Drain:
             if not acquired:
                 return DrainResult(False, [f'another pcommunicate run held the lock for '
                                            f'{self.timeout:g}s'], Summary(), 0)
-            communicator = Communicator(self.settings, self.bind, progress=self.progress)
+            communicator = Communicator(self.settings, self.bind, progress=self.progress,
+                                        registry=self.registry)
             try:
                 return self._rounds(communicator, deadline)
             finally:

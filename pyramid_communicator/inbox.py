@@ -23,6 +23,12 @@ for its record like a failure does, until a run of the upgraded version
 applies them in order.  (A record is recognised by the name in the body,
 which a future format may not let us read; such a message holds back
 nothing but itself.)
+
+Plain messages (:mod:`.messages`) go through the same batches, in id
+order among the records: the records before one are written, then its
+handler runs, in the same transaction.  Those sent with an ordering key
+wait behind a failed one of the same sender, kind and key, as records
+wait behind a failed message of their record.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import datetime
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import transaction
 from sqlalchemy.exc import DBAPIError
@@ -38,6 +45,8 @@ from sqlalchemy.orm import Session
 
 from . import queues, wire
 from .applying import Message, Refused, apply_message
+from .message_bodies import PLAIN, check_fields, ordering_key
+from .messages import dispatch, handler_for
 from .models import utcnow
 from .records import decode_body
 from .retries import DEFAULT_MAX_DELAY, Backoff, RetryPlan, plan_retries
@@ -97,6 +106,8 @@ def _arrived(row, known: Mapping[tuple[str, int], WireMessage] | None) -> WireMe
 
 
 def _key_of(row, decoded: tuple[str, dict] | None, local_name: str) -> tuple | None:
+    if decoded is not None and decoded[0] == PLAIN:
+        return ordering_key(row.sender, decoded[1])
     if row.original_id is None or decoded is None:
         return None  # a record without identity is always a record of its own
     return decoded[0], row.origin or local_name, row.original_id
@@ -122,7 +133,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   gem_peer: bool = False,
                   retry_max_delay: float = DEFAULT_MAX_DELAY,
                   retry_limit: int | None = None,
-                  stop: Callable[[], bool] | None = None) -> ApplyResult:
+                  stop: Callable[[], bool] | None = None,
+                  registry: Any = None) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed is tried again once ``retry_delay * 2 **
@@ -147,7 +159,9 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     ``stop``: asked after each page; True ends the call with the rest
     left pending (``communicator.run_seconds``).
     ``gem_peer``: messages without versions are applied (a Rails peer
-    running the gem), not refused.
+    running the gem), not refused.  ``registry``: the app's Pyramid
+    registry, where plain messages find their handlers; without it they
+    fail (and are retried by a caller that passes it), never refused.
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -189,11 +203,11 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
         if retries:
             applied, failed = result.applied, result.failed
             _apply_batch(session, tm, local_name, retries, blocked, result, decoded, arrived,
-                         halves=False, gem_peer=gem_peer)
+                         halves=False, gem_peer=gem_peer, registry=registry)
             result.retried += result.applied - applied + result.failed - failed
             result.retried_failed += result.failed - failed
         _apply_batch(session, tm, local_name, ready, blocked, result, decoded, arrived,
-                     gem_peer=gem_peer)
+                     gem_peer=gem_peer, registry=registry)
         decoded.clear()
         arrived.clear()
         if progress is not None and rows:
@@ -233,7 +247,7 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
                  decoded: dict[int, tuple[str, dict] | None],
                  arrived: dict[int, WireMessage], halves: bool = True,
                  kept: list[tuple[int, Exception]] | None = None,
-                 gem_peer: bool = False) -> None:
+                 gem_peer: bool = False, registry: Any = None) -> None:
     """Apply ``batch`` in one transaction, or in halves if that fails.
 
     ``halves=False``: one by one if that fails, and the failures kept in
@@ -248,39 +262,100 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
     try:
         with tm:
             claimed = queues.claim_batch(session, [row.id for row, _ in ready])
-            messages = [_message(row, decoded.get(row.id), arrived.get(row.id))
-                        for row, _ in ready if row.id in claimed]
-            work = WorkingSet(session, local_name, alone=len(ready) == 1, gem_peer=gem_peer)
-            work.preload(messages)
-            with session.no_autoflush:
-                for message in messages:
-                    apply_message(work, message)
-            work.write()
-            applied = len(messages)  # the rest: another worker has them
+            items = [(row, _message(row, decoded.get(row.id), arrived.get(row.id)))
+                     for row, _ in ready if row.id in claimed]
+            _apply_claimed(session, tm, local_name, items, len(ready) == 1, gem_peer,
+                           registry)
+            applied = len(items)  # the rest: another worker has them
     except Exception as exc:
+        culprit = getattr(exc, 'communicator_inbound_id', None)
+        if len(ready) > 1 and culprit is not None:
+            # A handler failed: it alone is kept, the rest goes again at once.
+            failed = [item for item in ready if item[0].id == culprit]
+            if failed:
+                _fail(session, tm, failed[0], exc, blocked, result, kept)
+                _apply_batch(session, tm, local_name,
+                             [item for item in ready if item[0].id != culprit], blocked,
+                             result, decoded, arrived, halves, kept, gem_peer, registry)
+                return
         if len(ready) > 1 and not halves:
             failures: list[tuple[int, Exception]] = []
             for item in ready:
                 _apply_batch(session, tm, local_name, [item], blocked, result, decoded,
-                             arrived, kept=failures, gem_peer=gem_peer)
+                             arrived, kept=failures, gem_peer=gem_peer, registry=registry)
             _keep_failures(session, tm, failures)
             return
         if len(ready) > 1:
             half = len(ready) // 2
             _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded,
-                         arrived, gem_peer=gem_peer)
+                         arrived, gem_peer=gem_peer, registry=registry)
             _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded,
-                         arrived, gem_peer=gem_peer)
+                         arrived, gem_peer=gem_peer, registry=registry)
             return
-        if kept is None:
-            _keep_failures(session, tm, [(ready[0][0].id, exc)])
-        else:
-            kept.append((ready[0][0].id, exc))
-        result.failed += 1
-        if ready[0][1] is not None and not isinstance(exc, Refused):
-            blocked.add(ready[0][1])
+        _fail(session, tm, ready[0], exc, blocked, result, kept)
     else:
         result.applied += applied
+
+
+def _fail(session: Session, tm: transaction.TransactionManager, item: tuple,
+          exc: Exception, blocked: set[tuple], result: ApplyResult,
+          kept: list[tuple[int, Exception]] | None) -> None:
+    """Keep one message's failure (now, or in ``kept``); a failure (not a
+    refusal) holds back the later messages of its key."""
+    row, key = item
+    if kept is None:
+        _keep_failures(session, tm, [(row.id, exc)])
+    else:
+        kept.append((row.id, exc))
+    result.failed += 1
+    if key is not None and not isinstance(exc, Refused):
+        blocked.add(key)
+
+
+def _apply_claimed(session: Session, tm: transaction.TransactionManager,
+                   local_name: str, items: list[tuple],
+                   alone: bool, gem_peer: bool, registry: Any) -> None:
+    """Apply claimed messages in order, in the caller's transaction: each
+    run of records through a working set of its own, written before the
+    plain message after it is handed to its handler (which may read them)."""
+    records: list[Message] = []
+    # Refusals first, before any handler runs: a batch that fails for one
+    # is tried again without it, and the handlers would run twice.
+    found = {}
+    for row, message in items:
+        if message.decoded is not None and message.decoded[0] == PLAIN:
+            try:
+                check_fields(message.decoded[1])  # checked on arrival; stored rows again
+                found[row.id] = handler_for(registry, row.sender, message.decoded[1])
+            except Exception as exc:
+                exc.communicator_inbound_id = row.id
+                raise
+
+    def write_records() -> None:
+        if not records:
+            return
+        work = WorkingSet(session, local_name, alone=alone, gem_peer=gem_peer)
+        work.preload(records)
+        with session.no_autoflush:
+            for message in records:
+                apply_message(work, message)
+        work.write()
+        records.clear()
+
+    for row, message in items:
+        if message.decoded is not None and message.decoded[0] == PLAIN:
+            write_records()
+            try:
+                dispatch(session, registry, found[row.id], row.sender, row.remote_id,
+                         message.decoded[1], tm)
+            except Exception as exc:
+                # Whose failure it is is known: the batch need not be halved
+                # (which would call the others' handlers again and again).
+                exc.communicator_inbound_id = row.id
+                raise
+        else:
+            records.append(message)
+    write_records()
 
 
 def _keep_failures(session: Session, tm: transaction.TransactionManager,

@@ -62,6 +62,9 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
     records (``'create'``, ``'update'``, ``'delete'``; ``()`` makes the
     model publish-only).
     """
+    if name.startswith('@'):
+        raise ValueError(f'{name!r}: names starting with "@" are reserved '
+                         '(plain messages are "@message")')
     match_on = tuple(match_on)
     if accept is None:
         accept = {'create', 'update'} | ({'delete'} if deletes else set())
@@ -254,7 +257,7 @@ class _Staging:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
                 'version': _compact(to_wire(version, HERE, life)),
-                'format': wire.FORMAT_VERSION, 'created_at': utcnow()}
+                'format': wire.RECORD_FORMAT, 'created_at': utcnow()}
 
     def write(self) -> None:
         for name, writes in self.writes.items():

@@ -168,7 +168,7 @@ class RepairResult:
 
 
 def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: str,
-           progress: Any = None) -> RepairResult:
+           progress: Any = None, registry: Any = None) -> RepairResult:
     """Verify, re-publish each winner on its side, sync, and verify again.
 
     Each side's re-publishing commits before the sync carries it: our own
@@ -213,7 +213,7 @@ def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: 
             if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
                 result.peer += done
     if result.local or result.peer:
-        communicator = Communicator(settings, bind, client=client,
+        communicator = Communicator(settings, bind, client=client, registry=registry,
                                     **({'progress': progress} if progress else {}))
         try:
             result.sync = communicator.communicate()

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import transaction
 from sqlalchemy.engine import Engine
@@ -94,7 +95,7 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
                   retry_now: bool = False,
                   known: Mapping[tuple[str, int], wire.WireMessage] | None = None,
                   stop: Callable[[], bool] | None = None,
-                  ) -> ApplyResult:
+                  registry: Any = None) -> ApplyResult:
     """Apply pending inbound messages with a session and transaction
     manager of their own (as the server does after a request commits).
     ``retry_now`` retries all failed messages (or those of ``ids``) at
@@ -102,7 +103,9 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
     :func:`.inbox.apply_pending`.  ``stop`` (the server's budget, see
     ``communicator.apply_seconds``) ends the apply between pages and the
     purge between its pages; each does one page at least, and the next
-    call goes on."""
+    call goes on.  ``registry``: the app's, where plain messages find their
+    handlers (the server's ``request.registry``, ``pcommunicate``'s
+    bootstrapped one)."""
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(bind, tm)
     try:
@@ -111,7 +114,7 @@ def apply_inbound(bind: Engine, settings: CommunicatorSettings, ids=None,
                                gem_peer=settings.gem_peer,
                                retry_max_delay=settings.retry_max_delay,
                                retry_limit=None if retry_now else settings.retry_limit,
-                               stop=stop)
+                               stop=stop, registry=registry)
         if ids is None:  # the server's normal run: keep history bounded
             purge_if_due(session, tm, settings.retention_days, stop=stop)
         return result
@@ -125,8 +128,11 @@ class Communicator:
     def __init__(self, settings: CommunicatorSettings, bind: Engine,
                  client: Client | None = None,
                  tm: transaction.TransactionManager | None = None,
-                 progress: Progress = NO_PROGRESS) -> None:
+                 progress: Progress = NO_PROGRESS, registry: Any = None) -> None:
         self.settings = settings
+        #: The app's Pyramid registry: plain messages' handlers (None: such
+        #: messages fail, to be retried by a run that has it).
+        self.registry = registry
         self.bind = bind
         self.client = client or Client(settings)
         self.tm = tm or transaction.TransactionManager(explicit=True)
@@ -409,7 +415,8 @@ class Communicator:
                              known=known, gem_peer=self.settings.gem_peer,
                              retry_max_delay=self.settings.retry_max_delay,
                              retry_limit=self.settings.retry_limit,
-                             stop=lambda: self._out_of_time('apply'))
+                             stop=lambda: self._out_of_time('apply'),
+                             registry=self.registry)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

@@ -124,6 +124,7 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings, starte
     if not settings.apply_on_receive:
         return
     bind = _dbsession(request, settings).get_bind()
+    registry = request.registry  # where plain messages find their handlers
     deadline = started + settings.apply_seconds if settings.apply_seconds else None
 
     def out_of_time() -> bool:
@@ -133,7 +134,8 @@ def _apply_after_commit(request: Request, settings: CommunicatorSettings, starte
         if not committed:
             return
         try:
-            result = apply_inbound(bind, settings, known=known, stop=out_of_time)
+            result = apply_inbound(bind, settings, known=known, stop=out_of_time,
+                                   registry=registry)
         except Exception as exc:  # the reply is sent anyway; retried next time
             log.error('applying inbound messages failed: %s', type(exc).__name__)
             log.debug('applying inbound messages failed', exc_info=True)

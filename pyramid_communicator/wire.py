@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from .message_bodies import PLAIN, check_fields
 from .records import decode_body
 from .versions import HERE, valid_wire_version
 
@@ -26,11 +27,19 @@ NAME_HEADER = 'X-Communicator-Name'
 #: gzip-compressed request bodies.
 PROTOCOL_HEADER = 'X-Communicator-Protocol'
 PROTOCOL_VERSION = '2'
-#: The format of the messages this version writes, sent as each message's
-#: ``"format"`` key.  The gem's messages have none: format 1.  A receiver
-#: keeps a message of a newer format than its own unapplied until it is
-#: upgraded (see :mod:`.inbox`), so a sender may upgrade first.
-FORMAT_VERSION = 2
+#: The newest format of the messages this version reads and writes, sent
+#: as each message's ``"format"`` key.  The gem's messages have none:
+#: format 1.  A receiver keeps a message of a newer format than its own
+#: unapplied until it is upgraded (see :mod:`.inbox`), so a sender may
+#: upgrade first.
+FORMAT_VERSION = 3
+#: The format records are written in: unchanged since 0.2.0's versions,
+#: so that a peer of that version applies them.
+RECORD_FORMAT = 2
+#: The format of plain messages (:mod:`.messages`): newer than records,
+#: so that a peer that predates them keeps them waiting for its upgrade
+#: instead of failing them.
+MESSAGE_FORMAT = 3
 #: zlib level for bodies between our own apps: cheap on CPU, and JSON of
 #: records still shrinks severalfold.
 GZIP_LEVEL = 1
@@ -155,6 +164,11 @@ def _storable(text: str) -> bool:
     return '\x00' not in text
 
 
+#: :func:`_storable` for other modules.
+def storable(text: str) -> bool:
+    return _storable(text)
+
+
 def parse_json(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)
@@ -262,6 +276,8 @@ def _parse_message(item: dict[str, Any], message_id: int) -> WireMessage:
         raise _Malformed('"body" is nested too deeply') from None
     except ValueError as exc:
         raise _Malformed(f'"body" is not a record: {_one_line(exc)}') from None
+    if decoded is not None and decoded[0] == PLAIN:
+        _check_plain(item, decoded[1], message_format)
     origin = item.get('origin')
     if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64
                                    and _storable(origin)):
@@ -278,6 +294,19 @@ def _parse_message(item: dict[str, Any], message_id: int) -> WireMessage:
                          '"stamps": {attribute: [hlc, app]}} or a deletion')
     return WireMessage(message_id, body, origin, original_id, refs or None,
                        version, message_format, decoded)
+
+
+def _check_plain(item: dict[str, Any], fields: Any, message_format: int) -> None:
+    """A plain message (:mod:`.message_bodies`): in its format, without a
+    record's identity, version or references, and well-formed."""
+    if message_format < MESSAGE_FORMAT:
+        raise _Malformed(f'a {PLAIN} body needs format {MESSAGE_FORMAT} or newer')
+    if any(item.get(key) is not None for key in ('origin', 'original_id', 'refs', 'version')):
+        raise _Malformed(f'a {PLAIN} has no origin, original_id, refs or version')
+    try:
+        check_fields(fields)
+    except ValueError as exc:
+        raise _Malformed(_one_line(exc)) from None
 
 
 def _one_line(value: object, limit: int = 200) -> str:

@@ -55,7 +55,7 @@ def test_published_messages_are_stored_and_sent_in_the_current_format(pair, weba
     central, facade = pair
     central_post(central, title='from central')
     [row] = central.side.rows('outbound_messages')
-    assert row['format'] == wire.FORMAT_VERSION == 2
+    assert row['format'] == wire.RECORD_FORMAT == 2
 
     central.sync('--push')  # a real POST body of our client
     [stored] = facade.side.rows('inbound_messages')

@@ -21,8 +21,16 @@ def _escape(text: str) -> str:
     """Plain text from the code, safe inside reStructuredText; option names
     (``--retry``) and setting keys shown as literals."""
     parts = re.split(r'((?<![\w-])--[\w-]+|\bcommunicator\.\w+)', text)
-    return ''.join(f'``{part}``' if index % 2 else re.sub(r'([\\`*|_])', r'\\\1', part)
-                   for index, part in enumerate(parts))
+    out = []
+    for index, part in enumerate(parts):
+        if index % 2 == 0:
+            out.append(re.sub(r'([\\`*|_])', r'\\\1', part))
+            continue
+        out.append(f'``{part}``')
+        following = parts[index + 1] if index + 1 < len(parts) else ''
+        if following and not following[0].isspace() and following[0] not in '.,:;!?)]}\'"-/':
+            out.append('\\ ')  # "``--give-up``(-outbound)": an escaped space ends the literal
+    return ''.join(out)
 
 
 def default_text(setting: Any) -> str:

@@ -13,7 +13,9 @@ def main(global_config, **settings):
         config.add_route('demo.comments', '/comments')
         config.add_route('demo.tags', '/tags')
         config.add_route('demo.tag', '/tags/{id:\\d+}')
+        config.add_route('demo.contact', '/contact')
         config.scan('.views')
+        config.scan('.handlers')
         if asbool(settings.get('demo.create_tables', False)):
             create_tables(config.registry['dbsession_factory'].kw['bind'])
     return config.make_wsgi_app()

@@ -63,6 +63,23 @@ class Tag(Base):
     weight: Mapped[int | None] = mapped_column(Integer)
 
 
+class ContactRequest(Base):
+    """A visitor's message from the facade's contact form: on the facade
+    the copy it sent (``sent``, then ``acknowledged``), on central the one
+    it received (``received``).  Not a synced model: it travels as plain
+    messages (see ``handlers``)."""
+    __tablename__ = 'contact_requests'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20))
+    #: On central: the app that sent it, its message id and its own id.
+    origin: Mapped[str | None] = mapped_column(String(64))
+    message_id: Mapped[int | None] = mapped_column(Integer)
+    ref: Mapped[int | None] = mapped_column(Integer)
+
+
 def get_engine(settings, prefix='sqlalchemy.'):
     engine = engine_from_config(settings, prefix)
     if engine.dialect.name == 'sqlite':

@@ -10,9 +10,9 @@ import datetime
 from pyramid.httpexceptions import HTTPNotFound
 from pyramid.view import view_config
 
-from pyramid_communicator import publish
+from pyramid_communicator import publish, send
 
-from .models import Comment, Post, Tag
+from .models import Comment, ContactRequest, Post, Tag
 
 
 def _post_json(post: Post) -> dict:
@@ -114,3 +114,27 @@ def delete_tag(request):
     request.dbsession.delete(_tag(request))  # the delete is autopublished
     request.dbsession.flush()
     return {'deleted': True}
+
+
+@view_config(route_name='demo.contact', request_method='POST', renderer='json')
+def contact(request):
+    """The facade's contact form: kept here, sent to central in this
+    request's transaction (messages of one visitor in order: ``key``)."""
+    data = request.json_body
+    contact_request = ContactRequest(name=data['name'], email=data['email'],
+                                     text=data['text'], status='sent')
+    request.dbsession.add(contact_request)
+    request.dbsession.flush()
+    message_id = send(request, 'contact.submitted',
+                      {'ref': contact_request.id, 'name': data['name'],
+                       'email': data['email'], 'text': data['text']},
+                      key=data['email'])
+    return {'id': contact_request.id, 'message_id': message_id}
+
+
+@view_config(route_name='demo.contact', request_method='GET', renderer='json')
+def list_contact_requests(request):
+    rows = request.dbsession.query(ContactRequest).order_by(ContactRequest.id)
+    return {'contact_requests': [
+        {'id': r.id, 'name': r.name, 'email': r.email, 'text': r.text, 'status': r.status,
+         'origin': r.origin, 'message_id': r.message_id, 'ref': r.ref} for r in rows]}

@@ -163,6 +163,8 @@ class PCommunicateCommand:
         with env:
             try:
                 settings = get_settings(env['registry'])
+                # The app's registry: the handlers of plain messages.
+                self.registry = env['registry']
                 bind = getattr(env['request'], settings.dbsession).get_bind()
             except (ConfigurationError, AttributeError) as exc:
                 return self.fail(str(exc).splitlines()[0], USAGE)
@@ -195,7 +197,8 @@ class PCommunicateCommand:
             if not acquired:
                 self.say('another pcommunicate run holds the lock; nothing to do')
                 return OK
-            communicator = Communicator(settings, bind, progress=self.progress)
+            communicator = Communicator(settings, bind, progress=self.progress,
+                                        registry=self.registry)
             try:
                 summary = communicator.communicate(push=not self.args.pull,
                                                    pull=not self.args.push)
@@ -236,7 +239,8 @@ class PCommunicateCommand:
                 if not acquired:
                     return self.fail('another pcommunicate run holds the lock; '
                                      'repair not started')
-                result = repair(bind, settings, client, names, prefer)
+                result = repair(bind, settings, client, names, prefer,
+                                registry=self.registry)
         except PeerError as exc:
             return self.fail(str(exc))
         except ValueError as exc:  # a bad --prefer
@@ -282,7 +286,7 @@ class PCommunicateCommand:
 
     def drain(self, settings, bind) -> int:
         timeout = DRAIN_TIMEOUT if self.args.timeout is None else self.args.timeout
-        result = Drain(settings, bind, timeout, self.progress).run()
+        result = Drain(settings, bind, timeout, self.progress, registry=self.registry).run()
         if not result.drained:
             return self.fail(f'not drained: {result}')
         self.say(f'drained: nothing pending and nothing failed on either side '
@@ -337,7 +341,8 @@ class PCommunicateCommand:
         if ids:
             with tm:
                 revive(session, ids)
-        result = apply_inbound(bind, settings, ids, retry_now=True)
+        result = apply_inbound(bind, settings, ids, retry_now=True,
+                               registry=self.registry)
         self.say(f'applied={result.applied} failed={result.failed} waiting={result.waiting}')
         if result.failed:
             return self.fail(f'{result.failed} inbound message(s) still fail; '
