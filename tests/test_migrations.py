@@ -129,9 +129,22 @@ def upgrade():
         sa.PrimaryKeyConstraint('id', name=op.f('pk_tags')),
         sa.UniqueConstraint('name', name=op.f('uq_tags_name')),
     )
+    op.create_table(
+        'contact_requests',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('name', sa.String(200), nullable=False),
+        sa.Column('email', sa.String(200), nullable=False),
+        sa.Column('text', sa.Text(), nullable=False),
+        sa.Column('status', sa.String(20), nullable=False),
+        sa.Column('origin', sa.String(64), nullable=True),
+        sa.Column('message_id', sa.Integer(), nullable=True),
+        sa.Column('ref', sa.Integer(), nullable=True),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_contact_requests')),
+    )
 
 
 def downgrade():
+    op.drop_table('contact_requests')
     op.drop_table('tags')
     op.drop_table('comments')
     op.drop_table('posts')
