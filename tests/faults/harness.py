@@ -1098,11 +1098,15 @@ def concurrent_edits(rig: Rig, rng: random.Random, run: int) -> bool:
     return fault.fired.is_set()
 
 
-def _kill_after(rig: Rig, delay: float) -> bool:
-    """Start pcommunicate and ``kill -9`` it ``delay`` seconds later (it
-    may have finished by then)."""
+def _kill_in_exchange(rig: Rig, rng: random.Random) -> bool:
+    """Start pcommunicate and ``kill -9`` it a few milliseconds after a
+    random request of its exchange reached the proxy (the checkpoint, a
+    push, a pull or an acknowledgement; it may have finished by then)."""
+    expected = 1 + rig.pending_batches(rig.central) + 2 * rig.pending_batches(rig.facade)
+    target = rig.proxy.requests + rng.randint(1, expected)
     process = rig.runner.start()
-    deadline = time.monotonic() + delay
+    wait_until(lambda: rig.proxy.requests >= target or process.poll() is not None, 30)
+    deadline = time.monotonic() + rng.uniform(0.0, 0.05)
     wait_until(lambda: process.poll() is not None or time.monotonic() >= deadline, 5)
     return rig.runner.kill(process).killed
 
@@ -1118,8 +1122,9 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
     2. The backup (the backend's own: :class:`test_restores.Backup`).
     3. 1-3 runs, before each of which the *other* side writes (creates,
        and edits of the records it owns, some made by the restored side);
-       on odd runs the last one is killed (``kill -9``) at a random moment
-       and the restore follows at once, with the run in flight.
+       on odd runs the last one is killed (``kill -9``) inside its
+       exchange, at a random request, and the restore follows at once,
+       with the run in flight.
     4. The restored side writes (creates and edits) once more, and its
        database is restored before any run: the facade's server stopped,
        its database put back, the server started again; central's put
@@ -1159,7 +1164,7 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
         for step in range(steps):
             workload.round(rng, size=3, sides=(other,))
             if run % 2 == 1 and step == steps - 1:
-                counts['killed in flight'] += _kill_after(rig, rng.uniform(0.05, 1.5))
+                counts['killed in flight'] += _kill_in_exchange(rig, rng)
             else:
                 rig.runner.run()
         counts['runs between backup and restore'] += steps
