@@ -108,6 +108,9 @@ class SideLike(Protocol):
 class ServerLike(Protocol):
     url: str
 
+    def start(self) -> Any: ...
+    def stop(self) -> None: ...
+
     def create_post(self, **fields: Any) -> dict: ...
     def update_post(self, post_id: int, **fields: Any) -> dict: ...
 
@@ -583,12 +586,14 @@ class Workload:
             return conn.execute(text('SELECT id FROM posts WHERE title = :t'),
                                 {'t': marker}).scalar_one()
 
-    def round(self, rng: random.Random, size: int = 4) -> None:
-        """New posts on both sides, then a few successive updates of posts
-        each side owns (new ones included, before they ever crossed)."""
-        for side in ('central', 'facade'):
+    def round(self, rng: random.Random, size: int = 4,
+              sides: tuple[str, ...] = ('central', 'facade')) -> None:
+        """New posts on both sides (or on ``sides``), then a few successive
+        updates of posts each side owns (new ones included, before they
+        ever crossed)."""
+        for side in sides:
             self.create(side, rng.randint(1, size))
-        for side in ('central', 'facade'):
+        for side in sides:
             owned = [r for r in self.records.values() if r.owner == side]
             for record in rng.sample(owned, min(2, len(owned))):
                 for _ in range(rng.randint(1, 3)):
@@ -719,6 +724,11 @@ class Figures:
     #: state differs between the sides (see :func:`convergence.differences`).
     conflicts: int = 0
     divergences: int = 0
+    #: Messages a peer holds under an id its sender's restored database
+    #: gave another message (or none) since, and which the sender sent
+    #: again under a new id (renumbered by the healing; same body and
+    #: version): not duplicates, see :func:`restore_side`.
+    resent_after_restore: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -744,7 +754,8 @@ def settled(central: SideLike, facade: SideLike) -> bool:
 
 
 def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
-            tags: dict[str, TagRecord] | None = None) -> Figures:
+            tags: dict[str, TagRecord] | None = None,
+            before_restores: dict[str, dict[int, tuple]] | None = None) -> Figures:
     """Compare both databases with what the workload wrote.
 
     lost: an outbound message with no processed inbound row on the peer,
@@ -757,6 +768,14 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
     against remote_id). Tags: see :func:`measure_tags`. divergences:
     records whose synced state differs between the sides; final states
     equal: none, and the same posts.
+
+    ``before_restores``: per side, its outbound messages (id: body and
+    version) as they were just before its database was restored. A peer
+    may hold one of those ids that the restored side no longer has: the
+    message was delivered after the backup, the backup held it
+    undelivered, and the healing gave it a new id and sent it again. Such
+    a row counts as ``resent_after_restore`` (not duplicated) only if the
+    restored side still has a message of the same body and version.
     """
     figures = Figures()
     sides = {'central': central, 'facade': facade}
@@ -769,6 +788,8 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
         for row in inbound:
             by_remote[row['remote_id']].append(row)
         sent = {row['id'] for row in outbound}
+        current = {(row['body'], row['version']) for row in outbound}
+        forgotten = (before_restores or {}).get(name, {})
         for message_id in sorted(sent):
             stored = by_remote.get(message_id, [])
             if not any(row['processed_at'] is not None for row in stored):
@@ -780,6 +801,9 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
                 figures.problems.append(f'{name} outbound {message_id} stored '
                                         f'{len(stored)} times on {peer.name}')
         for remote_id in sorted(set(by_remote) - sent):
+            if forgotten.get(remote_id) in current:
+                figures.resent_after_restore += len(by_remote[remote_id])
+                continue
             figures.duplicated += len(by_remote[remote_id])
             figures.problems.append(f'{peer.name} holds inbound {name}#{remote_id} '
                                     'that was never sent')
@@ -852,6 +876,13 @@ class Rig:
     batch_size: int
     workload: Workload = dataclasses.field(init=False)
     tags: TagWorkload = dataclasses.field(init=False)
+    #: Per side, its outbound messages just before each restore of its
+    #: database (see :func:`measure`).
+    before_restores: dict[str, dict[int, tuple]] = dataclasses.field(
+        default_factory=lambda: defaultdict(dict))
+    #: What restores did, for the notes (see :func:`restore_side`).
+    restore_counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: defaultdict(int))
 
     def __post_init__(self) -> None:
         self.workload = Workload(self.central, self.facade, self.facade_server)
@@ -876,6 +907,26 @@ class Rig:
             return self.runner.finish(process)
         finally:
             self.proxy.disarm(fault)
+
+    def restore(self, backup: Any) -> None:
+        """Put ``backup`` (a :class:`test_restores.Backup`) back: nobody
+        may use that database meanwhile, so the facade's server is stopped
+        and started again around it (central has no server: the caller
+        made sure no pcommunicate runs)."""
+        side = backup.side
+        self.proxy.wait_idle()  # a request forwarded late reaches the facade first
+        self.before_restores[side.name].update(
+            (row['id'], (row['body'], row['version']))
+            for row in side.rows('outbound_messages'))
+        if side.name == 'facade':
+            self.facade_server.stop()
+            try:
+                backup.restore()
+            finally:
+                self.facade_server.start()
+        else:
+            backup.restore()
+        side.engine.dispose()
 
     def facade_answers(self, attempts: int = 5) -> None:
         """Let the facade's demo views answer again before the workload
@@ -1047,6 +1098,107 @@ def concurrent_edits(rig: Rig, rng: random.Random, run: int) -> bool:
     return fault.fired.is_set()
 
 
+def _kill_in_exchange(rig: Rig, rng: random.Random) -> bool:
+    """Start pcommunicate and ``kill -9`` it a few milliseconds after a
+    random request of its exchange reached the proxy (the checkpoint, a
+    push, a pull or an acknowledgement; it may have finished by then)."""
+    expected = 1 + rig.pending_batches(rig.central) + 2 * rig.pending_batches(rig.facade)
+    target = rig.proxy.requests + rng.randint(1, expected)
+    process = rig.runner.start()
+    wait_until(lambda: rig.proxy.requests >= target or process.poll() is not None, 30)
+    deadline = time.monotonic() + rng.uniform(0.0, 0.05)
+    wait_until(lambda: process.poll() is not None or time.monotonic() >= deadline, 5)
+    return rig.runner.kill(process).killed
+
+
+def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
+    """One side's database put back from a backup taken at a random
+    earlier point, with both sides working and runs going on around it.
+
+    1. Both sides write, with 0-2 runs; then more writes from both, which
+       the backup holds undelivered (a run after the backup delivers them,
+       the restore makes them undelivered again: the healing renumbers
+       them and sends them again).
+    2. The backup (the backend's own: :class:`test_restores.Backup`).
+    3. 1-3 runs, before each of which the *other* side writes (creates,
+       and edits of the records it owns, some made by the restored side);
+       on odd runs the last one is killed (``kill -9``) inside its
+       exchange, at a random request, and the restore follows at once,
+       with the run in flight.
+    4. The restored side writes (creates and edits) once more, and its
+       database is restored before any run: the facade's server stopped,
+       its database put back, the server started again; central's put
+       back with no pcommunicate running.
+    5. Both sides write again; the next run must find the restore.
+
+    What the harness does not count as lost: what step 4 wrote. A restore
+    takes a database back to its backup, and these writes came after it
+    and never left that database (no run in between), so they are gone by
+    the nature of a restore: such records are dropped from the workload's
+    expectations, and such edits taken back (the record is expected at
+    the version it had at the backup). Everything else must survive on
+    both sides: what the other side wrote at any time, and everything the
+    restored side wrote before the backup, sent or not.
+
+    The documented limits of :mod:`pyramid_communicator.restores` are
+    avoided, not measured: the restored side writes nothing between the
+    backup and the restore that a run could carry to its peer (step 3 is
+    the other side's only). Records it made there and sent would stay on
+    the peer only, and their ids be reused by its new records; its edits
+    sent there would stay on the peer until edited again; both would be
+    divergences by design. Step 4's records, never sent, have their ids
+    reused by step 5's: harmless, the peer never saw them.
+    """
+    from test_restores import Backup
+    workload = rig.workload
+    other = 'central' if restored == 'facade' else 'facade'
+    side = rig.facade if restored == 'facade' else rig.central
+    counts = rig.restore_counts
+    for _ in range(rng.randint(0, 2)):
+        workload.round(rng, size=3)
+        rig.runner.run()
+    workload.round(rng, size=3)
+    with tempfile.TemporaryDirectory() as directory:
+        backup = Backup(side, Path(directory))
+        steps = rng.randint(1, 3)
+        for step in range(steps):
+            workload.round(rng, size=3, sides=(other,))
+            if run % 2 == 1 and step == steps - 1:
+                counts['killed in flight'] += _kill_in_exchange(rig, rng)
+            else:
+                rig.runner.run()
+        counts['runs between backup and restore'] += steps
+        # Written after the backup, gone with the restore before any run.
+        versions = {marker: record.version for marker, record in workload.records.items()
+                    if record.owner == restored}
+        known = set(workload.records)
+        workload.round(rng, size=3, sides=(restored,))
+        rig.restore(backup)
+    gone = [marker for marker in workload.records if marker not in known]
+    for marker in gone:
+        del workload.records[marker]
+    counts['restores'] += 1
+    counts['records gone with the restore'] += len(gone)
+    for marker, version in versions.items():
+        record = workload.records[marker]
+        counts['edits gone with the restore'] += record.version - version
+        record.version = version
+    if restored == 'facade':
+        rig.facade_answers()
+    workload.round(rng, size=3)
+    return True
+
+
+def restore_facade(rig: Rig, rng: random.Random, run: int) -> bool:
+    """The facade's database restored from a backup (see :func:`restore_side`)."""
+    return restore_side(rig, rng, run, 'facade')
+
+
+def restore_central(rig: Rig, rng: random.Random, run: int) -> bool:
+    """Central's database restored from a backup (see :func:`restore_side`)."""
+    return restore_side(rig, rng, run, 'central')
+
+
 QUEUE_TABLES = ('inbound_messages', 'outbound_messages', 'communicator_state')
 RECORD_TABLES = ('posts', 'communicator_mappings')
 ALL_TABLES = QUEUE_TABLES + RECORD_TABLES
@@ -1095,6 +1247,9 @@ SCENARIOS: dict[str, tuple[str, Callable[[Rig, random.Random, int], bool]]] = {
     'facade_db_locked': ("facade's database refuses writes", facade_database_refuses_writes),
     'concurrent_edits': ('concurrent edits of tags on both sides, faults in turn',
                          concurrent_edits),
+    'restore_facade': ("facade's database restored from an earlier backup", restore_facade),
+    'restore_central': ("central's database restored from an earlier backup",
+                        restore_central),
 }
 
 
@@ -1114,6 +1269,8 @@ class ScenarioResult:
     crashes: list[str]
     #: Creates, updates and deletes of tags by the :class:`TagWorkload`.
     tag_edits: int = 0
+    #: Restore scenarios: what the restores did (see :func:`restore_side`).
+    restore_notes: str = ''
 
 
     def to_json(self) -> str:
@@ -1150,10 +1307,18 @@ def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> Scenario
             crashes.append(outcome.output[-1500:])
     recovery_runs, outcomes = rig.recover()
     crashes += [o.output[-1500:] for o in outcomes if o.crashed]
-    figures = measure(rig.central, rig.facade, workload.records, rig.tags.tags)
+    figures = measure(rig.central, rig.facade, workload.records, rig.tags.tags,
+                      rig.before_restores)
+    notes = ''
+    if rig.restore_counts:
+        detected = sum('restored from a backup' in outcome.output
+                       for outcome in rig.runner.outcomes[first:])
+        notes = ', '.join(f'{key}: {value}' for key, value in rig.restore_counts.items())
+        notes += (f', runs that found a restore: {detected}, messages sent again '
+                  f'under a new id: {figures.resent_after_restore}')
     return ScenarioResult(title, rig.backend, runs, hits, recovery_runs, figures,
                           dict(exits), [o.returncode for o in outcomes],
-                          outcomes[-1].output[-1500:], crashes, rig.tags.edits)
+                          outcomes[-1].output[-1500:], crashes, rig.tags.edits, notes)
 
 
 # -- the table ---------------------------------------------------------------------
@@ -1193,5 +1358,6 @@ def format_notes(results: list[ScenarioResult]) -> str:
         lines.append(f'{r.scenario}: fault-run exits {{{exits}}}; recovery-run exits '
                      f'{r.recovery_exits}; inbound messages retried after a failure: '
                      f'{r.figures.retried}' + (f'; tag edits: {r.tag_edits}' if r.tag_edits
-                                                else ''))
+                                                else '')
+                     + (f'; {r.restore_notes}' if r.restore_notes else ''))
     return '\n'.join(lines)

@@ -5,6 +5,11 @@ same Tags before, between and during runs that meet those faults. After
 each scenario, runs without faults must bring both sides to the same
 state (no divergence) with nothing lost, duplicated or applied out of
 order (for Tags: the value last written wins, a deleted tag stays gone).
+Restores (``restore_facade``, ``restore_central``): one side's database
+put back from an earlier backup, with runs around it (one killed in
+flight on odd runs); what that side wrote after the backup and never
+sent is gone by the nature of a restore and not counted as lost, all the
+rest must survive (see :func:`harness.restore_side`).
 
 Short by default; ``COMMUNICATOR_FAULT_RUNS=50 pytest -m faults -s`` for
 a long run (``COMMUNICATOR_FAULT_SEED`` replays one).
