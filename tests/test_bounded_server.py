@@ -15,6 +15,7 @@ from test_retention import purge
 from test_views import basic, post_messages
 
 from pyramid_communicator import queues, retention, tombstones, wire
+from pyramid_communicator.models import communicator_state
 from pyramid_communicator.versions import now_hlc
 
 DAY = 24 * 3600 * 1_000_000
@@ -59,7 +60,7 @@ def push(app, messages: list[dict[str, Any]]) -> float:
 
 
 def states(side: Side) -> dict[str, str]:
-    return {row['key']: row['value'] for row in side.rows('communicator_state', 'key')}
+    return {row['key']: row['value'] for row in side.rows('communicator_state', 'updated_at')}
 
 
 # -- bounded work per request -----------------------------------------------------
@@ -120,7 +121,8 @@ def test_the_server_purges_in_slices_and_goes_on_where_it_stopped(webapp, make_s
     old = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - datetime.timedelta(days=9)
     with facade.engine.begin() as conn:
         conn.execute(text('UPDATE inbound_messages SET processed_at = :t'), {'t': old})
-        conn.execute(text("DELETE FROM communicator_state WHERE key = 'last_purge_at'"))
+        conn.execute(communicator_state.delete().where(
+            communicator_state.c.key == 'last_purge_at'))  # "key": a word MariaDB keeps
     monkeypatch.setattr(retention, 'PAGE', 10)
     app = webapp(facade, **{'communicator.apply_seconds': '0.000001'})
     left = [facade.count('inbound_messages')]

@@ -566,7 +566,7 @@ def test_a_client_without_a_name_is_stored_under_a_valid_name(webapp, make_side)
     assert get_messages(app, 'from_id=0', headers=headers).status_int == 200
     stored, = facade.rows('inbound_messages')
     assert stored['sender'] == 'sync_example.com__'
-    peers = {row['value'] for row in facade.rows('communicator_state', order_by='key')
+    peers = {row['value'] for row in facade.rows('communicator_state', order_by='updated_at')
              if row['key'] in ('last_received_at', 'last_served_at')}
     assert peers == {'sync_example.com__'}
 
