@@ -27,6 +27,7 @@ from typing import Any
 
 import venusian
 from pyramid.config import Configurator
+from pyramid.threadlocal import get_current_registry
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
@@ -34,7 +35,7 @@ from . import wire
 from .message_bodies import MAX_DEPTH, PLAIN, check_key, check_kind, depth
 from .models import outbound_messages, utcnow
 from .records import APPLYING
-from .settings import CommunicatorSettings, get_settings, is_valid_name
+from .settings import REGISTRY_KEY, CommunicatorSettings, get_settings, is_valid_name
 from .trust import Refused
 
 __all__ = ['send', 'message_handler', 'add_message_handler', 'Message', 'Handler',
@@ -79,11 +80,15 @@ def _sender(target: Any) -> tuple[Session, CommunicatorSettings]:
         return getattr(target, settings.dbsession), settings
     if isinstance(target, Session):
         settings = target.info.get(SETTINGS_INFO)
+        if settings is None:
+            # The host's request.dbsession, in a request or a script that
+            # bootstrapped the app: the registry Pyramid made current.
+            settings = get_current_registry().get(REGISTRY_KEY)
         if settings is not None:
             return target, settings
         raise TypeError('send() needs the request (send(request, ...)), or a session '
-                        'that knows the app\'s settings: a handler\'s message.session, or '
-                        f'one whose info[{SETTINGS_INFO!r}] is get_settings(registry)')
+                        'in a request or a bootstrapped script of an app that includes '
+                        "pyramid_communicator (or a handler's message.session)")
     raise TypeError(f'send() needs a request or a session, not {type(target).__name__}')
 
 

@@ -130,6 +130,25 @@ def test_send_checks_what_it_sends_in_the_senders_transaction(apps):
     assert central.side.count('outbound_messages') == 2
 
 
+def test_send_takes_the_hosts_own_session_in_a_request(apps):
+    """``send(request.dbsession, ...)``: a session that knows nothing of
+    the add-on, in a request (or a bootstrapped script) of the app."""
+    from pyramid.scripting import prepare
+    central, _ = apps
+    env = prepare(registry=central.registry)
+    try:
+        tm = transaction.TransactionManager(explicit=True)
+        session = Session(bind=central.side.engine)
+        zope.sqlalchemy.register(session, transaction_manager=tm)
+        with tm:
+            assert send(session, 'x', {'from': 'a view'}) > 0
+        session.close()
+    finally:
+        env['closer']()
+    [row] = central.side.rows('outbound_messages')
+    assert json.loads(row['body'])['@message']['payload'] == {'from': 'a view'}
+
+
 def test_the_cap_follows_max_body_bytes(make_side):
     small = App(make_side('central'), **{'communicator.max_body_bytes': 64 * 1024})
     assert messages.payload_limit(small.settings) == 32 * 1024 - 1024
