@@ -16,11 +16,16 @@ Who wins (:func:`plan`):
   the later edit);
 - versions equal but values differ (an edit outside the add-on): the app
   named by ``--prefer`` (default this app);
-- one side lacks it: the side that holds it re-creates it there, unless a
-  tombstone there says it was deleted (then it is left, and reported), or
-  the record's identity belongs to the side that lacks it: no peer may
-  create another app's own record (:func:`.trust.check_origin`), so that
-  one is reported for an operator to restore.
+- one side lacks it and a tombstone there says it was deleted: that side
+  sends its delete again (:func:`redelete`), a new delete stamped now,
+  which the other side applies as any delete (a concurrent edit there may
+  survive it by the model's policy, recorded as a conflict); for a model
+  whose deletes do not travel (``deletes=False``) it is left, and reported;
+- one side lacks it, no tombstone: the side that holds it re-creates it
+  there, unless the record's identity belongs to the side that lacks it:
+  no peer may create another app's own record
+  (:func:`.trust.check_origin`), so that one is reported for an operator
+  to restore.
 """
 from __future__ import annotations
 
@@ -32,14 +37,19 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from zope.sqlalchemy import mark_changed
 
-from .digests import Identity, Scanner
-from .models import communicator_mappings
+from . import wire
+from .digests import Identity, Scanner, stored_origin
+from .models import communicator_mappings, outbound_messages, utcnow
 from .publishing import publish_records
-from .records import Receiver
+from .records import Receiver, encode_body, receiver_for
 from .verify import Difference
+from .versions import HERE, Version
+from .versions import to_wire as version_to_wire
 
 log = logging.getLogger(__name__)
+_compact = json.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
 M = communicator_mappings.c
 
 #: Identities per ``republish`` request (and per local transaction).
@@ -92,6 +102,10 @@ def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
             holder, lacking, state = ((local_name, peer_name, d.peer_state)
                                       if d.local is not None else
                                       (peer_name, local_name, d.local_state))
+            if state == 'deleted' and _deletes_travel(d.name):
+                # The side that deleted sends its delete again.
+                (result.local if lacking == local_name else result.peer).append(d)
+                continue
             why = _not_recreated(origin, holder, lacking, state)
             if why is not None:
                 result.left.append((d, why))
@@ -101,10 +115,18 @@ def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
     return result
 
 
+def _deletes_travel(name: str) -> bool:
+    try:
+        return receiver_for(name).deletes
+    except LookupError:
+        return False
+
+
 def _not_recreated(origin: str, holder: str, lacking: str, state: str | None) -> str | None:
     """Why ``holder`` may not re-create a record on ``lacking`` (None: it may)."""
     if state == 'deleted':
-        return f'deleted on {lacking} (a tombstone): not created again'
+        return (f'deleted on {lacking} (a tombstone), and deletes of this model do not '
+                'travel: not created again')
     if origin == lacking:
         return (f"{lacking}'s own record is gone there and only {lacking} may create it: "
                 'restore it from a backup')
@@ -147,7 +169,46 @@ def republish(session: Session, receiver: Receiver, identities: Sequence[Identit
     done = publish_records(session, records)
     if done:
         log.info('republished %d %s record(s) to repair drift', done, receiver.name)
-    return done, skipped
+    deleted = redelete(session, receiver, skipped, local_name)
+    return done + len(deleted), [identity for identity in skipped if identity not in deleted]
+
+
+def redelete(session: Session, receiver: Receiver, identities: Sequence[Identity],
+             local_name: str) -> set[Identity]:
+    """Send again the delete of records this side deleted (their tombstones
+    among ``identities``), as a new delete stamped now: the delete of old
+    may name the peer itself (the peer deleted, then lost it in a restore),
+    which the peer would rightly refuse (:mod:`.trust`).  The tombstone
+    keeps the new version.  Returns the identities sent."""
+    if not receiver.deletes or not identities:
+        return set()
+    connection = session.connection()
+    states = Scanner(connection, receiver, local_name).states(identities)
+    sent: set[Identity] = set()
+    for identity, state in states.items():
+        if state != 'deleted':
+            continue
+        origin = stored_origin(identity[0], local_name)
+        row = connection.execute(select(M.id, M.version, M.life).where(
+            M.name == receiver.name, M.origin == origin, M.original_id == identity[1],
+            M.local_id.is_(None))).first()
+        if row is None:
+            continue
+        version = Version.loads(row.version)
+        version.delete()
+        connection.execute(update(communicator_mappings).where(M.id == row.id)
+                           .values(version=version.dumps()))
+        connection.execute(outbound_messages.insert().values(
+            body=encode_body(receiver.name, {}), origin=None if origin == HERE else origin,
+            original_id=identity[1], refs=None,
+            version=_compact(version_to_wire(version, HERE, row.life or 0)),
+            format=wire.RECORD_FORMAT, created_at=utcnow()))
+        sent.add(identity)
+    if sent:
+        mark_changed(session)
+        log.info('sent the delete of %d %s record(s) again to repair drift', len(sent),
+                 receiver.name)
+    return sent
 
 
 @dataclasses.dataclass
@@ -177,7 +238,6 @@ def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: 
     import transaction
     from zope.sqlalchemy import register
 
-    from .records import receiver_for
     from .sync import Communicator
     from .verify import Verifier
 

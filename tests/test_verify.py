@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from pyramid_communicator import publish
 from pyramid_communicator.demo.models import Comment, Post, Tag
@@ -108,6 +108,46 @@ def test_drift_by_hand_is_found_and_repaired(synced_pair):
     assert central.side.count('comments', "body = 'restored'") == 1
     status = central.sync('--status')
     assert 'last repair' in status and 'last verify' in status
+
+
+@pytest.mark.slow
+def test_a_delete_that_never_arrived_is_sent_again(synced_pair):
+    """Central deleted a tag, but its delete never reached the facade (the
+    message lost by hand here): --verify finds it, --repair sends the
+    delete again, stamped now, and the sides are equal."""
+    central, facade = synced_pair
+    with central.side.session() as session:
+        tag = session.scalars(select(Tag).where(Tag.name == 'c1')).one()
+        tag_id = tag.id
+        session.delete(tag)  # autopublished: a delete message
+    sql(central.side, 'DELETE FROM outbound_messages WHERE delivered_at IS NULL')
+
+    result, report = verify(central)
+    assert result.returncode == DIFFERENT, result.stderr
+    [difference] = report['differences']
+    assert difference['identity'] == ['central', tag_id]
+    assert difference['central'] == 'missing' and difference['deleted_on'] == ['central']
+
+    repaired = central.pcommunicate('--repair', '--json')
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert json.loads(repaired.stdout)['equal']
+    assert 'c1' not in {row['name'] for row in facade.side.rows('tags')}
+    result, report = verify(central)
+    assert result.returncode == 0 and report['equal'], report
+
+
+@pytest.mark.slow
+def test_a_delete_the_facade_made_is_sent_again_when_central_asks(synced_pair):
+    central, facade = synced_pair
+    with facade.side.session() as session:
+        session.delete(session.scalars(select(Tag).where(Tag.name == 'f2')).one())
+    sql(facade.side, 'DELETE FROM outbound_messages WHERE delivered_at IS NULL')
+    assert 'f2' in {row['name'] for row in central.side.rows('tags')}
+
+    repaired = central.pcommunicate('--repair', '--json')
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert json.loads(repaired.stdout)['equal']
+    assert 'f2' not in {row['name'] for row in central.side.rows('tags')}
 
 
 @pytest.mark.slow
