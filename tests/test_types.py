@@ -6,6 +6,7 @@ values have once read back, on any backend).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import enum
@@ -295,22 +296,29 @@ PG_VALUES = dict(tags=['ünï', 'two words', '', '🙂'], grid=[[1, 2], [3, 2 **
                  doc={'k': [1, 2.5, 'ß', None, {'nested': True}]})
 
 
-@pytest.mark.backends('postgresql')
-def test_array_and_jsonb_round_trip_between_postgresql_apps(make_side):
-    central, facade = make_side('central'), make_side('facade')
-    tables = [with_tables(central, TypesPgBase), with_tables(facade, TypesPgBase)]
+@contextlib.contextmanager
+def pg_tables(*sides: Any) -> Iterator[None]:
+    """The PostgreSQL-typed test tables on each side, dropped afterwards."""
+    tables = [with_tables(side, TypesPgBase) for side in sides]
     for tables_of in tables:
         next(tables_of)
     try:
+        yield
+    finally:
+        for tables_of in tables:
+            next(tables_of, None)
+
+
+@pytest.mark.backends('postgresql')
+def test_array_and_jsonb_round_trip_between_postgresql_apps(make_side):
+    central, facade = make_side('central'), make_side('facade')
+    with pg_tables(central, facade):
         create(central, TypesPg, PG_VALUES)
         forward(central, facade)
         assert apply(facade).failed == 0
         assert read(facade, TypesPg) == PG_VALUES
         version = republish(facade, TypesPg)
         assert {stamp[1] for stamp in version['stamps'].values()} == {'central'}
-    finally:
-        for tables_of in tables:
-            next(tables_of, None)
 
 
 @pytest.mark.slow
@@ -319,10 +327,7 @@ def test_array_and_jsonb_round_trip_between_postgresql_apps(make_side):
 def test_a_side_that_cannot_hold_an_array_says_which_column(make_side, other):
     central = make_side('central', backend='postgresql')
     facade = make_side('facade', backend=other)
-    tables = [with_tables(central, TypesPgBase), with_tables(facade, TypesPgBase)]
-    for tables_of in tables:
-        next(tables_of)
-    try:
+    with pg_tables(central, facade):
         create(central, TypesPg, PG_VALUES)
         forward(central, facade)
         assert apply(facade).failed == 1
@@ -330,9 +335,6 @@ def test_a_side_that_cannot_hold_an_array_says_which_column(make_side, other):
         assert 'types_pg.days' in row['last_error'] and 'Text()' in row['last_error'], row
         assert 'cannot hold the JSON array' in row['last_error']
 
-    finally:
-        for tables_of in tables:
-            next(tables_of, None)
 
 
 # -- the wire forms -----------------------------------------------------------------------
