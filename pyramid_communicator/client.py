@@ -17,6 +17,7 @@ from urllib3.exceptions import HTTPError
 from . import wire
 from .printable import printable
 from .replies import Deadline, ReplyRefused, WatchedAdapter, read_body
+from .restores import CHECKPOINT_HEADER
 from .settings import CommunicatorSettings, is_valid_name, require_base_uri
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,6 @@ class Client:
         if response.status_code == 404:
             return None
         self._learn(response)
-        from .restores import CHECKPOINT_HEADER
         if CHECKPOINT_HEADER not in response.headers:
             return None
         return response.headers, self._sender(response)

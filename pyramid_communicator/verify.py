@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import digests
+from .client import PeerError
 from .digests import LEAF, MAX_RANGES, Entry, Identity, Range, Scanner, Summary
 from .records import UnknownRecord, _by_name, receiver_for
 from .settings import is_valid_name
@@ -217,7 +218,11 @@ class Verifier:
                                     self.client.verify_requests)
         report = Report(self.local_name, self.peer_name, list(names))
         for name in names:
-            report.differences += self._compare(name, report)
+            try:
+                report.differences += self._compare(name, report)
+            except BadReply as exc:  # a failed exchange, as any other
+                raise PeerError(f'{self.client.verify_url} sent an invalid reply: '
+                                f'{exc}') from None
         report.peer_name = self.peer_name
         report.bytes_sent = self.client.verify_bytes_sent - sent
         report.bytes_received = self.client.verify_bytes_received - received
