@@ -71,6 +71,11 @@ class HostileFacade:
         self.serving: list[dict[str, Any]] = []
         self.acknowledged: set[int] = set()
         self.pushed: list[dict[str, Any]] = []
+        #: Headers its answer to central's checkpoint carries (None: it
+        #: keeps no checkpoints, as a gem).
+        self.checkpoint: dict[str, str] | None = None
+        #: Its answer to every ``/verify.json`` request.
+        self.verify_reply: Any = None
 
     def handler(self, request) -> list:
         headers = {'X_Communicator_Name': 'facade', 'X_Communicator_Protocol': 2}
@@ -80,10 +85,15 @@ class HostileFacade:
             body = gzip.decompress(body)
         if request.method == 'POST' and path == '/messages.json':
             self.pushed.extend(json.loads(body))
+            if self.checkpoint is not None and 'x-communicator-checkpoint' in request.headers:
+                return json_reply({'received': 0}, **headers,
+                                  **{k.replace('-', '_'): v for k, v in self.checkpoint.items()})
             return json_reply({'received': 0}, **headers)
         if request.method == 'POST' and path == '/messages/delivered.json':
             self.acknowledged.update(json.loads(body)['ids'])
             return json_reply({'acknowledged': 0}, **headers)
+        if request.method == 'POST' and path == '/verify.json':
+            return json_reply(self.verify_reply, **headers)
         if request.method == 'GET' and path == '/messages.json':
             return json_reply([m for m in self.serving if m['id'] not in self.acknowledged],
                               **headers)
@@ -102,12 +112,15 @@ class Central:
     #: ids of records shared with the facade, and of private ones
     ids: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def run(self, push: bool = True, pull: bool = True) -> None:
-        settings = parse_settings({
+    @property
+    def settings(self) -> Any:
+        return parse_settings({
             'communicator.name': 'central', 'communicator.username': 'u',
             'communicator.password': 'p', 'communicator.base_uri': self.url,
             'communicator.timeout': '10', 'communicator.retry_delay': '0'})
-        communicator = Communicator(settings, self.side.engine)
+
+    def run(self, push: bool = True, pull: bool = True) -> None:
+        communicator = Communicator(self.settings, self.side.engine)
         try:
             communicator.communicate(push=push, pull=pull)
         finally:
@@ -342,6 +355,71 @@ def nothing_private_goes_out(central: Central) -> None:
     for pushed in central.facade.pushed:
         for value in PRIVATE_VALUES:
             assert value not in pushed['body'], pushed
+
+
+@pytest.mark.parametrize('checkpoint', [
+    {'X-Communicator-Epoch': 'not hex', 'X-Communicator-Checkpoint': '- same',
+     'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'},
+    {'X-Communicator-Epoch': 'ab' * 8, 'X-Communicator-Checkpoint': '- same',
+     'X-Communicator-Received': str(2 ** 60), 'X-Communicator-Acknowledged': '0'},
+    {'X-Communicator-Epoch': 'ab' * 8, 'X-Communicator-Checkpoint': '\x1b[2J - same',
+     'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'},
+], ids=['bad epoch', 'id past the limit', 'escape codes'])
+def test_a_malformed_checkpoint_fails_the_run_and_writes_nothing(central, checkpoint):
+    from pyramid_communicator.client import PeerError
+    before = host_state(central.side)
+    outbound = central.side.rows('outbound_messages')
+    central.facade.checkpoint = checkpoint
+    with pytest.raises(PeerError, match='invalid checkpoint'):
+        central.run()
+    assert host_state(central.side) == before
+    assert central.side.rows('outbound_messages') == outbound
+
+
+def test_a_lying_checkpoint_makes_central_send_again_only_what_it_sent(central):
+    """The facade claims a restore that lost everything (a checkpoint that
+    differs, nothing received): central sends again what it had delivered,
+    never a record it did not share, and its app still saves every record."""
+    side = central.side
+    before = host_state(side)
+    sent = {row['id']: row['body'] for row in side.rows('outbound_messages')}
+    central.facade.pushed.clear()
+    central.facade.checkpoint = {
+        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
+        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.run()
+    assert host_state(side) == before
+    assert sorted(m['body'] for m in central.facade.pushed) == sorted(sent.values())
+    assert side.count('outbound_messages', 'delivered_at IS NULL') == 0
+    central.facade.checkpoint = None
+    nothing_private_goes_out(central)
+    central_still_saves_every_record(central)
+
+
+@pytest.mark.parametrize('reply', [
+    [], 'x', {'name': 'facade'}, {'origins': {'central': 'many'}},
+    {'origins': {'central': [10 ** 30, 'ab', 1, 2]}},
+    {'summaries': [[1, 'x', 0, 0]] * 10_000}, {'records': [['central', 1, {}, {}]]},
+], ids=['array', 'string', 'no answer', 'bad summary', 'huge count', 'too many',
+        'unasked records'])
+def test_junk_verify_replies_fail_verify_and_repair_and_write_nothing(central, reply):
+    from pyramid_communicator.client import Client, PeerError
+    from pyramid_communicator.repair import repair
+    from pyramid_communicator.verify import Verifier
+    side = central.side
+    before = host_state(side)
+    outbound = side.rows('outbound_messages')
+    central.facade.verify_reply = reply
+    client = Client(central.settings)
+    try:
+        with pytest.raises(PeerError):
+            Verifier(side.engine, 'central', client).run(['post', 'tag'])
+        with pytest.raises(PeerError):
+            repair(side.engine, central.settings, client, ['post', 'tag'], 'central')
+    finally:
+        client.close()
+    assert host_state(side) == before
+    assert side.rows('outbound_messages') == outbound
 
 
 def test_a_forged_clock_waits_until_the_edit_it_claims_is_delivered(central):
