@@ -33,7 +33,7 @@ from zope.sqlalchemy import mark_changed
 
 from .models import outbound_messages, utcnow
 from .predicates import one_of
-from .records import body_name
+from .records import NAME_PREFIX, body_name
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ SET_ASIDE = (OUT.delivered_at.is_(None) & OUT.failed_at.is_not(None)
 GIVEN_UP = OUT.delivered_at.is_(None) & OUT.given_up_at.is_not(None)
 #: What the push sends (or holds back behind a set-aside message).
 PENDING = OUT.delivered_at.is_(None) & OUT.failed_at.is_(None) & OUT.given_up_at.is_(None)
-
-#: Characters of a body enough to read its record name (at most 64).
-_NAME_PREFIX = 80
-
 
 def refused_for_good(status: int) -> bool:
     """Does an HTTP error ``status`` to a push of one message mean that
@@ -89,7 +85,7 @@ def held_identities(session: Session, local_name: str) -> set[Identity]:
     aside messages are few: read on each push, without their bodies."""
     rows = session.execute(
         select(OUT.origin, OUT.original_id,
-               func.substr(OUT.body, 1, _NAME_PREFIX).label('head'))
+               func.substr(OUT.body, 1, NAME_PREFIX).label('head'))
         .where(SET_ASIDE, OUT.original_id.is_not(None))).all()
     found = {identity(row.head, row.origin, row.original_id, local_name) for row in rows}
     found.discard(None)
@@ -152,7 +148,7 @@ def listed(session: Session, local_name: str, limit: int) -> list[dict[str, Any]
     ``--status`` and ``/status.json``."""
     rows = session.execute(
         select(OUT.id, OUT.origin, OUT.original_id, OUT.attempts, OUT.last_error,
-               OUT.failed_at, func.substr(OUT.body, 1, _NAME_PREFIX).label('head'))
+               OUT.failed_at, func.substr(OUT.body, 1, NAME_PREFIX).label('head'))
         .where(SET_ASIDE).order_by(OUT.id.desc()).limit(limit)).all()
     return [{'id': row.id, 'record': body_name(row.head),
              'origin': row.origin or local_name, 'original_id': row.original_id,

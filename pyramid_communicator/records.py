@@ -431,6 +431,11 @@ def _items(item_type: TypeEngine, value: list, column: Any) -> list:
             _from_wire(item_type, item, column) for item in value]
 
 
+#: Characters of a body that hold its record name (``{"`` and a name of at
+#: most 64): what to read of a stored body to tell its record.
+NAME_PREFIX = 80
+
+
 def body_name(body: str) -> str | None:
     """The record name a stored body starts with (``{"name":{...}}``),
     without decoding the body (or with only its start at hand)."""

@@ -18,13 +18,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, inspect, select, update
+from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.orm import Session
 
 from . import bulk, tombstones, tracking
 from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
-from .records import Receiver, body_name, from_wire, natural_key, receiver_for
+from .records import NAME_PREFIX, Receiver, body_name, from_wire, natural_key, receiver_for
 from .versions import HERE, Version
 
 M = communicator_mappings.c
@@ -253,13 +253,14 @@ class WorkingSet:
         if not by_id:
             return found
         for chunk in _chunks(sorted(by_id), 500):
-            rows = self._rows(select(OUT.body, OUT.origin, OUT.original_id, OUT.version)
+            rows = self._rows(select(func.substr(OUT.body, 1, NAME_PREFIX).label('head'),
+                                     OUT.origin, OUT.original_id, OUT.version)
                               # given up: never goes, the peer may pass it
                               .where(OUT.delivered_at.is_(None), OUT.given_up_at.is_(None),
                                      one_of(OUT.original_id, chunk, self.dialect)))
             for row in rows:
                 origin = HERE if row.origin in (None, self.local_name) else row.origin
-                name = body_name(row.body)
+                name = body_name(row.head)
                 if (name, origin) not in by_id[row.original_id] or not row.version:
                     continue
                 hlc = json.loads(row.version).get('clock', {}).get(HERE)
