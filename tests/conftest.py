@@ -48,6 +48,9 @@ USERNAME, PASSWORD = 'communicator', 's3cret-pass'
 def pytest_addoption(parser):
     parser.addoption('--db', default=os.environ.get('COMMUNICATOR_TEST_DB', 'sqlite'),
                      choices=BACKENDS, help='database backend for the tests')
+    parser.addoption('--matrix-all', action='store_true',
+                     help='test_matrix: run every pair of backends, whatever --db says '
+                          '(benchmarks/matrix_report.py)')
 
 
 #: The fault harness's seed for the run (see ``pytest_configure``).

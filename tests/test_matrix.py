@@ -1,0 +1,458 @@
+"""The model-shape matrix: every shape of synced model, on every pair of
+backends, in both directions, through a real sync.
+
+A *shape* is one kind of thing an app syncs (a model with scalar columns,
+models linked by foreign keys, a natural key, deletes, plain messages...).
+For each shape × pair × direction, two apps are made: a facade served on
+127.0.0.1 (the add-on's views, in a thread) and a central app whose
+``Communicator`` pushes, pulls and applies over HTTP, as ``pcommunicate``
+does.  The sending side writes the shape's records in *rounds*, each
+followed by a sync; then the receiving side must hold the shape's expected
+state, and neither side may have anything failed, refused or undelivered.
+
+Pairs are ``central/facade`` backends.  The default run takes the pair
+of the run's backend (``--db``) with itself; the mixed pairs
+(``postgresql/sqlite``, ``mysql/postgresql``) are ``slow`` and run with
+``--db postgresql`` only, so that CI, which runs the slow tests once per
+backend, runs them once.  ``--matrix-all`` runs every pair whatever
+``--db`` says (a pair whose server is not reachable is skipped);
+``benchmarks/matrix_report.py`` does that and prints the table.
+
+Adding a shape is one entry in :data:`SHAPES`::
+
+    Shape(
+        'uuid keys',                  # its name in test ids and the table
+        bases=(UuidBase,),            # test-local DeclarativeBases: their
+                                      # tables are made on both sides
+        rounds=(create, edit),        # write(session, ctx) on the sender;
+                                      # a sync follows each
+        state=uuid_state,             # state(session): what a side holds,
+                                      # in terms free of its local ids
+        expected=lambda ctx: {...},   # the receiver's state after the rounds
+    )
+
+``ctx`` (:class:`Context`) says who sends and on which backends, for
+values a backend cannot keep (see test_types' ``sample``).  A shape may
+also write on the receiver before the first round (``prepare``) and
+register plain-message handlers on both apps (``handlers``).  Models go on
+a DeclarativeBase of the shape's own, with ``receives_from`` names no other
+test uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import SERVER_URLS, Side, app_settings
+from convergence import queue_problems
+from fakes import serve_wsgi
+from pyramid.config import Configurator
+from sqlalchemy import ForeignKey, Integer, MetaData, String, create_engine, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from test_types import TypesBase, TypesSample, sample
+from test_types import expected as types_expected
+
+from pyramid_communicator import publish, receives_from, send
+from pyramid_communicator.messages import SETTINGS_INFO, Message
+from pyramid_communicator.models import NAMING_CONVENTION
+from pyramid_communicator.records import receiver_of
+from pyramid_communicator.settings import get_settings
+from pyramid_communicator.sync import Communicator
+
+CENTRAL, FACADE = 'central', 'facade'
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Who sends in this case, and the backends of both sides."""
+    sender: str
+    central_db: str
+    facade_db: str
+
+    @property
+    def receiver(self) -> str:
+        return FACADE if self.sender == CENTRAL else CENTRAL
+
+    @property
+    def sender_db(self) -> str:
+        return self.central_db if self.sender == CENTRAL else self.facade_db
+
+    @property
+    def backends(self) -> tuple[str, str]:
+        return self.central_db, self.facade_db
+
+
+Write = Callable[[Session, Context], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One row of the matrix (see the module docstring)."""
+    name: str
+    bases: tuple[type[DeclarativeBase], ...]
+    rounds: tuple[Write, ...]
+    state: Callable[[Session], Any]
+    expected: Callable[[Context], Any]
+    #: Written on the receiver before the first round (and synced with it).
+    prepare: Write | None = None
+    #: ``(kind, handler)`` of plain messages, registered on both apps.
+    handlers: tuple[tuple[str, Callable[[Message], Any]], ...] = ()
+
+
+# -- shape: scalar columns of every common type (test_types' sample) ------------------
+
+def types_values(ctx: Context) -> dict[str, Any]:
+    """test_types' sample as the sender's backend keeps it (a short text:
+    test_types sends its megabyte)."""
+    return {**sample(interval_micro='mysql' not in ctx.backends,
+                     zones=ctx.sender_db == 'postgresql'),
+            'text': 'ünïcødé 🙂 中文 \t\n"\\' * 100}
+
+
+def types_create(session: Session, ctx: Context) -> None:
+    record = TypesSample(**types_values(ctx))
+    session.add(record)
+    session.flush()
+    publish(session, record)
+
+
+def types_edit(session: Session, ctx: Context) -> None:
+    [record] = session.scalars(select(TypesSample)).all()
+    record.flag = True
+    publish(session, record)
+
+
+def typed(values: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    return {key: (type(value).__name__, value) for key, value in values.items()}
+
+
+def types_state(session: Session) -> list[dict[str, tuple[str, Any]]]:
+    """Each record's values as the add-on compares them (aware datetimes
+    in UTC), with their Python types."""
+    return [typed({key: receiver_of(record).canonical(key, getattr(record, key))
+                   for key in TypesSample.__mapper__.columns.keys() if key != 'id'})
+            for record in session.scalars(select(TypesSample))]
+
+
+def types_wanted(ctx: Context) -> list[dict[str, tuple[str, Any]]]:
+    return [typed(types_expected({**types_values(ctx), 'flag': True}))]
+
+
+# -- shape: foreign keys between synced models -----------------------------------------
+
+class LinksBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_parent')
+class MatrixParent(LinksBase):
+    """Published by hand: one left unpublished takes the sender's first id."""
+    __tablename__ = 'matrix_parents'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+
+
+@receives_from('matrix_child', autopublish=True)
+class MatrixChild(LinksBase):
+    __tablename__ = 'matrix_children'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey('matrix_parents.id'))
+    body: Mapped[str] = mapped_column(String(50))
+
+
+def links_create(session: Session, ctx: Context) -> None:
+    session.add(MatrixParent(title='never sent'))  # so ids differ between the sides
+    first, second = MatrixParent(title='first'), MatrixParent(title='second')
+    session.add_all([first, second])
+    session.flush()
+    publish(session, first)
+    publish(session, second)
+    session.add_all([MatrixChild(parent_id=second.id, body='on second'),
+                     MatrixChild(parent_id=first.id, body='moves'),
+                     MatrixChild(parent_id=None, body='orphan')])
+
+
+def links_edit(session: Session, ctx: Context) -> None:
+    first = session.scalars(select(MatrixParent).filter_by(title='first')).one()
+    second = session.scalars(select(MatrixParent).filter_by(title='second')).one()
+    session.scalars(select(MatrixChild).filter_by(body='moves')).one().parent_id = second.id
+    session.scalars(select(MatrixChild).filter_by(body='orphan')).one().parent_id = first.id
+
+
+def links_state(session: Session) -> dict[str, Any]:
+    """Children by body, each naming its parent by title (ids differ)."""
+    titles = {parent.id: parent.title for parent in session.scalars(select(MatrixParent))}
+    return {'parents': sorted(titles.values()),
+            'children': {child.body: titles.get(child.parent_id)
+                         for child in session.scalars(select(MatrixChild))}}
+
+
+# -- shape: match_on natural keys ------------------------------------------------------
+
+class NaturalBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_label', autopublish=True, match_on=['code'])
+class MatrixLabel(NaturalBase):
+    __tablename__ = 'matrix_labels'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(20), unique=True)
+    text: Mapped[str | None] = mapped_column(String(50))
+
+
+def natural_prepare(session: Session, ctx: Context) -> None:
+    """The receiver made 'shared' itself, before any sync."""
+    session.add(MatrixLabel(code='shared', text=f'by {ctx.receiver}'))
+
+
+def natural_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixLabel(code='shared', text=f'by {ctx.sender}'),
+                     MatrixLabel(code='own', text='one')])
+
+
+def natural_edit(session: Session, ctx: Context) -> None:
+    for label in session.scalars(select(MatrixLabel)):
+        label.text = f'{label.code} edited'
+
+
+def natural_state(session: Session) -> list[tuple[str, str | None]]:
+    return sorted((label.code, label.text) for label in session.scalars(select(MatrixLabel)))
+
+
+# -- shape: deletes and their tombstones -----------------------------------------------
+
+class DeletesBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_note', autopublish=True, deletes=True)
+class MatrixNote(DeletesBase):
+    __tablename__ = 'matrix_notes'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(20))
+    body: Mapped[str | None] = mapped_column(String(50))
+
+
+def notes_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixNote(title=title, body='new') for title in ('a', 'b', 'c', 'd')])
+
+
+def notes_edit_and_delete(session: Session, ctx: Context) -> None:
+    notes = {note.title: note for note in session.scalars(select(MatrixNote))}
+    session.delete(notes['b'])
+    notes['c'].body = 'edited'
+
+
+def notes_delete_created(session: Session, ctx: Context) -> None:
+    """A record created and deleted between two syncs; a delete of the last."""
+    fleeting = MatrixNote(title='e', body='fleeting')
+    session.add(fleeting)
+    session.flush()
+    session.delete(fleeting)
+    session.delete(session.scalars(select(MatrixNote).filter_by(title='d')).one())
+
+
+def notes_state(session: Session) -> list[tuple[str, str | None]]:
+    return sorted((note.title, note.body) for note in session.scalars(select(MatrixNote)))
+
+
+# -- shape: plain messages -------------------------------------------------------------
+
+class MessagesBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class MatrixReceived(MessagesBase):
+    """What the handler of ``matrix.note`` keeps (not a synced model)."""
+    __tablename__ = 'matrix_received'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    origin: Mapped[str] = mapped_column(String(20))
+    text: Mapped[str] = mapped_column(String(50))
+
+
+def note_received(message: Message) -> None:
+    message.session.add(MatrixReceived(origin=message.origin, text=message.payload['text']))
+
+
+def messages_first(session: Session, ctx: Context) -> None:
+    send(session, 'matrix.note', {'text': 'one'})
+    send(session, 'matrix.note', {'text': 'two'}, key='k')
+
+
+def messages_second(session: Session, ctx: Context) -> None:
+    send(session, 'matrix.note', {'text': 'three'}, key='k')
+
+
+def messages_state(session: Session) -> list[tuple[str, str]]:
+    return [(row.origin, row.text)
+            for row in session.scalars(select(MatrixReceived).order_by(MatrixReceived.id))]
+
+
+# -- the shapes ------------------------------------------------------------------------
+
+SHAPES: list[Shape] = [
+    Shape('scalar types', bases=(TypesBase,), rounds=(types_create, types_edit),
+          state=types_state, expected=types_wanted),
+    Shape('foreign keys', bases=(LinksBase,), rounds=(links_create, links_edit),
+          state=links_state,
+          expected=lambda ctx: {'parents': ['first', 'second'],
+                                'children': {'on second': 'second', 'moves': 'second',
+                                             'orphan': 'first'}}),
+    Shape('match_on', bases=(NaturalBase,), rounds=(natural_create, natural_edit),
+          prepare=natural_prepare, state=natural_state,
+          expected=lambda ctx: [('own', 'own edited'), ('shared', 'shared edited')]),
+    Shape('deletes', bases=(DeletesBase,),
+          rounds=(notes_create, notes_edit_and_delete, notes_delete_created),
+          state=notes_state, expected=lambda ctx: [('a', 'new'), ('c', 'edited')]),
+    Shape('plain messages', bases=(MessagesBase,), rounds=(messages_first, messages_second),
+          handlers=(('matrix.note', note_received),), state=messages_state,
+          expected=lambda ctx: [(ctx.sender, text) for text in ('one', 'two', 'three')]),
+]
+
+#: ``(central backend, facade backend)``: the same-backend pairs, then the mixed.
+PAIRS: list[tuple[str, str]] = [
+    ('sqlite', 'sqlite'), ('postgresql', 'postgresql'), ('mysql', 'mysql'),
+    ('postgresql', 'sqlite'), ('mysql', 'postgresql'),
+]
+DIRECTIONS = {'central>facade': CENTRAL, 'facade>central': FACADE}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The pairs this run takes (see the module docstring): the rest are
+    not collected at all, rather than skipped in every run."""
+    if 'central_db' not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    run_db, every = config.getoption('--db'), config.getoption('--matrix-all')
+    params = []
+    for central_db, facade_db in PAIRS:
+        mixed = central_db != facade_db
+        if every or (run_db == 'postgresql' if mixed else run_db == central_db):
+            params.append(pytest.param(central_db, facade_db,
+                                       marks=[pytest.mark.slow] if mixed else [],
+                                       id=f'{central_db}/{facade_db}'))
+    metafunc.parametrize('central_db, facade_db', params)
+
+
+# -- running a case --------------------------------------------------------------------
+
+@functools.cache
+def unreachable(backend: str) -> str | None:
+    """Why the backend's server cannot be used (None: it can)."""
+    if backend == 'sqlite':
+        return None
+    engine = create_engine(SERVER_URLS[backend])
+    try:
+        with engine.connect() as conn:
+            conn.execute(text('SELECT 1'))
+    except Exception as exc:  # any failure to connect: the pair is skipped
+        return f'{backend} not reachable: {str(exc).splitlines()[0]}'
+    finally:
+        engine.dispose()
+    return None
+
+
+def skip_unreachable(*backends: str) -> None:
+    for backend in sorted(set(backends)):
+        reason = unreachable(backend)
+        if reason:
+            pytest.skip(reason)
+
+
+def make_app(side: Side, shape: Shape, **overrides: Any) -> Any:
+    """A host app as the cookiecutter wires one (the demo's models
+    module: ``request.dbsession`` joined to ``request.tm``), with the
+    add-on and the shape's message handlers."""
+    with Configurator(settings=app_settings(side, **overrides)) as config:
+        config.include('pyramid_communicator.demo.models')
+        config.include('pyramid_communicator')
+        for kind, handler in shape.handlers:
+            config.add_message_handler(kind, handler, accept_from=[CENTRAL, FACADE])
+    return config.make_wsgi_app()
+
+
+@contextlib.contextmanager
+def tables(shape: Shape, *sides: Side) -> Iterator[None]:
+    for side in sides:
+        for base in shape.bases:
+            base.metadata.create_all(side.engine)
+    try:
+        yield
+    finally:
+        for side in sides:
+            side.engine.dispose()
+            for base in shape.bases:
+                base.metadata.drop_all(side.engine)
+
+
+class Sync:
+    """Both apps of a case: the facade served on loopback, central's
+    Communicator pointed at it."""
+
+    def __init__(self, central: Side, facade: Side, shape: Shape, url: str,
+                 facade_app: Any) -> None:
+        self.sides = {CENTRAL: central, FACADE: facade}
+        self.central_app = make_app(central, shape, **{'communicator.base_uri': url})
+        self.apps = {CENTRAL: self.central_app, FACADE: facade_app}
+
+    @contextlib.contextmanager
+    def session(self, name: str) -> Iterator[Session]:
+        """A session on a side's database, as the app's own would be:
+        ``send`` finds the app's settings on it."""
+        with self.sides[name].session() as session:
+            session.info[SETTINGS_INFO] = get_settings(self.apps[name].registry)
+            yield session
+
+    def run(self) -> None:
+        registry = self.central_app.registry
+        communicator = Communicator(get_settings(registry), self.sides[CENTRAL].engine,
+                                    registry=registry)
+        try:
+            communicator.communicate()
+        finally:
+            communicator.close()
+
+    def close(self) -> None:
+        for app in self.apps.values():
+            app.registry['dbsession_factory'].kw['bind'].dispose()
+
+
+def run_case(shape: Shape, ctx: Context, central: Side, facade: Side) -> tuple[Any, Any]:
+    """Play the shape's rounds; the receiver's state and its expected one."""
+    with tables(shape, central, facade):
+        facade_app = make_app(facade, shape)
+        with serve_wsgi(facade_app) as url:
+            sync = Sync(central, facade, shape, url, facade_app)
+            try:
+                if shape.prepare is not None:
+                    with sync.session(ctx.receiver) as session:
+                        shape.prepare(session, ctx)
+                for write in shape.rounds:
+                    with sync.session(ctx.sender) as session:
+                        write(session, ctx)
+                    sync.run()
+                sync.run()  # a quiet exchange: acknowledgements, retries
+                problems = queue_problems(central) + queue_problems(facade)
+                assert not problems, problems
+                with sync.session(ctx.receiver) as session:
+                    return shape.state(session), shape.expected(ctx)
+            finally:
+                sync.close()
+
+
+@pytest.mark.parametrize('direction', DIRECTIONS)
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda shape: shape.name)
+def test_the_receiver_holds_what_the_sender_wrote(shape, central_db, facade_db, direction,
+                                                  make_side):
+    skip_unreachable(central_db, facade_db)
+    ctx = Context(DIRECTIONS[direction], central_db, facade_db)
+    central = make_side(CENTRAL, backend=central_db)
+    facade = make_side(FACADE, backend=facade_db)
+    found, wanted = run_case(shape, ctx, central, facade)
+    assert found == wanted
+
