@@ -296,9 +296,9 @@ def messages_state(session: Session) -> list[tuple[str, str]]:
 # -- the shapes ------------------------------------------------------------------------
 
 SHAPES: list[Shape] = [
-    Shape('scalar types', bases=(TypesBase,), rounds=(types_create, types_edit),
+    Shape('scalar_types', bases=(TypesBase,), rounds=(types_create, types_edit),
           state=types_state, expected=types_wanted),
-    Shape('foreign keys', bases=(LinksBase,), rounds=(links_create, links_edit),
+    Shape('foreign_keys', bases=(LinksBase,), rounds=(links_create, links_edit),
           state=links_state,
           expected=lambda ctx: {'parents': ['first', 'second'],
                                 'children': {'on second': 'second', 'moves': 'second',
@@ -309,7 +309,7 @@ SHAPES: list[Shape] = [
     Shape('deletes', bases=(DeletesBase,),
           rounds=(notes_create, notes_edit_and_delete, notes_delete_created),
           state=notes_state, expected=lambda ctx: [('a', 'new'), ('c', 'edited')]),
-    Shape('plain messages', bases=(MessagesBase,), rounds=(messages_first, messages_second),
+    Shape('plain_messages', bases=(MessagesBase,), rounds=(messages_first, messages_second),
           handlers=(('matrix.note', note_received),), state=messages_state,
           expected=lambda ctx: [(ctx.sender, text) for text in ('one', 'two', 'three')]),
 ]
@@ -448,7 +448,9 @@ def run_case(shape: Shape, ctx: Context, central: Side, facade: Side) -> tuple[A
 @pytest.mark.parametrize('direction', DIRECTIONS)
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda shape: shape.name)
 def test_the_receiver_holds_what_the_sender_wrote(shape, central_db, facade_db, direction,
-                                                  make_side):
+                                                  make_side, record_property):
+    # for benchmarks/matrix_report.py's table (pytest's --junitxml)
+    record_property('matrix', f'{shape.name} {central_db}/{facade_db} {direction}')
     skip_unreachable(central_db, facade_db)
     ctx = Context(DIRECTIONS[direction], central_db, facade_db)
     central = make_side(CENTRAL, backend=central_db)
