@@ -440,7 +440,6 @@ def run_case(shape: Shape, ctx: Context, central: Side, facade: Side) -> tuple[A
                     with sync.session(ctx.sender) as session:
                         write(session, ctx)
                     sync.run()
-                sync.run()  # a quiet exchange: acknowledgements, retries
                 problems = queue_problems(central) + queue_problems(facade)
                 assert not problems, problems
                 with sync.session(ctx.receiver) as session:
