@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from . import queues
+from . import echoes, queues
 from .models import communicator_state, outbound_messages, utcnow
 from .predicates import one_of
 from .wire import WireError
@@ -131,12 +131,16 @@ class Healing:
     renumbered: int = 0
     #: The id sequence moved to at least this.
     sequence: int | None = None
+    #: The peer's own messages sent back to it (:mod:`.echoes`).
+    echo: echoes.Echo | None = None
 
     def __str__(self) -> str:
         parts = [f'sent again {self.resent}'
                  + (f' (ids {self.resent_ids[0]}-{self.resent_ids[1]})'
                     if self.resent_ids else ''),
                  f'renumbered {self.renumbered}']
+        if self.echo is not None and (self.echo.rows or self.echo.purged_after is not None):
+            parts.append(str(self.echo))
         if self.sequence is not None:
             parts.append(f'ids now after {self.sequence}')
         if self.purged_after is not None:
@@ -145,10 +149,13 @@ class Healing:
         return ', '.join(parts)
 
 
-def heal(session: Session, peer: str, peer_received: int) -> Healing:
+def heal(session: Session, peer: str, peer_received: int,
+         peer_holds: int | None = None) -> Healing:
     """Start over from ``peer_received``, the highest of our ids the peer
     says it stored: send again what we delivered after it, and move
-    undelivered messages (and the id sequence) past it."""
+    undelivered messages (and the id sequence) past it.  ``peer_holds``:
+    the highest of its own ids the peer says it holds; its own messages
+    after that go back to it first (:mod:`.echoes`)."""
     healing = Healing()
     before = acknowledged(session, peer)
     # 1. What we delivered after what the peer holds goes again: only rows
@@ -179,6 +186,8 @@ def heal(session: Session, peer: str, peer_received: int) -> Healing:
             one_of(OUT.id, [row.id for row in pending], session.get_bind().dialect.name)))
         healing.renumbered = len(pending)
         following += len(pending)
+    if peer_holds is not None:
+        following = _echo(session, peer, peer_holds, following, healing)
     # 3. The sequence: new messages get ids past everything the peer has.
     if following > highest:
         _move_sequence(session, following)
@@ -186,6 +195,28 @@ def heal(session: Session, peer: str, peer_received: int) -> Healing:
     queues.set_state(session, _acknowledged_key(peer), str(peer_received))
     queues._changed(session)
     return healing
+
+
+def _echo(session: Session, peer: str, peer_holds: int, following: int,
+          healing: Healing) -> int:
+    """Queue the peer's lost messages of its own ahead of everything we
+    have to send it: what waits gets ids after them.  The id the queue
+    now follows."""
+    healing.echo = echo = echoes.to_echo(session, peer, peer_holds)
+    if not echo.rows:
+        return following
+    waiting = session.execute(select(outbound_messages).where(OUT.delivered_at.is_(None))
+                              .order_by(OUT.id)).all()
+    session.execute(insert(outbound_messages),
+                    [{**row, 'id': following + n} for n, row in enumerate(echo.rows, 1)])
+    following += len(echo.rows)
+    if waiting:
+        session.execute(delete(outbound_messages).where(
+            one_of(OUT.id, [row.id for row in waiting], session.get_bind().dialect.name)))
+        session.execute(insert(outbound_messages), [
+            {**row._mapping, 'id': following + n} for n, row in enumerate(waiting, 1)])
+        following += len(waiting)
+    return following
 
 
 def _move_sequence(session: Session, past: int) -> None:
@@ -275,7 +306,7 @@ def _conclude(session: Session, local_name: str, peer: str, mine: str | None,
     if not differs:
         return None
     restored = _restored(mine, theirs_token, local_name, peer)
-    healing = heal(session, peer, theirs.received)
+    healing = heal(session, peer, theirs.received, theirs.acknowledged)
     if restored == local_name:  # this database came back from a backup
         queues.set_state(session, EPOCH_KEY, secrets.token_hex(8))
     line = (f'checkpoint with {peer} differs: {restored} restored from a backup (or a '
