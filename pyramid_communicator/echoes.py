@@ -64,6 +64,8 @@ IN = inbound_messages.c
 
 #: ``communicator_state`` key of this app's signing key (hex).
 KEY_STATE = 'signing_key'
+#: ``communicator_state`` key: how many echoes this app took back.
+TAKEN_BACK_KEY = 'echoes_taken_back'
 #: At most this many messages are echoed back per healing: the other
 #: side's claim of what it holds is hostile input.
 ECHO_LIMIT = 10_000
@@ -166,6 +168,9 @@ def apply_echo(work: WorkingSet, message: Message) -> object | None:
     if len(receiver.primary_key) != 1:
         raise Refused(f'{name} has no single-column primary key: an echo cannot give its '
                       'id back')
+    _taken_back(work.session)
+    log.info('%s echoed %s %s of %s back: taken back as our own', message.sender, name,
+             message.original_id, local_name)
     identity = work.find(name, HERE, message.original_id)
     if identity is not None and application.life != identity.life:
         return None  # another record that had this id: not ours to bring back now
@@ -176,6 +181,15 @@ def apply_echo(work: WorkingSet, message: Message) -> object | None:
     if identity.record is None:
         return None  # deleted here since (a delete we still hold is newer)
     return _update(work, application, identity.record, attributes)
+
+
+def _taken_back(session: Session) -> None:
+    """Count it for ``--status``, in the batch's transaction (rare: only
+    after a restore)."""
+    value = session.execute(select(communicator_state.c.value)
+                            .where(communicator_state.c.key == TAKEN_BACK_KEY)).scalar()
+    count = int(value) if value and value.isdigit() else 0
+    queues.set_state(session, TAKEN_BACK_KEY, str(count + 1))
 
 
 def _create(work: WorkingSet, application: _Application,

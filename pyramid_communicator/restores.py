@@ -350,13 +350,15 @@ def serve(session: Session, local_name: str, peer: str,
     central sends with ours, heal if they differ, record the new one; the
     reply headers.  Raises :class:`.wire.WireError` for malformed ones."""
     theirs = _parse(request, reply=False)
-    mine, _, previous = (_state(session, _server_key(peer)) or '').partition(' ')
-    mine, previous = mine or None, previous or None
+    recorded = (_state(session, _server_key(peer)) or '').split(' ')
+    mine = recorded[0] or None
+    previous = recorded[1] if len(recorded) > 1 and recorded[1] not in ('', '-') else None
     if theirs.recorded is None and mine is None:
         verdict = 'first'
     elif theirs.recorded == mine:
         verdict = 'same'
-    elif theirs.recorded is not None and theirs.recorded == previous:
+    elif theirs.recorded is not None and theirs.recorded == previous \
+            and not _moved_since(session, peer, recorded[2:4]):
         # Central never recorded the token we did last time: that reply was
         # lost (or central stopped before it committed), and nothing else
         # of that run happened.  Not a restore: nothing to heal.
@@ -370,11 +372,26 @@ def serve(session: Session, local_name: str, peer: str,
         # One side no longer holds what it acknowledged to the other: it
         # lost writes (a restore), whatever the tokens say.
         verdict = 'differs'
-    # Central says what it holds of ours; what we hold of its, before
-    # anything changes, goes back so that it can heal too.
+    # Central says what it holds of ours; what we hold of its, and of our
+    # own, before anything changes, goes back so that it can heal too.
+    holds = acknowledged(session, peer)
     _conclude(session, local_name, peer, mine, theirs, theirs.recorded,
               verdict == 'differs')
-    # The one before is kept, to tell a lost reply from a restore.
-    queues.set_state(session, _server_key(peer), f'{theirs.second} {mine or ""}'.rstrip())
-    return _headers(session, peer, f'{mine or "-"} {verdict}')
+    # The one before is kept, to tell a lost reply from a restore, and
+    # where both queues stood: the run went on past the reply if they move.
+    queues.set_state(session, _server_key(peer),
+                     f'{theirs.second} {mine or "-"} {queues.last_remote_id(session, peer)} '
+                     f'{acknowledged(session, peer)}')
+    return {**_headers(session, peer, f'{mine or "-"} {verdict}'),
+            ACKNOWLEDGED_HEADER: str(holds)}
+
+
+def _moved_since(session: Session, peer: str, marks: list[str]) -> bool:
+    """Did the run of our last checkpoint exchange messages after it?  Then
+    its reply was not lost: central went on from it, and a central that
+    no longer holds it came back from a backup."""
+    if len(marks) != 2 or not all(mark.isdigit() for mark in marks):
+        return False  # recorded by an older version: as before
+    return (queues.last_remote_id(session, peer) > int(marks[0])
+            or acknowledged(session, peer) > int(marks[1]))
 
