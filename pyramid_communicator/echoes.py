@@ -201,6 +201,9 @@ def _create(work: WorkingSet, application: _Application,
                       f'by {message.sender}, has an id a record made here since took '
                       '(after the restore, before this run): not applied, it stays on '
                       f'{message.sender} only')
+    # A genuine echo replayed after our tombstone of the record was purged
+    # would bring a deleted record back: refused as any late create is.
+    application.not_forgotten()
     record = receiver.cls()
     setattr(record, pk, message.original_id)
     version = application.merge(record, Version(), attributes, created=True)
