@@ -1244,7 +1244,14 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str,
         rig.facade_answers()
     if sends:
         workload.round(rng, size=3, sides=(other,))
-        rig.runner.run()
+        # The healing run must be done before the restored side writes (a
+        # run can fail on this loaded machine: a timeout; it is run again).
+        for _ in range(3):
+            outcome = rig.runner.run()
+            if outcome.returncode == 0:
+                break
+            counts['healing runs failed and run again'] += 1
+            print(f'healing run failed: {outcome.output.strip()[-300:]}')
     workload.round(rng, size=3)
     return True
 
