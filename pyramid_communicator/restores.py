@@ -216,6 +216,7 @@ def _echo(session: Session, peer: str, peer_holds: int, following: int,
         session.execute(insert(outbound_messages), [
             {**row._mapping, 'id': following + n} for n, row in enumerate(waiting, 1)])
         following += len(waiting)
+        healing.resent_ids = None  # they go under new ids now
     return following
 
 
