@@ -58,6 +58,8 @@ class Message:
     original_id: int | None
     refs: dict[str, list] | None = None
     version: dict[str, Any] | None = None
+    #: The origin's signature (:mod:`.signatures`): an echo if the origin is us.
+    signature: str | None = None
     #: ``decode_body(body)`` if the caller has it already (read only).
     decoded: tuple[str, dict[str, Any]] | None = dataclasses.field(default=None, compare=False,
                                                                    repr=False)

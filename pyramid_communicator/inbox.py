@@ -43,7 +43,7 @@ import transaction
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from . import queues, wire
+from . import echoes, queues, wire
 from .applying import Message, Refused, apply_message
 from .message_bodies import PLAIN, check_fields, ordering_key
 from .messages import dispatch, handler_for
@@ -236,10 +236,10 @@ def _plan_retries(session: Session, tm: transaction.TransactionManager, backoff:
 def _message(row, decoded: tuple[str, dict] | None, arrived: WireMessage | None) -> Message:
     if arrived is not None:  # the same JSON, parsed on arrival
         return Message(row.sender, row.body, row.origin, row.original_id,
-                       arrived.refs or None, arrived.version or None, decoded)
+                       arrived.refs or None, arrived.version or None, row.signature, decoded)
     return Message(row.sender, row.body, row.origin, row.original_id,
                    json.loads(row.refs) if row.refs else None,
-                   json.loads(row.version) if row.version else None, decoded)
+                   json.loads(row.version) if row.version else None, row.signature, decoded)
 
 
 def _apply_batch(session: Session, tm: transaction.TransactionManager, local_name: str,
@@ -338,7 +338,10 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         work.preload(records)
         with session.no_autoflush:
             for message in records:
-                apply_message(work, message)
+                if echoes.is_echo(message, local_name):
+                    echoes.apply_echo(work, message)
+                else:
+                    apply_message(work, message)
         work.write()
         records.clear()
 

@@ -90,6 +90,10 @@ class OutboundMessage(Base):
     given_up_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
     given_up_by: Mapped[str | None] = mapped_column(String(255))
     given_up_reason: Mapped[str | None] = mapped_column(Text)
+    #: An echo (:mod:`.echoes`): the origin's signature of a message of a
+    #: restored peer's own, sent back to it.  NULL for every other message
+    #: (ours are signed as they are sent).
+    signature: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         # "WHERE delivered_at IS NULL ORDER BY id" is the queue's only scan.
@@ -137,6 +141,10 @@ class InboundMessage(Base):
     #: Refused for good (the peer may not do this); never retried unless an
     #: operator names it in ``pcommunicate --retry ID``.
     refused_at: Mapped[datetime.datetime | None] = mapped_column(Timestamp)
+    #: The origin's signature of a record message it published (hex
+    #: HMAC-SHA256, :mod:`.echoes`), NULL if it sent none: kept to echo the
+    #: message back should the sender be restored from a backup.
+    signature: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         UniqueConstraint('sender', 'remote_id'),

@@ -72,7 +72,7 @@ def pending_outbound(session: Session, limit: int, after_id: int = 0) -> list[Ro
     commits late is still undelivered next time, never skipped."""
     return session.execute(
         select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version,
-               OUT.format)
+               OUT.format, OUT.signature)
         .where(PENDING_OUT, OUT.id > after_id)
         .order_by(OUT.id).limit(limit)
     ).all()
@@ -97,7 +97,7 @@ def outbound_from(session: Session, from_id: int, limit: int) -> list[Row]:
     """The gem's view of the queue: every message with ``id >= from_id``."""
     return session.execute(
         select(OUT.id, OUT.body, OUT.origin, OUT.original_id, OUT.refs, OUT.version,
-               OUT.format)
+               OUT.format, OUT.signature)
         .where(OUT.id >= from_id).order_by(OUT.id).limit(limit)
     ).all()
 
@@ -178,6 +178,7 @@ def _inbound_row(sender: str, message: WireMessage,
             'refs': _plain(message.refs) if message.refs else None,
             'version': _compact(message.version) if message.version else None,
             'format': message.format, 'created_at': now, 'attempts': 0,
+            'signature': None if refused else message.signature,
             'refused_at': now if refused else None,
             'failed_at': now if refused else None,
             'last_error': f'refused: {message.error}'[:4000] if refused else None}
@@ -212,7 +213,7 @@ def raise_purged_watermark(session: Session, sender: str, remote_id: int) -> Non
 def pending_inbound(session: Session, limit: int, after_id: int = 0,
                     ids: Sequence[int] | None = None) -> list[Row]:
     query = (select(IN.id, IN.sender, IN.remote_id, IN.body, IN.origin, IN.original_id,
-                    IN.refs, IN.version, IN.format, IN.failed_at)
+                    IN.refs, IN.version, IN.format, IN.failed_at, IN.signature)
              .where(IN.processed_at.is_(None), IN.given_up_at.is_(None),
                     IN.refused_at.is_(None), IN.id > after_id)
              .order_by(IN.id).limit(limit))

@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from . import queues
+from . import echoes, queues
 from .models import communicator_state, outbound_messages, utcnow
 from .predicates import one_of
 from .wire import WireError
@@ -131,12 +131,16 @@ class Healing:
     renumbered: int = 0
     #: The id sequence moved to at least this.
     sequence: int | None = None
+    #: The peer's own messages sent back to it (:mod:`.echoes`).
+    echo: echoes.Echo | None = None
 
     def __str__(self) -> str:
         parts = [f'sent again {self.resent}'
                  + (f' (ids {self.resent_ids[0]}-{self.resent_ids[1]})'
                     if self.resent_ids else ''),
                  f'renumbered {self.renumbered}']
+        if self.echo is not None and (self.echo.rows or self.echo.purged_after is not None):
+            parts.append(str(self.echo))
         if self.sequence is not None:
             parts.append(f'ids now after {self.sequence}')
         if self.purged_after is not None:
@@ -145,10 +149,13 @@ class Healing:
         return ', '.join(parts)
 
 
-def heal(session: Session, peer: str, peer_received: int) -> Healing:
+def heal(session: Session, peer: str, peer_received: int,
+         peer_holds: int | None = None) -> Healing:
     """Start over from ``peer_received``, the highest of our ids the peer
     says it stored: send again what we delivered after it, and move
-    undelivered messages (and the id sequence) past it."""
+    undelivered messages (and the id sequence) past it.  ``peer_holds``:
+    the highest of its own ids the peer says it holds; its own messages
+    after that go back to it first (:mod:`.echoes`)."""
     healing = Healing()
     before = acknowledged(session, peer)
     # 1. What we delivered after what the peer holds goes again: only rows
@@ -179,6 +186,8 @@ def heal(session: Session, peer: str, peer_received: int) -> Healing:
             one_of(OUT.id, [row.id for row in pending], session.get_bind().dialect.name)))
         healing.renumbered = len(pending)
         following += len(pending)
+    if peer_holds is not None:
+        following = _echo(session, peer, peer_holds, following, healing)
     # 3. The sequence: new messages get ids past everything the peer has.
     if following > highest:
         _move_sequence(session, following)
@@ -186,6 +195,29 @@ def heal(session: Session, peer: str, peer_received: int) -> Healing:
     queues.set_state(session, _acknowledged_key(peer), str(peer_received))
     queues._changed(session)
     return healing
+
+
+def _echo(session: Session, peer: str, peer_holds: int, following: int,
+          healing: Healing) -> int:
+    """Queue the peer's lost messages of its own ahead of everything we
+    have to send it: what waits gets ids after them.  The id the queue
+    now follows."""
+    healing.echo = echo = echoes.to_echo(session, peer, peer_holds)
+    if not echo.rows:
+        return following
+    waiting = session.execute(select(outbound_messages).where(OUT.delivered_at.is_(None))
+                              .order_by(OUT.id)).all()
+    session.execute(insert(outbound_messages),
+                    [{**row, 'id': following + n} for n, row in enumerate(echo.rows, 1)])
+    following += len(echo.rows)
+    if waiting:
+        session.execute(delete(outbound_messages).where(
+            one_of(OUT.id, [row.id for row in waiting], session.get_bind().dialect.name)))
+        session.execute(insert(outbound_messages), [
+            {**row._mapping, 'id': following + n} for n, row in enumerate(waiting, 1)])
+        following += len(waiting)
+        healing.resent_ids = None  # they go under new ids now
+    return following
 
 
 def _move_sequence(session: Session, past: int) -> None:
@@ -275,7 +307,7 @@ def _conclude(session: Session, local_name: str, peer: str, mine: str | None,
     if not differs:
         return None
     restored = _restored(mine, theirs_token, local_name, peer)
-    healing = heal(session, peer, theirs.received)
+    healing = heal(session, peer, theirs.received, theirs.acknowledged)
     if restored == local_name:  # this database came back from a backup
         queues.set_state(session, EPOCH_KEY, secrets.token_hex(8))
     line = (f'checkpoint with {peer} differs: {restored} restored from a backup (or a '
@@ -319,13 +351,15 @@ def serve(session: Session, local_name: str, peer: str,
     central sends with ours, heal if they differ, record the new one; the
     reply headers.  Raises :class:`.wire.WireError` for malformed ones."""
     theirs = _parse(request, reply=False)
-    mine, _, previous = (_state(session, _server_key(peer)) or '').partition(' ')
-    mine, previous = mine or None, previous or None
+    recorded = (_state(session, _server_key(peer)) or '').split(' ')
+    mine = recorded[0] or None
+    previous = recorded[1] if len(recorded) > 1 and recorded[1] not in ('', '-') else None
     if theirs.recorded is None and mine is None:
         verdict = 'first'
     elif theirs.recorded == mine:
         verdict = 'same'
-    elif theirs.recorded is not None and theirs.recorded == previous:
+    elif theirs.recorded is not None and theirs.recorded == previous \
+            and not _moved_since(session, peer, recorded[2:4]):
         # Central never recorded the token we did last time: that reply was
         # lost (or central stopped before it committed), and nothing else
         # of that run happened.  Not a restore: nothing to heal.
@@ -339,11 +373,26 @@ def serve(session: Session, local_name: str, peer: str,
         # One side no longer holds what it acknowledged to the other: it
         # lost writes (a restore), whatever the tokens say.
         verdict = 'differs'
-    # Central says what it holds of ours; what we hold of its, before
-    # anything changes, goes back so that it can heal too.
+    # Central says what it holds of ours; what we hold of its, and of our
+    # own, before anything changes, goes back so that it can heal too.
+    holds = acknowledged(session, peer)
     _conclude(session, local_name, peer, mine, theirs, theirs.recorded,
               verdict == 'differs')
-    # The one before is kept, to tell a lost reply from a restore.
-    queues.set_state(session, _server_key(peer), f'{theirs.second} {mine or ""}'.rstrip())
-    return _headers(session, peer, f'{mine or "-"} {verdict}')
+    # The one before is kept, to tell a lost reply from a restore, and
+    # where both queues stood: the run went on past the reply if they move.
+    queues.set_state(session, _server_key(peer),
+                     f'{theirs.second} {mine or "-"} {queues.last_remote_id(session, peer)} '
+                     f'{acknowledged(session, peer)}')
+    return {**_headers(session, peer, f'{mine or "-"} {verdict}'),
+            ACKNOWLEDGED_HEADER: str(holds)}
+
+
+def _moved_since(session: Session, peer: str, marks: list[str]) -> bool:
+    """Did the run of our last checkpoint exchange messages after it?  Then
+    its reply was not lost: central went on from it, and a central that
+    no longer holds it came back from a backup."""
+    if len(marks) != 2 or not all(mark.isdigit() for mark in marks):
+        return False  # recorded by an older version: as before
+    return (queues.last_remote_id(session, peer) > int(marks[0])
+            or acknowledged(session, peer) > int(marks[1]))
 

@@ -19,6 +19,7 @@ from zope.sqlalchemy import mark_changed
 
 from . import outbound_failures, queues
 from .client import Client, PeerError
+from .echoes import TAKEN_BACK_KEY
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
 from .restores import RESTORE_KEY
@@ -152,6 +153,17 @@ def queue_status(session: Session, name: str, failures: int = 50,
     restore = states.get(RESTORE_KEY)
     if restore is not None:  # only once one was detected
         report['last_restore'] = {'at': _iso(restore[1]), 'what': restore[0]}
+    taken_back = states.get(TAKEN_BACK_KEY)
+    # Messages of our origin with a signature that did not verify.
+    refused_echoes = session.execute(
+        select(func.count()).where(_REFUSED, IN.signature.is_not(None), IN.origin == name)
+    ).scalar_one()
+    if taken_back is not None or refused_echoes:
+        report['echoes'] = {
+            'taken_back': int(taken_back[0]) if taken_back and (taken_back[0] or '').isdigit()
+            else 0,
+            'last_at': _iso(taken_back[1]) if taken_back else None,
+            'refused': int(refused_echoes)}
     return report
 
 
@@ -241,6 +253,11 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
     if restore:
         lines.append(f"restore detected: {printable(restore.get('at'), 40)} "
                      f"{printable(restore.get('what'), 300)}")
+    echoes = _part(status, 'echoes')
+    if echoes:
+        lines.append(f"echoes: {_number(echoes.get('taken_back'))} of our own messages taken "
+                     f"back from the peer (last {printable(echoes.get('last_at'), 40)}), "
+                     f"{_number(echoes.get('refused'))} refused (signature did not verify)")
     failures = status.get('failures')
     for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
         if not isinstance(failure, dict):

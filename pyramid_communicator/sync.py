@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import register
 
-from . import outbound_failures, queues, restores, wire
+from . import echoes, outbound_failures, queues, restores, wire
 from .client import BodyTooLarge, Client, PeerError, PullReply, RequestRefused
 from .inbox import ApplyResult, apply_pending
 from .models import utcnow
@@ -231,8 +231,10 @@ class Communicator:
                 if kept:
                     break
                 after = rows[-1].id  # a page of held-back messages only: read on
+            # A gem peer needs no signature: it never echoes (.echoes).
+            key = None if self.settings.gem_peer else echoes.signing_key(self.session)
         rows = queues.within_bytes(kept, self.settings.batch_bytes)
-        messages = [wire.outbound_to_wire(row, self.settings.name) for row in rows]
+        messages = [wire.outbound_to_wire(row, self.settings.name, key) for row in rows]
         # Unchanged unless the wire thread sets a message aside meanwhile.
         return _Batch(messages, wire.dumps(messages))
 

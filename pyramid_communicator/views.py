@@ -21,7 +21,7 @@ from pyramid.authentication import extract_http_basic_credentials
 from pyramid.request import Request
 from pyramid.response import Response
 
-from . import queues, restores, throttle, wire
+from . import echoes, queues, restores, throttle, wire
 from .retries import Backoff
 from .settings import CommunicatorSettings, get_settings, is_valid_name
 from .status import queue_status
@@ -216,7 +216,8 @@ def get_messages(request: Request) -> Response:
     fetched = rows[:limit]
     rows = queues.within_bytes(fetched, settings.batch_bytes)
     more = more or len(rows) < len(fetched)
-    messages = [wire.outbound_to_wire(row, settings.name) for row in rows]
+    key = None if settings.gem_peer else echoes.signing_key(session)
+    messages = [wire.outbound_to_wire(row, settings.name, key) for row in rows]
     if query.get('pending') != '1':
         queues.mark_delivered(session, [m.id for m in messages])
     # When the peer last pulled from us (to within seconds: a big pull

@@ -16,6 +16,7 @@ from typing import Any
 
 from .message_bodies import PLAIN, check_fields
 from .records import decode_body
+from .signatures import sign, well_formed
 from .versions import HERE, valid_wire_version
 
 #: Response header: our server has more pending messages than it returned.
@@ -89,6 +90,10 @@ class WireMessage:
     #: Our extension: the format the sender wrote the message in (absent
     #: on the wire: 1, the gem's).
     format: int = 1
+    #: Our extension: the origin's signature of a record message it
+    #: published (:mod:`.signatures`); a peer keeps it, and sends it back
+    #: in an echo (:mod:`.echoes`).  Optional: the gem sends none.
+    signature: str | None = None
     #: ``records.decode_body(body)``, kept by :func:`parse_messages` (which
     #: decodes each body to check it): the receiver applies the batch it
     #: just stored without decoding it again.  Not on the wire.
@@ -107,11 +112,17 @@ class WireMessage:
             data['refs'] = self.refs
         if self.version is not None:
             data['version'] = self.version
+        if self.signature is not None:
+            data['signature'] = self.signature
         return data
 
 
-def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
-    """An ``outbound_messages`` row as sent; a NULL origin means this app."""
+def outbound_to_wire(row: Any, local_name: str, key: bytes | None = None) -> WireMessage:
+    """An ``outbound_messages`` row as sent; a NULL origin means this app.
+
+    With ``key`` (:func:`.echoes.signing_key`), a versioned record message
+    of this app's origin is signed; an echo carries the signature it was
+    stored with."""
     origin = row.origin
     if origin is None and row.original_id is not None:
         origin = local_name
@@ -122,8 +133,12 @@ def outbound_to_wire(row: Any, local_name: str) -> WireMessage:
     version = None
     if getattr(row, 'version', None):
         version = _named(json.loads(row.version), local_name)
+    signature = getattr(row, 'signature', None)
+    if signature is None and key is not None and row.origin is None \
+            and row.original_id is not None and version is not None:
+        signature = sign(key, origin, row.original_id, row.body, version, refs)
     return WireMessage(row.id, row.body, origin, row.original_id, refs, version,
-                       getattr(row, 'format', None) or 1)
+                       getattr(row, 'format', None) or 1, signature)
 
 
 def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
@@ -292,8 +307,11 @@ def _parse_message(item: dict[str, Any], message_id: int) -> WireMessage:
     if version is not None and known and not valid_wire_version(version):
         raise _Malformed('"version" must be {"clock": {app: hlc}, '
                          '"stamps": {attribute: [hlc, app]}} or a deletion')
+    signature = item.get('signature')
+    if signature is not None and not well_formed(signature):
+        raise _Malformed('"signature" must be 64 lowercase hex digits or null')
     return WireMessage(message_id, body, origin, original_id, refs or None,
-                       version, message_format, decoded)
+                       version, message_format, signature, decoded)
 
 
 def _check_plain(item: dict[str, Any], fields: Any, message_format: int) -> None:

@@ -197,13 +197,15 @@ def deletion(app: str, **clock: int) -> dict[str, Any]:
 
 def message(name: str, attributes: dict[str, Any], origin: str, original_id: int,
             version: dict[str, Any] | None, refs: dict[str, list] | None = None,
-            ) -> dict[str, Any]:
+            signature: str | None = None) -> dict[str, Any]:
     data = {'id': 0, 'body': json.dumps({name: attributes}), 'origin': origin,
             'original_id': original_id, 'format': 2}
     if version is not None:
         data['version'] = version
     if refs is not None:
         data['refs'] = refs
+    if signature is not None:
+        data['signature'] = signature
     return data
 
 
@@ -288,6 +290,24 @@ ATTACKS: dict[str, tuple[Attack, str]] = {
         lambda ids, sent: [message('post', {'title': 'Forged origin'}, 'elsewhere', 5,
                                    edit('facade', 'title'))],
         'may create records of its own origin only'),
+    "echo a record of central's that central never made, with a forged signature": (
+        lambda ids, sent: [message('post', {'title': 'Forged echo'}, 'central', 9999,
+                                   edit('central', 'title', hlc=now_hlc() - HOUR),
+                                   signature='ab' * 32)],
+        'signature does not verify'),
+    "echo central's private record with a forged signature": (
+        lambda ids, sent: [message('tag', {'name': 'internal', 'label': 'Echoed'}, 'central',
+                                   ids['internal'], edit('central', 'label', hlc=now_hlc()),
+                                   signature='0' * 64)],
+        'signature does not verify'),
+    "echo a lost record of central's without a signature": (
+        lambda ids, sent: [message('post', {'title': 'Unsigned echo'}, 'central', 9998,
+                                   edit('central', 'title', hlc=now_hlc() - HOUR))],
+        'which was never sent to it'),
+    'echo with a malformed signature': (
+        lambda ids, sent: [message('post', {'title': 'Echo'}, 'central', 9997,
+                                   edit('central', 'title'), signature='not hex')],
+        '"signature" must be'),
     'overwrite without a version': (
         lambda ids, sent: [message('hostile_ruled', {'title': 'No version'}, 'central',
                                    ids['ruled'], None)],
@@ -396,6 +416,43 @@ def test_a_lying_checkpoint_makes_central_send_again_only_what_it_sent(central):
     central_still_saves_every_record(central)
 
 
+def test_echoes_are_taken_back_only_as_central_signed_them(central):
+    """The facade claims central was restored and echoes central's own
+    records back.  Only what central's key signed, exactly, is taken back
+    (and changes nothing central still holds); a changed body, version or
+    identity under a genuine signature is refused, and central's tables
+    stay as they were."""
+    side = central.side
+    before = host_state(side)
+    [shared] = [m for m in central.facade.pushed if m['original_id'] == central.ids['shared']
+                and json.loads(m['body']).keys() == {'post'}]
+    assert len(shared['signature']) == 64  # central signs the records it publishes
+    genuine = {key: shared[key] for key in
+               ('body', 'origin', 'original_id', 'version', 'format', 'signature')}
+    post = json.loads(shared['body'])['post']
+    later = now_hlc()
+    forged = [
+        {**genuine, 'body': json.dumps({'post': {**post, 'title': 'Tampered'}})},
+        {**genuine, 'original_id': central.ids['secret']},  # another record's id
+        {**genuine, 'original_id': 9999},  # a record central never made
+        {**genuine, 'version': {**shared['version'], 'clock': {'central': later},
+                                'stamps': {'title': [later, 'central']}}},
+    ]
+    central.facade.checkpoint = {  # "central was restored and holds nothing"
+        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
+        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.serve(genuine, *forged)
+    central.run()
+    central.facade.checkpoint = None
+
+    assert host_state(side) == before
+    assert sum('signature does not verify' in error for error in refusals(central)) == 4
+    status = central_status(central)
+    assert 'echoes: 1 of our own messages taken back' in status and '4 refused' in status
+    nothing_private_goes_out(central)
+    central_still_saves_every_record(central)
+
+
 @pytest.mark.parametrize('reply', [
     [], 'x', {'name': 'facade'}, {'origins': {'central': 'many'}},
     {'origins': {'central': [10 ** 30, 'ab', 1, 2]}},
@@ -499,6 +556,15 @@ REVERSE: dict[str, tuple[Callable[[dict[str, int]], list[dict[str, Any]]], str]]
         lambda ids: [message('post', {'title': 'New life'}, 'facade', ids['shared'],
                              {**edit('central', 'title'), 'life': 1})],
         'only its origin can'),
+    "echo a record of the facade's that it never made, with a forged signature": (
+        lambda ids: [message('post', {'title': 'Forged echo'}, 'facade', 9999,
+                             edit('facade', 'title', hlc=now_hlc() - HOUR),
+                             signature='ab' * 32)],
+        'signature does not verify'),
+    "echo the facade's private record with a forged signature": (
+        lambda ids: [message('tag', {'name': 'internal', 'label': 'Echoed'}, 'facade',
+                             ids['internal'], edit('facade', 'label'), signature='0' * 64)],
+        'signature does not verify'),
     'overwrite without a version': (
         lambda ids: [message('post', {'title': 'No version'}, 'facade', ids['shared'], None)],
         'without a version'),

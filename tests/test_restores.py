@@ -176,3 +176,82 @@ def test_a_restored_central_gets_what_it_lost_and_its_new_records_reach_the_faca
                        'f2': ('f2 edited after the restore',), 'f3': ('f3',), 'f4': ('f4',)}
     result = central.pcommunicate()
     assert result.returncode == 0 and 'restored' not in result.stderr
+
+
+def verified(central: Central) -> None:
+    result = central.pcommunicate('--verify')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'verify: equal' in result.stdout
+
+
+def test_a_restored_central_takes_back_the_records_it_made_and_only_the_facade_kept(
+        pair, tmp_path):
+    """Records central made and pushed after its backup come back from the
+    facade's echo, signed by central: same ids, same values, and the
+    facade's edits of them made meanwhile apply after them."""
+    central, facade = pair
+    ids = history(central, facade)
+    backup = Backup(central.side, tmp_path)
+    ids['c3'] = central_post(central, title='c3', body='c3')
+    ids['c4'] = central_post(central, title='c4', body='c4')
+    edit(central, ids['c1'], 'c1 edited before the restore')
+    central.sync()
+    assert contents(facade.side)['c3'] == ('c3',)
+    backup.restore()
+    assert 'c3' not in contents(central.side)
+    at_facade = posts_by_title(facade.side)
+    facade.update_post(at_facade['c4']['id'], title='c4', body='c4 edited on the facade')
+
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert 'central restored' in result.stderr
+    central.sync()
+    records = converged(central, facade)
+    assert records == {'c1': ('c1 edited before the restore',), 'c2': ('c2',),
+                       'c3': ('c3',), 'c4': ('c4 edited on the facade',),
+                       'f1': ('f1',), 'f2': ('f2',)}
+    at_central = posts_by_title(central.side)
+    assert (at_central['c3']['id'], at_central['c4']['id']) == (ids['c3'], ids['c4'])
+    assert central.side.count('inbound_messages', 'refused_at IS NOT NULL') == 0
+    verified(central)
+    # No new record takes an id the facade holds: it is a new record there.
+    fresh = central_post(central, title='c5', body='made after the healing')
+    assert fresh > ids['c4']
+    central.sync()
+    assert converged(central, facade)['c4'] == ('c4 edited on the facade',)
+    status = central.sync('--status')
+    assert 'echoed back 3 of its own messages (its ids 3-5)' in status  # the facade's part
+    assert 'echoes: 3 of our own messages taken back' in status and '0 refused' in status
+    verified(central)
+
+
+def test_a_restored_facade_takes_back_the_records_it_made_and_only_central_kept(
+        pair, tmp_path):
+    central, facade = pair
+    ids = history(central, facade)
+    backup = Backup(facade.side, tmp_path)
+    ids['f3'] = facade.create_post(title='f3', body='f3')['id']
+    facade.update_post(ids['f2'], title='f2', body='f2 edited before the restore')
+    central.sync()
+    assert contents(central.side)['f3'] == ('f3',)
+    backup.restore()
+    assert 'f3' not in contents(facade.side)
+    edit(central, posts_by_title(central.side)['f3']['id'], 'f3 edited on central')
+
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert 'facade restored' in result.stderr and 'echoed back 2' in result.stderr
+    central.sync()
+    records = converged(central, facade)
+    assert records == {'c1': ('c1',), 'c2': ('c2',), 'f1': ('f1',),
+                       'f2': ('f2 edited before the restore',),
+                       'f3': ('f3 edited on central',)}
+    assert posts_by_title(facade.side)['f3']['id'] == ids['f3']
+    status = central.sync('--status')
+    assert 'echoes: 2 of our own messages taken back' in status  # the facade's part
+    verified(central)
+    fresh = facade.create_post(title='f4', body='made after the healing')['id']
+    assert fresh > ids['f3']
+    central.sync()
+    assert converged(central, facade)['f3'] == ('f3 edited on central',)
+    verified(central)

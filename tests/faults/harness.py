@@ -729,6 +729,9 @@ class Figures:
     #: again under a new id (renumbered by the healing; same body and
     #: version): not duplicates, see :func:`restore_side`.
     resent_after_restore: int = 0
+    #: Messages a peer holds from a side whose restore lost them, and which
+    #: it echoed back to that side (:mod:`pyramid_communicator.echoes`).
+    echoed_after_restore: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -800,9 +803,16 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
                 figures.duplicated += len(stored) - 1
                 figures.problems.append(f'{name} outbound {message_id} stored '
                                         f'{len(stored)} times on {peer.name}')
+        # The restored side's own messages its peer echoed back to it.
+        echoed = {row['body'] for row in side.rows('inbound_messages')
+                  if row['sender'] == peer.name and row['origin'] == name
+                  and row.get('signature')}
         for remote_id in sorted(set(by_remote) - sent):
             if forgotten.get(remote_id) in current:
                 figures.resent_after_restore += len(by_remote[remote_id])
+                continue
+            if remote_id in forgotten and forgotten[remote_id][0] in echoed:
+                figures.echoed_after_restore += len(by_remote[remote_id])
                 continue
             figures.duplicated += len(by_remote[remote_id])
             figures.problems.append(f'{peer.name} holds inbound {name}#{remote_id} '
@@ -1111,7 +1121,29 @@ def _kill_in_exchange(rig: Rig, rng: random.Random) -> bool:
     return rig.runner.kill(process).killed
 
 
-def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
+def _held_by_peer(peer: SideLike, restored: str) -> dict[str, int]:
+    """The versions of posts the peer holds, or has stored from the
+    restored side to apply: marker -> the newest version."""
+    held: dict[str, int] = {}
+
+    def note(body: str) -> None:
+        marker, _, version = body.rpartition(':v')
+        if marker and version.isdigit():
+            held[marker] = max(held.get(marker, 0), int(version))
+
+    for _, body in _posts(peer):
+        note(body)
+    for row in peer.rows('inbound_messages'):
+        if row['sender'] == restored and row['refused_at'] is None:
+            try:
+                note(json.loads(row['body'])['post']['body'])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return held
+
+
+def restore_side(rig: Rig, rng: random.Random, run: int, restored: str,
+                 sends: bool = False) -> bool:
     """One side's database put back from a backup taken at a random
     earlier point, with both sides working and runs going on around it.
 
@@ -1143,11 +1175,18 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
     The documented limits of :mod:`pyramid_communicator.restores` are
     avoided, not measured: the restored side writes nothing between the
     backup and the restore that a run could carry to its peer (step 3 is
-    the other side's only). Records it made there and sent would stay on
-    the peer only, and their ids be reused by its new records; its edits
-    sent there would stay on the peer until edited again; both would be
-    divergences by design. Step 4's records, never sent, have their ids
+    the other side's only). Step 4's records, never sent, have their ids
     reused by step 5's: harmless, the peer never saw them.
+
+    ``sends``: the restored side writes in step 3 too (creates, and edits
+    of the records of its own origin: :mod:`pyramid_communicator.echoes`
+    gives those back, edits of other records it does not), and the runs
+    carry them to the peer: what the peer holds of them (stored, applied
+    or not) must come back, what it does not is gone with the restore.
+    Step 5 is then the other side's only, followed by a run, and only
+    then does the restored side write (a record it made between the
+    restore and the healing run could take the id of one the peer holds:
+    a documented limit).
     """
     from test_restores import Backup
     workload = rig.workload
@@ -1158,11 +1197,20 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
         workload.round(rng, size=3)
         rig.runner.run()
     workload.round(rng, size=3)
+    peer = rig.central if restored == 'facade' else rig.facade
     with tempfile.TemporaryDirectory() as directory:
         backup = Backup(side, Path(directory))
+        at_backup = {marker: record.version for marker, record in workload.records.items()
+                     if record.owner == restored}
         steps = rng.randint(1, 3)
         for step in range(steps):
             workload.round(rng, size=3, sides=(other,))
+            if sends:
+                workload.create(restored, rng.randint(1, 2))
+                own = [r for r in workload.records.values()
+                       if r.owner == restored and r.marker.startswith(f'{restored[0]}-')]
+                for record in rng.sample(own, min(2, len(own))):
+                    workload.update(record)
             if run % 2 == 1 and step == steps - 1:
                 counts['killed in flight'] += _kill_in_exchange(rig, rng)
             else:
@@ -1172,6 +1220,15 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
         versions = {marker: record.version for marker, record in workload.records.items()
                     if record.owner == restored}
         known = set(workload.records)
+        if sends:  # what the restored side sent comes back; the rest is gone
+            rig.proxy.wait_idle()
+            held = _held_by_peer(peer, restored)
+            versions = {marker: max(at_backup.get(marker, 0), held.get(marker, 0))
+                        for marker in versions if marker in at_backup or marker in held}
+            known -= {marker for marker, record in workload.records.items()
+                      if record.owner == restored and marker not in versions}
+            counts['records and edits sent, then restored away'] += sum(
+                held.get(marker, 0) > at_backup.get(marker, -1) for marker in versions)
         workload.round(rng, size=3, sides=(restored,))
         rig.restore(backup)
     gone = [marker for marker in workload.records if marker not in known]
@@ -1185,6 +1242,16 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str) -> bool:
         record.version = version
     if restored == 'facade':
         rig.facade_answers()
+    if sends:
+        workload.round(rng, size=3, sides=(other,))
+        # The healing run must be done before the restored side writes (a
+        # run can fail on this loaded machine: a timeout; it is run again).
+        for _ in range(3):
+            outcome = rig.runner.run()
+            if outcome.returncode == 0:
+                break
+            counts['healing runs failed and run again'] += 1
+            print(f'healing run failed: {outcome.output.strip()[-300:]}')
     workload.round(rng, size=3)
     return True
 
@@ -1197,6 +1264,16 @@ def restore_facade(rig: Rig, rng: random.Random, run: int) -> bool:
 def restore_central(rig: Rig, rng: random.Random, run: int) -> bool:
     """Central's database restored from a backup (see :func:`restore_side`)."""
     return restore_side(rig, rng, run, 'central')
+
+
+def restore_facade_after_sending(rig: Rig, rng: random.Random, run: int) -> bool:
+    """The facade restored after it sent records and edits of its own."""
+    return restore_side(rig, rng, run, 'facade', sends=True)
+
+
+def restore_central_after_sending(rig: Rig, rng: random.Random, run: int) -> bool:
+    """Central restored after it sent records and edits of its own."""
+    return restore_side(rig, rng, run, 'central', sends=True)
 
 
 QUEUE_TABLES = ('inbound_messages', 'outbound_messages', 'communicator_state')
@@ -1250,6 +1327,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Rig, random.Random, int], bool]]] = {
     'restore_facade': ("facade's database restored from an earlier backup", restore_facade),
     'restore_central': ("central's database restored from an earlier backup",
                         restore_central),
+    'restore_facade_sent': ('facade restored after sending records of its own',
+                            restore_facade_after_sending),
+    'restore_central_sent': ('central restored after sending records of its own',
+                             restore_central_after_sending),
 }
 
 
@@ -1315,7 +1396,8 @@ def run_scenario(rig: Rig, name: str, runs: int, rng: random.Random) -> Scenario
                        for outcome in rig.runner.outcomes[first:])
         notes = ', '.join(f'{key}: {value}' for key, value in rig.restore_counts.items())
         notes += (f', runs that found a restore: {detected}, messages sent again '
-                  f'under a new id: {figures.resent_after_restore}')
+                  f'under a new id: {figures.resent_after_restore}, messages echoed back: '
+                  f'{figures.echoed_after_restore}')
     return ScenarioResult(title, rig.backend, runs, hits, recovery_runs, figures,
                           dict(exits), [o.returncode for o in outcomes],
                           outcomes[-1].output[-1500:], crashes, rig.tags.edits, notes)

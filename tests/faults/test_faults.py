@@ -9,7 +9,10 @@ Restores (``restore_facade``, ``restore_central``): one side's database
 put back from an earlier backup, with runs around it (one killed in
 flight on odd runs); what that side wrote after the backup and never
 sent is gone by the nature of a restore and not counted as lost, all the
-rest must survive (see :func:`harness.restore_side`).
+rest must survive (see :func:`harness.restore_side`). In
+``restore_facade_sent`` and ``restore_central_sent`` the restored side
+also writes and sends records of its own between backup and restore:
+what the peer holds of them must come back (echoes).
 
 Short by default; ``COMMUNICATOR_FAULT_RUNS=50 pytest -m faults -s`` for
 a long run (``COMMUNICATOR_FAULT_SEED`` replays one).

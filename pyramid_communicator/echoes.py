@@ -1,0 +1,275 @@
+"""Echoes: a side restored from a backup gets back the records it made
+itself, and lost, from its peer.
+
+Records a side created (or edited, or deleted) between its backup and the
+restore live on only at the peer, as ``(origin=restored side, id)``.
+Healing (:mod:`.restores`) re-sends what each side delivered, but the
+peer cannot give those back by the usual way: the trust rule
+(:mod:`.trust`) forbids a peer to create records of another origin, or
+a hostile facade could inject "central's own" records into central.
+
+So every record message an app publishes as its origin is signed with a
+secret only that app holds (:mod:`.signatures`; the key is 32 random
+bytes made on first use and kept in ``communicator_state``, in the same
+backup as the data: no setting to lose or leak).  The receiver keeps the
+signature with the inbound message.  When a checkpoint differs, the peer
+looks at what the other side says it still holds of its own messages
+(``X-Communicator-Acknowledged``) and *echoes* back, in its outbound
+queue, the stored messages of that side's origin with ids above it, with
+their signatures, before anything else it has to send (the messages
+waiting behind them get new ids past the echoes: a peer's later edit of
+an echoed record must come after the record).  A side that was not
+restored holds all of them, so nothing is echoed to it.
+
+The restored side verifies each echo with its own key and applies it as
+its own lost history, never as the peer's claim: the record comes back
+under its own identity and id (the own-origin mapping row is written
+again, version and life kept), an echoed edit wins an attribute only
+with a newer stamp than the one held here, an echoed delete deletes
+only a record not edited since.  Later edits from the peer then apply as
+usual.  A message of our origin that carries a signature that does not
+verify (forged, tampered, another key) is refused (:class:`.trust.Refused`:
+logged, counted in ``--status``, never applied); one without any is not
+an echo and meets the trust rule as before.  A peer replaying genuine
+old echoes changes nothing: they are older than what we hold.
+
+An echoed record gets its old id back by an explicit primary key; the
+model's id sequence is moved past it (PostgreSQL ``setval``; MariaDB and
+SQLite follow explicit ids by themselves), so that no record made later
+reuses it.  A record made here *after the restore and before the healing
+run* may already have taken such an id: the echo then finds the id taken
+and is refused with that reason (the old record stays on the peer only);
+run ``pcommunicate`` right after a restore, before the app takes writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from . import queues
+from .applying import Message, Refused, _Application
+from .models import communicator_state, inbound_messages, utcnow
+from .records import fingerprint, natural_key, receiver_for
+from .signatures import verify
+from .versions import HERE, Version, covered, merge_clocks, named
+from .working_set import WorkingSet
+
+log = logging.getLogger(__name__)
+IN = inbound_messages.c
+
+#: ``communicator_state`` key of this app's signing key (hex).
+KEY_STATE = 'signing_key'
+#: ``communicator_state`` key: how many echoes this app took back.
+TAKEN_BACK_KEY = 'echoes_taken_back'
+#: At most this many messages are echoed back per healing: the other
+#: side's claim of what it holds is hostile input.
+ECHO_LIMIT = 10_000
+_INFO = 'communicator_signing_key'
+
+
+def signing_key(session: Session) -> bytes:
+    """This app's secret signing key, made on first use.  A restore brings
+    back the key of the backup, which signed what the peer holds (if the
+    backup predates the key, echoes of messages signed before the restore
+    fail to verify and are refused: nothing is lost that the restore did
+    not lose already)."""
+    cached = session.info.get(_INFO)
+    if cached is not None:
+        return cached
+    value = session.execute(select(communicator_state.c.value)
+                            .where(communicator_state.c.key == KEY_STATE)).scalar()
+    try:
+        key = bytes.fromhex(value or '')
+    except ValueError:
+        key = b''
+    if len(key) != 32:
+        key = secrets.token_bytes(32)
+        queues.set_state(session, KEY_STATE, key.hex())
+        return key  # not cached: the transaction may still roll back
+    session.info[_INFO] = key
+    return key
+
+
+# -- the peer: echoing back -----------------------------------------------------
+
+@dataclasses.dataclass
+class Echo:
+    """The messages of the other side's origin to send back to it."""
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: Their ids at the other side, first and last.
+    ids: tuple[int, int] | None = None
+    #: Messages after ``holds`` that retention purged here: gone.
+    purged_after: int | None = None
+    #: More than :data:`ECHO_LIMIT` were due; these many were left out.
+    left_out: int = 0
+
+    def __str__(self) -> str:
+        text = f'echoed back {len(self.rows)} of its own messages'
+        if self.ids:
+            text += f' (its ids {self.ids[0]}-{self.ids[1]})'
+        if self.left_out:
+            text += f', {self.left_out} more left out (over {ECHO_LIMIT})'
+        if self.purged_after is not None:
+            text += f', its messages after id {self.purged_after} were purged here'
+        return text
+
+
+def to_echo(session: Session, peer: str, holds: int) -> Echo:
+    """The signed messages of ``peer``'s origin it sent us with ids above
+    ``holds`` (what it says it still holds of its own), as outbound rows
+    without ids, in their order."""
+    echo = Echo()
+    where = (IN.sender == peer, IN.origin == peer, IN.remote_id > holds,
+             IN.signature.is_not(None))
+    count = session.execute(select(func.count()).where(*where)).scalar_one()
+    if queues.purged_watermark(session, peer) > holds:
+        echo.purged_after = holds
+    if not count:
+        return echo
+    echo.left_out = max(0, count - ECHO_LIMIT)
+    rows = session.execute(
+        select(IN.remote_id, IN.body, IN.origin, IN.original_id, IN.refs, IN.version,
+               IN.format, IN.signature)
+        .where(*where).order_by(IN.remote_id).limit(ECHO_LIMIT)).all()
+    now = utcnow()
+    echo.rows = [{'body': row.body, 'origin': row.origin, 'original_id': row.original_id,
+                  'refs': row.refs, 'version': row.version, 'format': row.format,
+                  'signature': row.signature, 'created_at': now, 'delivered_at': None}
+                 for row in rows]
+    echo.ids = (rows[0].remote_id, rows[-1].remote_id)
+    return echo
+
+
+# -- the restored side: taking back -------------------------------------------
+
+def is_echo(message: Message, local_name: str) -> bool:
+    """A message of our origin that carries a signature: only an echo can
+    (a peer signs its own records only)."""
+    return message.signature is not None and message.origin == local_name
+
+
+def apply_echo(work: WorkingSet, message: Message) -> object | None:
+    """Take back a message of our own that the peer echoed; refused unless
+    our key signed exactly it."""
+    local_name = work.local_name
+    if not verify(signing_key(work.session), message.signature, local_name,
+                  message.original_id, message.body, message.version, message.refs):
+        raise Refused(f'{message.sender} echoed a message of {local_name} whose signature '
+                      f'does not verify (forged or changed): not applied')
+    name, attributes = message.decode()
+    receiver = receiver_for(name)
+    application = _Application(work, receiver, message)
+    incoming = application.incoming
+    if len(receiver.primary_key) != 1:
+        raise Refused(f'{name} has no single-column primary key: an echo cannot give its '
+                      'id back')
+    _taken_back(work.session)
+    log.info('%s echoed %s %s of %s back: taken back as our own', message.sender, name,
+             message.original_id, local_name)
+    identity = work.find(name, HERE, message.original_id)
+    if identity is not None and application.life != identity.life:
+        return None  # another record that had this id: not ours to bring back now
+    if incoming.deleted is not None:
+        return _delete(work, application, identity)
+    if identity is None:
+        return _create(work, application, attributes)
+    if identity.record is None:
+        return None  # deleted here since (a delete we still hold is newer)
+    return _update(work, application, identity.record, attributes)
+
+
+def _taken_back(session: Session) -> None:
+    """Count it for ``--status``, in the batch's transaction (rare: only
+    after a restore)."""
+    value = session.execute(select(communicator_state.c.value)
+                            .where(communicator_state.c.key == TAKEN_BACK_KEY)).scalar()
+    count = int(value) if value and value.isdigit() else 0
+    queues.set_state(session, TAKEN_BACK_KEY, str(count + 1))
+
+
+def _create(work: WorkingSet, application: _Application,
+            attributes: dict[str, Any]) -> object:
+    receiver, message = application.receiver, application.message
+    pk = receiver.primary_key[0]
+    if work.session.get(receiver.cls, message.original_id) is not None:
+        raise Refused(f'{receiver.name} {message.original_id} of {work.local_name}, echoed '
+                      f'by {message.sender}, has an id a record made here since took '
+                      '(after the restore, before this run): not applied, it stays on '
+                      f'{message.sender} only')
+    # A genuine echo replayed after our tombstone of the record was purged
+    # would bring a deleted record back: refused as any late create is.
+    application.not_forgotten()
+    record = receiver.cls()
+    setattr(record, pk, message.original_id)
+    version = application.merge(record, Version(), attributes, created=True)
+    work.created(receiver, record)
+    work.map(receiver.name, HERE, message.original_id, record, version, application.life)
+    _move_sequence(work.session, receiver.cls.__table__, pk, message.original_id)
+    return record
+
+
+def _update(work: WorkingSet, application: _Application, record: object,
+            attributes: dict[str, Any]) -> object:
+    """Our lost edits: an attribute whose echoed stamp is newer than ours."""
+    incoming, message = application.incoming, application.message
+    local = work.version_of(record)
+    version = Version(clock=merge_clocks(local.clock, incoming.clock),
+                      stamps=dict(local.stamps))
+    values = dict(attributes)
+    for key, (_, ref_id) in (message.refs or {}).items():
+        values.setdefault(key, ref_id)
+    columns = application.receiver.columns()
+    for key, stamp in incoming.stamps.items():
+        if key not in columns or key not in values:
+            continue
+        mine = local.stamp(key)
+        if mine is not None and named(stamp, work.local_name) <= named(mine, work.local_name):
+            continue
+        value = application.value(key, values[key])
+        setattr(record, key, value)
+        version.stamps[key] = (*stamp, fingerprint(value))
+    work.save(record, version)
+    return record
+
+
+def _delete(work: WorkingSet, application: _Application, identity: Any) -> None:
+    """Our lost delete: of a record not edited since (here, after the
+    restore), or kept as a tombstone if the record is not here."""
+    incoming, receiver = application.incoming, application.receiver
+    tomb = Version(clock=dict(incoming.clock), deleted=incoming.deleted)
+    if identity is None:
+        work.map(receiver.name, HERE, application.message.original_id, None, tomb,
+                 application.life)
+        return None
+    record = identity.record
+    if record is None:
+        return None
+    local = work.version_of(record)
+    if any(not covered((s[0], s[1]), incoming.clock) for s in local.stamps.values()):
+        return None  # edited since the delete: the record stays
+    natural = natural_key(receiver, {key: getattr(record, key) for key in receiver.match_on})
+    work.delete(receiver, record)
+    work.bury(record, identity, Version(clock=merge_clocks(local.clock, incoming.clock),
+                                        deleted=incoming.deleted), natural)
+    return None
+
+
+def _move_sequence(session: Session, table: Any, pk: str, past: int) -> None:
+    """PostgreSQL's sequence does not follow an explicit id: move it, so
+    that the next record does not take the echoed one's id.  MariaDB's
+    counter and SQLite's rowid (or ``sqlite_sequence``) follow by themselves."""
+    if session.get_bind().dialect.name != 'postgresql':
+        return
+    column = table.c[pk].name if pk in table.c else pk
+    sequence = session.execute(text('SELECT pg_get_serial_sequence(:table, :column)'),
+                               {'table': table.fullname, 'column': column}).scalar()
+    if sequence:
+        session.execute(text('SELECT setval(CAST(:sequence AS regclass), GREATEST(:past, '
+                             f'(SELECT last_value FROM {sequence})))'),
+                        {'sequence': sequence, 'past': past})
+
