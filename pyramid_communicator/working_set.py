@@ -84,6 +84,8 @@ class WorkingSet:
         #: (name, local id) -> ``local_key`` of keyed records (:mod:`.keys`)
         self.key_texts: dict[tuple[str, int], str] = {}
         self.natural: dict[tuple, object] = {}
+        #: (name, first ``match_on`` value) whose records were all loaded
+        self.natural_searched: set[tuple[str, Any]] = set()
         #: (name, natural key digest) -> the version of a delete of that key
         self.natural_tombstones: dict[tuple[str, str], Version] = {}
         self.buried_keys: set[tuple[str, str]] = set()
@@ -191,6 +193,10 @@ class WorkingSet:
         first = receiver.match_on[0]
         values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
         values.discard(None)
+        if first not in receiver.references():
+            # Every record with these first parts is loaded now: a key
+            # not found among them is not here (no lookup of its own).
+            self.natural_searched.update((receiver.name, value) for value in values)
         for chunk in _chunks(sorted(values, key=repr), 500):
             statement = (select(receiver.cls)
                          .where(one_of(getattr(receiver.cls, first), chunk, self.dialect))
@@ -302,7 +308,8 @@ class WorkingSet:
                 return None
             key.append(value)
         record = self.natural.get(tuple(key))
-        if record is None and receiver.keyed and tuple(key) not in self.natural:
+        if (record is None and receiver.keyed and tuple(key) not in self.natural
+                and (receiver.name, key[1]) not in self.natural_searched):
             # Not preloaded (a key part that is a foreign key, translated by
             # the caller): looked up by its primary key, once.
             values = tuple(key[1:])
