@@ -154,12 +154,14 @@ class _Application:
             found[key] = self.resolve(references[key], *ref)
         if self.receiver.keyed:
             values = self.key_of(found)
-            if values is not None:
-                try:
-                    keys.text(values)
-                except keys.BadKey as exc:
-                    raise Refused(f'{self.message.sender} sent a {self.name} whose {exc}') \
-                        from None
+            if values is None:
+                raise Refused(f'{self.message.sender} sent a {self.name} without its key '
+                              f'({", ".join(self.receiver.match_on)}), which is its identity')
+            try:
+                keys.text(values)
+            except keys.BadKey as exc:
+                raise Refused(f'{self.message.sender} sent a {self.name} whose {exc}') \
+                    from None
         return found
 
     def key_of(self, natural: dict[str, Any]) -> tuple | None:

@@ -334,7 +334,13 @@ def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:
 
 
 def _record_id(obj: object) -> int | None:
-    return keys.handle(receiver_of(obj), obj)
+    receiver = receiver_of(obj)
+    found = keys.handle(receiver, obj)
+    if found is None and receiver.keyed:
+        # Sent without its key, it would get another one on the other side.
+        raise ValueError(f'{receiver.name} has no primary key yet, which is its identity: '
+                         'flush the session before publishing it')
+    return found
 
 
 def publish(session: Session, obj: object) -> OutboundMessage:
