@@ -89,6 +89,8 @@ class WorkingSet:
         #: (name, natural key digest) -> the version of a delete of that key
         self.natural_tombstones: dict[tuple[str, str], Version] = {}
         self.buried_keys: set[tuple[str, str]] = set()
+        #: (name, natural key digest) looked up already, found or not
+        self.tombstones_searched: set[tuple[str, str]] = set()
         #: Names that may have natural-key tombstones (stored, or made in
         #: this batch): for the others, keys are never computed.
         self.buried_names: set[str] = set()
@@ -190,6 +192,10 @@ class WorkingSet:
             for key, version in tracking.natural_tombstones(connection, receiver.name,
                                                             digests).items():
                 self.natural_tombstones[(receiver.name, key)] = version
+            if not set(receiver.match_on) & set(receiver.references()):
+                # Keys with a foreign key part are compared once translated
+                # (applying does that): those are looked up when asked.
+                self.tombstones_searched.update((receiver.name, key) for key in digests)
         first = receiver.match_on[0]
         values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
         values.discard(None)
@@ -316,6 +322,9 @@ class WorkingSet:
             found = self.session.scalars(
                 select(receiver.cls).where(keys.where(receiver, [keys.text(values)]))
                 .with_for_update()).first()
+            if found is not None and (found in self.session.deleted
+                                      or inspect(found).was_deleted):
+                found = None  # deleted in this batch, not flushed yet
             self.natural[tuple(key)] = found
             if found is not None:
                 handle = keys.handle(receiver, found)
@@ -324,6 +333,9 @@ class WorkingSet:
                                              M.version, M.life, M.local_key)
                                       .where(M.name == receiver.name, M.local_id == handle)
                                       .with_for_update()):
+                    identity = self.identities.get((receiver.name, row.origin, row.original_id))
+                    if identity is not None and (identity.dirty or identity.record is not None):
+                        continue  # what this batch did to it stands
                     identity = self._remember(receiver.name, row)
                     identity.record = found
                     if identity not in self.aliases[id(found)]:
@@ -337,8 +349,14 @@ class WorkingSet:
         """The delete of a record here that had the same natural key."""
         if receiver.name not in self.buried_names:
             return None
-        return self.natural_tombstones.get((receiver.name,
-                                            self._natural_digest(receiver, attributes)))
+        key = (receiver.name, self._natural_digest(receiver, attributes))
+        if key[1] is not None and key not in self.natural_tombstones \
+                and key not in self.tombstones_searched:
+            self.tombstones_searched.add(key)
+            for found, version in tracking.natural_tombstones(
+                    self.session.connection(), receiver.name, [key[1]]).items():
+                self.natural_tombstones[(receiver.name, found)] = version
+        return self.natural_tombstones.get(key)
 
     def _natural_digest(self, receiver: Receiver, attributes: dict[str, Any]) -> str | None:
         """``natural_key`` of a message's attributes, computed once per batch."""

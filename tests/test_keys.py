@@ -443,9 +443,9 @@ NAMES = ('one', 'two', 'three', None)
 
 
 class KeyedEditor:
-    """Random creates, updates and deletes of UUID notes and coded
-    currencies on either side, each in a transaction of its own, as an
-    app publishes them."""
+    """Random creates, updates and deletes of UUID notes, coded currencies
+    and order lines (a composite key) on either side, each in a
+    transaction of its own, as an app publishes them (lines autopublish)."""
 
     def __init__(self, sides: dict[str, Side], rng: random.Random) -> None:
         self.sides = sides
@@ -453,14 +453,23 @@ class KeyedEditor:
 
     def step(self) -> None:
         side = self.sides[self.rng.choice(sorted(self.sides))]
-        cls = self.rng.choice((Note, Currency))
-        attribute = 'title' if cls is Note else 'name'
+        cls = self.rng.choice((Note, Currency, Line))
+        attribute = {Note: 'title', Currency: 'name', Line: 'text'}[cls]
+        by_hand = cls is not Line
         with side.session() as session:
             records = session.scalars(select(cls)).all()
             action = self.rng.choice(('create', 'create', 'update', 'update', 'delete'))
             if action == 'create':
                 if cls is Note:
                     record = Note(title=self.rng.choice(NAMES))
+                elif cls is Line:
+                    order = self.rng.choice(session.scalars(select(Order)).all())
+                    taken = {r.position for r in records if r.order_id == order.id}
+                    free = [p for p in (1, 2, 3) if p not in taken]
+                    if not free:
+                        return
+                    record = Line(order_id=order.id, position=self.rng.choice(free),
+                                  text=self.rng.choice(NAMES))
                 else:
                     taken = {r.code for r in records}
                     free = [code for code in CODES if code not in taken]
@@ -469,15 +478,18 @@ class KeyedEditor:
                     record = Currency(code=self.rng.choice(free), name=self.rng.choice(NAMES))
                 session.add(record)
                 session.flush()
-                publish(session, record)
+                if by_hand:
+                    publish(session, record)
             elif records and action == 'update':
                 record = self.rng.choice(records)
                 setattr(record, attribute, self.rng.choice(NAMES))
                 session.flush()
-                publish(session, record)
+                if by_hand:
+                    publish(session, record)
             elif records:
                 record = self.rng.choice(records)
-                publish_delete(session, record)
+                if by_hand:
+                    publish_delete(session, record)
                 session.delete(record)
 
 
@@ -494,6 +506,13 @@ def settled(central: Side, facade: Side) -> list[str]:
 @pytest.mark.parametrize('seed', range(3))
 def test_random_edits_of_keyed_records_on_both_sides_converge(central, facade, seed):
     rng = random.Random(seed)
+    with central.session() as session:  # the orders lines are of, shared
+        orders = [Order(name=f'order {i}') for i in range(2)]
+        session.add_all(orders)
+        session.flush()
+        for order in orders:
+            publish(session, order)
+    sync(central, facade)
     editor = KeyedEditor({'central': central, 'facade': facade}, rng)
     for _ in range(50):
         if rng.random() < 0.2:
@@ -504,6 +523,10 @@ def test_random_edits_of_keyed_records_on_both_sides_converge(central, facade, s
     assert settled(central, facade) == []
     for cls in (Note, Currency):
         assert rows(central, cls) == rows(facade, cls)
+    copies = {r['id']: r['name'] for r in rows(central, Order)}, {
+        r['id']: r['name'] for r in rows(facade, Order)}
+    assert [{**r, 'order_id': copies[0][r['order_id']]} for r in rows(central, Line)] == \
+        [{**r, 'order_id': copies[1][r['order_id']]} for r in rows(facade, Line)]
     report = Verifier(central.engine, 'central', InProcess(facade)).run(
-        ['keys_currency', 'keys_note'])
+        ['keys_currency', 'keys_line', 'keys_note'])
     assert report.differences == []
