@@ -499,7 +499,10 @@ class _Application:
             target = identity.record
             self.believe(self.work.version_of(target), target)
             self.delete_record(target, identity, identity.version)
-        if self.receiver.match_on:
+        if self.receiver.match_on and not (self.receiver.keyed and any(
+                attributes.get(key) is None for key in self.receiver.match_on)):
+            # (A keyed delete that names no key, as --repair sends one
+            # again, is of its identity alone.)
             # The same natural key may live here under another identity (a
             # record created again meanwhile): the delete meets it as well,
             # if the peer knows it; and it is kept by that key, which a

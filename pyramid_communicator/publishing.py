@@ -229,7 +229,7 @@ class _Staging:
             version = tracked.version
             identity = tracked.identity
         return self._row(name, values, identity, self._refs(receiver, values), version,
-                         tracked.life if change.record_id is not None else 0)
+                         tracked.life if change.record_id is not None else 0, receiver.keyed)
 
     def _delete(self, receiver: Receiver, obj: object,
                 record_id: int | None) -> dict[str, Any] | None:
@@ -251,7 +251,7 @@ class _Staging:
         # The body names the natural key: the peer may hold the same record
         # under another identity.
         return self._row(receiver.name, key_values, tracked.identity, refs, tracked.version,
-                         tracked.life)
+                         tracked.life, receiver.keyed)
 
     def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
         """JSON of the identities the record's foreign keys point at."""
@@ -265,11 +265,12 @@ class _Staging:
 
     @staticmethod
     def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
-             version: Version, life: int) -> dict[str, Any]:
+             version: Version, life: int, keyed: bool = False) -> dict[str, Any]:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
                 'version': _compact(to_wire(version, HERE, life)),
-                'format': wire.RECORD_FORMAT, 'created_at': utcnow()}
+                'format': wire.KEYED_FORMAT if keyed else wire.RECORD_FORMAT,
+                'created_at': utcnow()}
 
     def write(self) -> None:
         for name, writes in self.writes.items():

@@ -202,7 +202,8 @@ def redelete(session: Session, receiver: Receiver, identities: Sequence[Identity
             body=encode_body(receiver.name, {}), origin=None if origin == HERE else origin,
             original_id=identity[1], refs=None,
             version=_compact(version_to_wire(version, HERE, row.life or 0)),
-            format=wire.RECORD_FORMAT, created_at=utcnow()))
+            format=wire.KEYED_FORMAT if receiver.keyed else wire.RECORD_FORMAT,
+            created_at=utcnow()))
         sent.add(identity)
     if sent:
         mark_changed(session)

@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import ForeignKey, Integer, MetaData, String, Uuid, select
+from sqlalchemy import ForeignKey, Integer, MetaData, String, Uuid, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from test_records import apply, deliver, forward
 
 from pyramid_communicator import publish, publish_delete, receives_from
 from pyramid_communicator.keys import handle_of
 from pyramid_communicator.models import NAMING_CONVENTION
+from pyramid_communicator.records import receiver_of
 from pyramid_communicator.verify import Verifier, answer, parse_request
 from pyramid_communicator.versions import now_hlc
 from pyramid_communicator.wire import WireMessage
@@ -333,6 +334,54 @@ def test_verify_compares_keyed_records_and_finds_drift(central, facade):
     report = Verifier(central.engine, 'central', InProcess(facade)).run(names)
     assert [(d.name, d.identity) for d in report.differences] == [
         ('keys_note', ('central', handle_of(json.dumps(str(drifted)))))]
+
+
+def test_repair_publishes_a_drifted_uuid_record_and_a_lost_delete_again(central, facade):
+    """What ``--repair`` does for central's side of the differences, in
+    process."""
+    from pyramid_communicator.repair import republish
+    with central.session() as session:
+        notes = [Note(title=f'note {i}') for i in range(3)]
+        session.add_all(notes)
+        session.flush()
+        for note in notes:
+            publish(session, note)
+        edited, deleted = notes[0].id, notes[1].id
+    sync(central, facade)
+    with central.engine.begin() as conn:  # an edit by hand, outside the add-on
+        conn.execute(Note.__table__.update().where(Note.__table__.c.id == edited)
+                     .values(title='fixed by hand'))
+    remove(central, Note, deleted)
+    with central.engine.begin() as conn:  # and the delete's message is lost
+        conn.execute(text('DELETE FROM outbound_messages WHERE delivered_at IS NULL'))
+    names = ['keys_note']
+    before = Verifier(central.engine, 'central', InProcess(facade)).run(names)
+    assert len(before.differences) == 2
+    identities = [d.identity for d in before.differences]
+    with central.session() as session:  # the edit published again, the delete sent again
+        assert republish(session, receiver_of(Note()), identities, 'central') == (2, [])
+    sync(central, facade)
+    assert rows(facade, Note) == rows(central, Note)
+    assert {r['title'] for r in rows(facade, Note)} == {'fixed by hand', 'note 2'}
+    assert Verifier(central.engine, 'central', InProcess(facade)).run(names).differences == []
+
+
+def test_a_peer_that_predates_keyed_records_keeps_them_waiting(central, facade,
+                                                               monkeypatch):
+    from pyramid_communicator import wire
+    with central.session() as session:
+        order = Order(name='integer key')
+        session.add_all([order, Currency(code='JPY', name='yen')])
+        session.flush()
+        publish(session, order)
+        publish(session, session.get(Currency, 'JPY'))
+    with monkeypatch.context() as patch:
+        patch.setattr(wire, 'FORMAT_VERSION', 3)  # the facade before this change
+        sync(central, facade)
+        assert rows(facade, Currency) == []
+        assert [r['name'] for r in rows(facade, Order)] == ['integer key']
+    apply(facade)  # upgraded: what waited applies
+    assert rows(facade, Currency) == [{'code': 'JPY', 'name': 'yen'}]
 
 
 # -- a hostile peer ----------------------------------------------------------------
