@@ -227,8 +227,9 @@ class _Application:
                                    self.incoming is not None, self.local_name)
             tomb = None
             if self.receiver.match_on:
+                named_key = self.natural(attributes)
                 tomb = None if self.key is None else \
-                    self.work.match_tombstone(self.receiver, self.natural(attributes))
+                    self.work.match_tombstone(self.receiver, named_key)
                 if tomb is not None and self.incoming is not None and \
                         not tomb.deletes_seen(self.incoming.clock):
                     # The same record (by its key), deleted here while the
@@ -238,7 +239,7 @@ class _Application:
                         clock=tomb.clock, deleted=tomb.deleted, deletes=tomb.deletes),
                         self.life)
                     return self.against_tombstone(alias, attributes)
-                record = self.work.match(self.receiver, self.natural(attributes))
+                record = self.work.match(self.receiver, named_key)
                 if record is not None:
                     self.matched(record)
             if (record is None and identity is None and previous_identity is None

@@ -35,6 +35,12 @@ the record is found again from its mapping row; lookups go by the handle
 keys with one handle would be taken for one record; with 62 bits that
 takes about 2**31 records of one model to become likely, far beyond what
 the add-on is built for (documented in docs/models.rst).
+
+Keyed records travel in wire format :data:`.wire.KEYED_FORMAT`: a peer
+that predates them would take the handle for an id, so it keeps them
+waiting for its upgrade.  The trust checks are those of ``match_on``
+(:mod:`.applying` calls :func:`handle` and :func:`text`; it adds only the
+rule that a record's key never changes).
 """
 from __future__ import annotations
 
