@@ -130,10 +130,11 @@ class _Application:
         """A local record found by its natural key: the peer may touch it
         only if it knows it (an identity: sent to it, or received from it)."""
         if not self.work.aliases.get(id(record)):
+            held = keys.text_of(self.receiver, record) if self.receiver.keyed else \
+                self.work.local_id(record)
             raise Refused(f'{self.message.sender} sent a {self.name} whose '
                           f'{", ".join(self.receiver.match_on)} matches {self.name} '
-                          f'{self.work.local_id(record)} of {self.local_name}, '
-                          'which was never sent to it')
+                          f'{held} of {self.local_name}, which was never sent to it')
 
     def natural(self, attributes: dict[str, Any]) -> dict[str, Any]:
         """The message's attributes with the parts of its natural key (a

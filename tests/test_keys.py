@@ -458,7 +458,7 @@ def test_a_forged_string_key_and_a_key_change_are_refused(central, private):
     assert central_records(central) == before
     reasons = refusals(central)
     assert len(reasons) == 4
-    assert 'never sent to it' in reasons[0]
+    assert 'matches keys_currency "CHF" of central, which was never sent to it' in reasons[0]
     assert 'keys never change' in reasons[1]
     assert 'longer than 255' in reasons[2]
     assert 'without its key (code)' in reasons[3]
