@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
-from . import conflicts, trust
+from . import conflicts, keys, trust
 from .conflicts import Conflict, Custom, Edit
 from .records import (
     Receiver,
@@ -132,10 +132,59 @@ class _Application:
         """A local record found by its natural key: the peer may touch it
         only if it knows it (an identity: sent to it, or received from it)."""
         if not self.work.aliases.get(id(record)):
+            held = keys.text_of(self.receiver, record) if self.receiver.keyed else \
+                self.work.local_id(record)
             raise Refused(f'{self.message.sender} sent a {self.name} whose '
                           f'{", ".join(self.receiver.match_on)} matches {self.name} '
-                          f'{self.work.local_id(record)} of {self.local_name}, '
-                          'which was never sent to it')
+                          f'{held} of {self.local_name}, which was never sent to it')
+
+    def natural(self, attributes: dict[str, Any]) -> dict[str, Any]:
+        """The message's attributes with the parts of its natural key (a
+        keyed model's primary key) that are foreign keys to synced models
+        pointing at our copies: a key is compared as it is here.  A part
+        pointing at a record of ours never shared with the peer is refused
+        (:meth:`resolve`), one not here yet fails and is retried."""
+        references = self.receiver.references()
+        refs = self.message.refs or {}
+        found = dict(attributes)
+        for key in self.receiver.match_on:
+            if key not in references or attributes.get(key) is None:
+                continue
+            ref = refs.get(key)
+            if not isinstance(ref, list) or len(ref) != 2:
+                raise Refused(f'{self.message.sender} sent {self.name}.{key} without '
+                              'saying whom it refers to (refs)')
+            found[key] = self.resolve(references[key], *ref)
+        if self.receiver.keyed:
+            values = self.key_of(found)
+            if values is None:
+                raise Refused(f'{self.message.sender} sent a {self.name} without its key '
+                              f'({", ".join(self.receiver.match_on)}), which is its identity')
+            try:
+                keys.text(values)
+            except keys.BadKey as exc:
+                raise Refused(f'{self.message.sender} sent a {self.name} whose {exc}') \
+                    from None
+        return found
+
+    def key_of(self, natural: dict[str, Any]) -> tuple | None:
+        """A keyed message's key values as Python values (None: not sent)."""
+        columns = self.receiver.columns()
+        values = tuple(from_wire(columns[key], natural.get(key), self.work.dialect)
+                       for key in self.receiver.match_on)
+        return None if any(value is None for value in values) else values
+
+    def same_key(self, record: object, attributes: dict[str, Any]) -> None:
+        """A keyed record's key never changes: an identity naming another
+        key than its record's is refused (it could take over that key)."""
+        if not self.receiver.keyed:
+            return
+        sent = self.key_of(self.natural(attributes))
+        held = keys.values_of(self.receiver, record)
+        if sent is not None and held is not None and keys.text(sent) != keys.text(held):
+            raise Refused(f'{self.message.sender} sent {self.name} {self.key[1]} with the key '
+                          f'{keys.text(sent)[:60]}, but that record has the key '
+                          f'{keys.text(held)[:60]} here: keys never change')
 
     def find(self) -> Identity | None:
         """The identity's row; refused for a record of ours never sent out."""
@@ -172,6 +221,7 @@ class _Application:
                               'does not exist here')
         if record is not None:
             self.require('update')
+            self.same_key(record, attributes)
             self.believe(self.work.version_of(record), record)
         else:
             self.require('create')
@@ -180,8 +230,9 @@ class _Application:
                                    self.incoming is not None, self.local_name)
             tomb = None
             if self.receiver.match_on:
+                named_key = self.natural(attributes)
                 tomb = None if self.key is None else \
-                    self.work.match_tombstone(self.receiver, attributes)
+                    self.work.match_tombstone(self.receiver, named_key)
                 if tomb is not None and self.incoming is not None and \
                         not tomb.deletes_seen(self.incoming.clock):
                     # The same record (by its key), deleted here while the
@@ -191,7 +242,7 @@ class _Application:
                         clock=tomb.clock, deleted=tomb.deleted, deletes=tomb.deletes),
                         self.life)
                     return self.against_tombstone(alias, attributes)
-                record = self.work.match(self.receiver, attributes)
+                record = self.work.match(self.receiver, named_key)
                 if record is not None:
                     self.matched(record)
             if (record is None and identity is None and previous_identity is None
@@ -372,8 +423,9 @@ class _Application:
 
     def record(self, record: object | None, attribute: str | None, local: Any, remote: Any,
                s_loc: Stamp | None, s_in: Stamp | None, winner: str, kept: Any) -> None:
-        identity = None if record is None else inspect(record).identity
-        local_id = identity[0] if identity else None
+        local_id = None
+        if record is not None and inspect(record).identity is not None:
+            local_id = keys.handle(self.receiver, record)
         self.work.conflict(conflicts.row(
             name=self.name, origin=self.message.origin or self.local_name,
             original_id=self.message.original_id, local_id=local_id, attribute=attribute,
@@ -410,7 +462,8 @@ class _Application:
         # the update survives: the record is created again, or merged into
         # the live one that has its natural key.
         self.require('create')
-        record = self.work.match(self.receiver, attributes) if self.receiver.match_on else None
+        record = self.work.match(self.receiver, self.natural(attributes)) \
+            if self.receiver.match_on else None
         if record is not None:
             self.matched(record)
             version = self.merge(record, self.work.version_of(record), attributes, created=False)
@@ -450,19 +503,23 @@ class _Application:
             target = identity.record
             self.believe(self.work.version_of(target), target)
             self.delete_record(target, identity, identity.version)
-        if self.receiver.match_on:
+        if self.receiver.match_on and not (self.receiver.keyed and any(
+                attributes.get(key) is None for key in self.receiver.match_on)):
+            # (A keyed delete that names no key, as --repair sends one
+            # again, is of its identity alone.)
             # The same natural key may live here under another identity (a
             # record created again meanwhile): the delete meets it as well,
             # if the peer knows it; and it is kept by that key, which a
             # record created here later must come after.
-            other = self.work.match(self.receiver, attributes)
+            named_key = self.natural(attributes)
+            other = self.work.match(self.receiver, named_key)
             if other is not None and other is not target:
                 self.shared(other)
                 self.believe(self.work.version_of(other), other)
                 self.delete_record(other, None, None)
             columns = self.receiver.columns()
             natural = natural_key(self.receiver, {
-                key: from_wire(columns[key], attributes.get(key))
+                key: from_wire(columns[key], named_key.get(key))
                 for key in self.receiver.match_on})
             if natural is not None:
                 self.work.bury_key(self.name, natural, Version(

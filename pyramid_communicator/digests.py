@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import and_, inspect, select
 from sqlalchemy.engine import Connection
 
+from . import keys
 from .models import communicator_mappings
 from .records import Receiver, to_wire
 from .versions import HERE, Version, digest
@@ -144,18 +145,24 @@ class Scanner:
         self.receiver = receiver
         self.local_name = local_name
         mapper = inspect(receiver.cls)
-        if len(mapper.primary_key) != 1:
-            raise ValueError(f'{receiver.name}: records need a single integer primary key')
         self.columns = receiver.columns()
         self.keys = list(self.columns)
         self.references = receiver.references()
-        table = mapper.local_table
-        self.joined = communicator_mappings.join(table, mapper.primary_key[0] == M.local_id)
+        self.table = mapper.local_table
+        #: A keyed model's records are joined to their mappings here, by
+        #: their key's text (:mod:`.keys`), not in SQL: a key of any type
+        #: compares alike on every backend.
+        self.keyed = receiver.keyed
+        self.joined = None if self.keyed else communicator_mappings.join(
+            self.table, mapper.primary_key[0] == M.local_id)
 
     # -- queries ---------------------------------------------------------------
 
     def _select(self, with_values: bool = True) -> Any:
         columns = [M.origin, M.original_id]
+        if self.keyed:
+            return (select(*columns, M.version, M.local_key).select_from(communicator_mappings)
+                    .where(M.name == self.receiver.name, M.local_id.is_not(None)))
         if with_values:
             columns += [M.version] + [column.label(f'c{i}') for i, column in
                                       enumerate(self.columns.values())]
@@ -167,9 +174,31 @@ class Scanner:
         result = self.connection.execute(
             statement, execution_options={'stream_results': True, 'yield_per': PARTITION})
         try:
-            yield from result.partitions(PARTITION)
+            for partition in result.partitions(PARTITION):
+                yield self._join(partition) if self.keyed else partition
         finally:
             result.close()
+
+    def _records_by_key(self, key_texts: list[str]) -> dict[str, tuple]:
+        """Key text -> the crossing values of the keyed records named."""
+        positions = [self.keys.index(key) for key in self.receiver.primary_key]
+        found = {}
+        for start in range(0, len(key_texts), PARTITION):
+            chunk = key_texts[start:start + PARTITION]
+            statement = (select(*self.columns.values())
+                         .where(keys.where(self.receiver, chunk)))
+            for row in self.connection.execute(statement):
+                values = tuple(self.receiver.canonical(self.keys[i], row[i]) for i in positions)
+                found[keys.text(values)] = tuple(row)
+        return found
+
+    def _join(self, partition: Sequence[Any]) -> list[tuple]:
+        """Mapping rows (origin, original id, version, local key) as the
+        SQL join gives them for other models: with their record's values,
+        those without a record left out."""
+        records = self._records_by_key(sorted({row[3] for row in partition}))
+        return [(row[0], row[1], row[2], *records[row[3]])
+                for row in partition if row[3] in records]
 
     def _values(self, partition: Sequence[Any]) -> list[dict[str, Any]]:
         """The canonical values of a partition's rows, foreign keys as
@@ -298,9 +327,24 @@ class Scanner:
         by_origin: dict[str, list[int]] = {}
         for origin, original_id in identities:
             by_origin.setdefault(origin, []).append(original_id)
+        found: dict[Identity, str] = {}
+        if self.keyed:
+            for origin, ids in by_origin.items():
+                for start in range(0, len(ids), 500):
+                    rows = self.connection.execute(
+                        select(M.original_id, M.local_id, M.local_key)
+                        .where(M.name == self.receiver.name,
+                               M.origin == stored_origin(origin, self.local_name),
+                               M.original_id.in_(ids[start:start + 500]))).all()
+                    live = self._records_by_key(sorted({r[2] for r in rows if r[2]}))
+                    for row in rows:
+                        if row[1] is None:
+                            found[(origin, row[0])] = 'deleted'
+                        elif row[2] not in live:
+                            found[(origin, row[0])] = 'stale'
+            return found
         table = self.joined.right
         pk = inspect(self.receiver.cls).primary_key[0]
-        found: dict[Identity, str] = {}
         for origin, ids in by_origin.items():
             for start in range(0, len(ids), 500):
                 statement = (select(M.original_id, M.local_id, pk)
@@ -316,17 +360,18 @@ class Scanner:
                         found[(origin, row[0])] = 'stale'
         return found
 
-    def local_ids(self, identities: Iterable[Identity]) -> dict[Identity, int]:
-        """The local records of live identities here."""
-        found: dict[Identity, int] = {}
+    def local_ids(self, identities: Iterable[Identity]) -> dict[Identity, tuple[int, str | None]]:
+        """The local records of live identities here: their local id and
+        ``local_key`` (:func:`.keys.get` finds the record)."""
+        found: dict[Identity, tuple[int, str | None]] = {}
         for origin, original_id in identities:
-            local_id = self.connection.execute(
-                select(M.local_id).where(
+            row = self.connection.execute(
+                select(M.local_id, M.local_key).where(
                     M.name == self.receiver.name,
                     M.origin == stored_origin(origin, self.local_name),
-                    M.original_id == original_id, M.local_id.is_not(None))).scalar()
-            if local_id is not None:
-                found[(origin, original_id)] = local_id
+                    M.original_id == original_id, M.local_id.is_not(None))).first()
+            if row is not None:
+                found[(origin, original_id)] = (row.local_id, row.local_key)
         return found
 
 

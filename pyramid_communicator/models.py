@@ -173,6 +173,9 @@ class Mapping(Base):
     origin: Mapped[str] = mapped_column(String(64))
     original_id: Mapped[int] = mapped_column(BigInteger)
     local_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: A keyed record's primary key as canonical text (:mod:`.keys`), whose
+    #: handle ``local_id`` is; NULL for surrogate-keyed records and tombstones.
+    local_key: Mapped[str | None] = mapped_column(String(255))
     #: JSON of :class:`.versions.Version`; NULL before the first versioned change.
     version: Mapped[str | None] = mapped_column(BodyText)
     #: How many records had this identity before (ids handed out anew).

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session
 from zope.sqlalchemy import mark_changed
 
-from . import tracking, wire
+from . import keys, tracking, wire
 from .conflicts import Conflict, Policy, as_policy
 from .models import OutboundMessage, outbound_messages, utcnow
 from .records import (
@@ -28,7 +28,6 @@ from .records import (
     Receiver,
     encode_body,
     fingerprint,
-    local_id,
     natural_key,
     receiver_of,
     record_values,
@@ -79,6 +78,13 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
         receiver = Receiver(name, cls, frozenset(exclude),
                             None if only is None else frozenset(only),
                             autopublish, policy, match_on, deletes, accept)
+        if keys.keyed(cls):
+            # The key is the identity: it is the model's natural key.
+            if match_on:
+                raise ValueError(f'{name!r}: its primary key is its identity (see '
+                                 'docs/models.rst, Primary keys); match_on is not needed')
+            receiver = dataclasses.replace(receiver, keyed=True,
+                                           match_on=tuple(receiver.primary_key))
         columns = receiver.columns()
         missing = [key for key in match_on if key not in columns]
         if missing:
@@ -126,6 +132,8 @@ class _Staging:
         self.tombstones: dict[str, dict[int, tuple[Version, int]]] = defaultdict(dict)
         self.natural: dict[str, dict[int, str | None]] = defaultdict(dict)
         self.natural_clocks: dict[str, dict[str, Version]] = defaultdict(dict)
+        #: name -> handle -> key text of the keyed records staged (:mod:`.keys`).
+        self.key_texts: dict[str, dict[int, str | None]] = defaultdict(dict)
         self.writes: dict[str, dict[str, dict[int, Version]]] = defaultdict(
             lambda: {'created': {}, 'revived': {}, 'changed': {}, 'buried': {}})
 
@@ -138,7 +146,7 @@ class _Staging:
             receiver = receiver_of(change.obj)
             if change.record_id is not None:
                 changed[receiver.name].add(change.record_id)
-            if not change.deleted:
+            if not change.deleted or receiver.keyed:  # a keyed delete names its key
                 for key, target in receiver.references().items():
                     value = inspect(change.obj).dict.get(key)
                     if value is not None:
@@ -180,9 +188,9 @@ class _Staging:
                 key = change.natural
                 if key is not None:
                     digests[receiver.name].add(key)
-        for name, keys in digests.items():
+        for name, found in digests.items():
             self.natural_clocks[name].update(
-                tracking.natural_tombstones(self.connection, name, keys))
+                tracking.natural_tombstones(self.connection, name, found))
 
     def stage(self, change: _Change) -> dict[str, Any] | None:
         """The outbound row for one change (None: nothing to send)."""
@@ -191,6 +199,8 @@ class _Staging:
         if change.deleted:
             return self._delete(receiver, change.obj, change.record_id)
         values = change.values
+        if receiver.keyed and change.record_id is not None:
+            self.key_texts[name][change.record_id] = keys.text_of(receiver, change.obj)
         if change.record_id is None:  # never flushed: sent without identity, untracked
             version = _first_version(values)
             identity = (None, None)
@@ -219,7 +229,7 @@ class _Staging:
             version = tracked.version
             identity = tracked.identity
         return self._row(name, values, identity, self._refs(receiver, values), version,
-                         tracked.life if change.record_id is not None else 0)
+                         tracked.life if change.record_id is not None else 0, receiver.keyed)
 
     def _delete(self, receiver: Receiver, obj: object,
                 record_id: int | None) -> dict[str, Any] | None:
@@ -231,6 +241,8 @@ class _Staging:
             return None  # never sent anywhere: nobody else holds it
         tracked.version.delete()
         writes = self.writes[receiver.name]
+        refs = self._refs(receiver, {key: getattr(obj, key) for key in receiver.match_on}) \
+            if receiver.keyed else None
         for kind in ('created', 'revived', 'changed'):
             writes[kind].pop(record_id, None)
         writes['buried'][record_id] = tracked.version
@@ -238,8 +250,8 @@ class _Staging:
         self.natural[receiver.name][record_id] = natural_key(receiver, key_values)
         # The body names the natural key: the peer may hold the same record
         # under another identity.
-        return self._row(receiver.name, key_values, tracked.identity, None, tracked.version,
-                         tracked.life)
+        return self._row(receiver.name, key_values, tracked.identity, refs, tracked.version,
+                         tracked.life, receiver.keyed)
 
     def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
         """JSON of the identities the record's foreign keys point at."""
@@ -253,11 +265,12 @@ class _Staging:
 
     @staticmethod
     def _row(name: str, values: dict[str, Any], identity: tuple, refs: str | None,
-             version: Version, life: int) -> dict[str, Any]:
+             version: Version, life: int, keyed: bool = False) -> dict[str, Any]:
         return {'body': encode_body(name, values), 'origin': identity[0],
                 'original_id': identity[1], 'refs': refs,
                 'version': _compact(to_wire(version, HERE, life)),
-                'format': wire.RECORD_FORMAT, 'created_at': utcnow()}
+                'format': wire.KEYED_FORMAT if keyed else wire.RECORD_FORMAT,
+                'created_at': utcnow()}
 
     def write(self) -> None:
         for name, writes in self.writes.items():
@@ -266,7 +279,8 @@ class _Staging:
                 self.connection, name, list(writes['created'].items()),
                 [(i, v, tracked[i].life if i in tracked else 0)
                  for i, v in writes['revived'].items()],
-                list(writes['changed'].items()), list(writes['buried'].items()))
+                list(writes['changed'].items()), list(writes['buried'].items()),
+                self.key_texts.get(name))
             tracking.bury_natural(self.connection, name, {
                 key: writes['buried'][i] for i, key in self.natural[name].items()
                 if key is not None and i in writes['buried']})
@@ -320,6 +334,16 @@ def _publish_one(session: Session, change: _Change) -> OutboundMessage | None:
         return session.get(OutboundMessage, message_id)
 
 
+def _record_id(obj: object) -> int | None:
+    receiver = receiver_of(obj)
+    found = keys.handle(receiver, obj)
+    if found is None and receiver.keyed:
+        # Sent without its key, it would get another one on the other side.
+        raise ValueError(f'{receiver.name} has no primary key yet, which is its identity: '
+                         'flush the session before publishing it')
+    return found
+
+
 def publish(session: Session, obj: object) -> OutboundMessage:
     """Enqueue ``obj``'s current state for the peer, in ``session``'s
     current transaction: if that transaction aborts, the message is gone
@@ -330,7 +354,7 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     published without identity; the receiver then creates a new record
     with its own id (as the gem did).
     """
-    return _publish_one(session, _Change(obj, local_id(obj)))
+    return _publish_one(session, _Change(obj, _record_id(obj)))
 
 
 def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
@@ -340,14 +364,14 @@ def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
     The peer deletes its copy and keeps a tombstone.  A record that was
     never published has no copy elsewhere: nothing is sent (None).
     """
-    return _publish_one(session, _Change(obj, local_id(obj), deleted=True))
+    return _publish_one(session, _Change(obj, _record_id(obj), deleted=True))
 
 
 def publish_records(session: Session, objs: Iterable[object]) -> int:
     """Publish the current state of each of ``objs`` (persistent records),
     in this order and in ``session``'s transaction; returns how many."""
     connection = session.connection()
-    rows = _publish_changes(connection, [_Change(obj, local_id(obj)) for obj in objs])
+    rows = _publish_changes(connection, [_Change(obj, _record_id(obj)) for obj in objs])
     _insert(connection, rows)
     if rows:
         mark_changed(session)
@@ -372,8 +396,8 @@ def _publishing_session(target: object) -> Session | None:
 
 
 def _note(session: Session, mapper: Any, target: object, deleted: bool) -> None:
-    record_id = local_id(target)
-    new = record_id is None
+    record_id = _record_id(target)
+    new = inspect(target).identity is None
     if record_id is None and len(mapper.primary_key) == 1:
         # after_insert runs before the session assigns the identity key;
         # the new primary key is already in the instance's dict.
@@ -424,7 +448,7 @@ def _published_as_new(connection: Connection, changes: list[_Change]) -> bool:
         return False
     change = changes[0]
     receiver = receiver_of(change.obj)
-    if (not change.new or change.record_id is None
+    if (not change.new or change.record_id is None or receiver.keyed
             or any(change.values.get(key) is not None for key in receiver.references())):
         return False
     version = _first_version(change.values)

@@ -52,6 +52,9 @@ class Receiver:
     match_on: tuple[str, ...] = ()
     deletes: bool = False
     accept: frozenset[str] = frozenset({'create', 'update'})
+    #: The primary key is the identity (:mod:`.keys`): it crosses the wire
+    #: and is the model's ``match_on``.
+    keyed: bool = False
 
     def crosses(self, attribute: str) -> bool:
         """May this attribute travel on the wire, in either direction?"""
@@ -75,7 +78,9 @@ class Receiver:
         for key, column in self.columns().items():
             for fk in column.foreign_keys:
                 target = _receiver_of_table(fk.column.table)
-                if target is not None and fk.column.primary_key:
+                # A foreign key to a keyed model holds its key, which is the
+                # same on every side: sent as it is (:mod:`.keys`).
+                if target is not None and fk.column.primary_key and not target.keyed:
                     found[key] = target
         return found
 
@@ -108,7 +113,8 @@ class Receiver:
         return {
             prop.key: prop.columns[0]
             for prop in mapper.column_attrs
-            if prop.key not in pk and self.crosses(prop.key)
+            if (prop.key in pk and self.keyed)
+            or (prop.key not in pk and self.crosses(prop.key))
         }
 
 

@@ -39,7 +39,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
-from . import wire
+from . import keys, wire
 from .digests import Identity, Scanner, stored_origin
 from .models import communicator_mappings, outbound_messages, utcnow
 from .publishing import publish_records
@@ -150,8 +150,8 @@ def republish(session: Session, receiver: Receiver, identities: Sequence[Identit
     local_ids = scanner.local_ids(identities)
     skipped = [identity for identity in identities if identity not in local_ids]
     records = []
-    for local_id in sorted(set(local_ids.values())):
-        record = session.get(receiver.cls, local_id)
+    for local_id, local_key in sorted(set(local_ids.values())):
+        record = keys.get(session, receiver, local_id, local_key)
         if record is None:
             continue
         for row in connection.execute(select(M.id, M.version).where(
@@ -164,8 +164,8 @@ def republish(session: Session, receiver: Receiver, identities: Sequence[Identit
                                    .values(version=json.dumps(version, sort_keys=True,
                                                               separators=(',', ':'))))
         records.append(record)
-    skipped += [identity for identity, local_id in local_ids.items()
-                if session.get(receiver.cls, local_id) is None]
+    skipped += [identity for identity, (local_id, local_key) in local_ids.items()
+                if keys.get(session, receiver, local_id, local_key) is None]
     done = publish_records(session, records)
     if done:
         log.info('republished %d %s record(s) to repair drift', done, receiver.name)
@@ -202,7 +202,8 @@ def redelete(session: Session, receiver: Receiver, identities: Sequence[Identity
             body=encode_body(receiver.name, {}), origin=None if origin == HERE else origin,
             original_id=identity[1], refs=None,
             version=_compact(version_to_wire(version, HERE, row.life or 0)),
-            format=wire.RECORD_FORMAT, created_at=utcnow()))
+            format=wire.KEYED_FORMAT if receiver.keyed else wire.RECORD_FORMAT,
+            created_at=utcnow()))
         sent.add(identity)
     if sent:
         mark_changed(session)

@@ -15,7 +15,7 @@ import transaction
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
-from . import queues
+from . import keys, queues
 from .publishing import publish_records
 from .records import receiver_for
 
@@ -33,30 +33,36 @@ def publish_all(session: Session, tm: transaction.TransactionManager, name: str,
     resumed)."""
     receiver = receiver_for(name)
     mapper = inspect(receiver.cls)
-    if len(mapper.primary_key) != 1:
-        raise ValueError(f'{name}: records need a single integer primary key')
-    pk = mapper.primary_key[0]
+    order = list(mapper.primary_key)
     key = _state_key(name)
+
+    def beyond(position: str) -> object:
+        # A keyed model resumes after the key's text (:mod:`.keys`).
+        if receiver.keyed:
+            return keys.after(receiver, position)
+        return order[0] > int(position)
+
     with tm:
         state = queues.get_states(session).get(key)
-        after = int(state[0]) if state and state[0] else None
+        after = state[0] if state and state[0] else None
         remaining = select(func.count()).select_from(mapper.local_table)
         if after is not None:
-            remaining = remaining.where(pk > after)
+            remaining = remaining.where(beyond(after))
         total = session.execute(remaining).scalar_one()
     done = 0
     while True:
         with tm:
-            query = select(receiver.cls).order_by(pk).limit(batch_size)
+            query = select(receiver.cls).order_by(*order).limit(batch_size)
             if after is not None:
-                query = query.where(pk > after)
+                query = query.where(beyond(after))
             records = session.scalars(query).all()
             if not records:
                 queues.delete_state(session, key)
                 break
             publish_records(session, records)
-            after = mapper.primary_key_from_instance(records[-1])[0]
-            queues.set_state(session, key, str(after))
+            after = keys.text_of(receiver, records[-1]) if receiver.keyed else \
+                str(mapper.primary_key_from_instance(records[-1])[0])
+            queues.set_state(session, key, after)
         done += len(records)
         if progress is not None:
             progress(name, done, total)

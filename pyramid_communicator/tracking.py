@@ -194,15 +194,19 @@ def bury_natural(connection: Connection, name: str, deleted: dict[str, Version])
 def write_versions(connection: Connection, name: str,
                    created: list[tuple[int, Version]], revived: list[tuple[int, Version, int]],
                    changed: list[tuple[int, Version]], buried: list[tuple[int, Version]],
-                   ) -> None:
+                   key_texts: dict[int, str | None] | None = None) -> None:
     """Write what publishing changed, a statement per kind: new identities
-    of our records, revived tombstones, new versions, tombstones."""
+    of our records, revived tombstones, new versions, tombstones.
+    ``key_texts``: local id -> ``local_key`` of keyed records (:mod:`.keys`)."""
+    key_texts = key_texts or {}
     if created:
         connection.execute(_INSERT, [
             {'name': name, 'origin': HERE, 'original_id': local_id, 'local_id': local_id,
-             'version': version.dumps(), 'life': 0} for local_id, version in created])
+             'local_key': key_texts.get(local_id), 'version': version.dumps(), 'life': 0}
+            for local_id, version in created])
     if revived:
         connection.execute(_REVIVE, [{'_name': name, '_id': i, '_local_id': i,
+                                      '_local_key': key_texts.get(i),
                                       '_version': v.dumps(), '_life': life}
                                      for i, v, life in revived])
     if changed:
@@ -217,8 +221,8 @@ _INSERT = communicator_mappings.insert()
 _REVIVE = (update(communicator_mappings)
            .where(M.name == bindparam('_name'), M.origin == HERE,
                   M.original_id == bindparam('_id'))
-           .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
-                   life=bindparam('_life')))
+           .values(local_id=bindparam('_local_id'), local_key=bindparam('_local_key'),
+                   version=bindparam('_version'), life=bindparam('_life')))
 _BY_RECORD = update(communicator_mappings).where(M.name == bindparam('_name'),
                                                  M.local_id == bindparam('_id'))
 _CHANGE = _BY_RECORD.values(version=bindparam('_version'))

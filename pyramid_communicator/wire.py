@@ -33,7 +33,7 @@ PROTOCOL_VERSION = '2'
 #: format 1.  A receiver keeps a message of a newer format than its own
 #: unapplied until it is upgraded (see :mod:`.inbox`), so a sender may
 #: upgrade first.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: The format records are written in: unchanged since 0.2.0's versions,
 #: so that a peer of that version applies them.
 RECORD_FORMAT = 2
@@ -41,6 +41,11 @@ RECORD_FORMAT = 2
 #: so that a peer that predates them keeps them waiting for its upgrade
 #: instead of failing them.
 MESSAGE_FORMAT = 3
+#: The format of records whose primary key is their identity (:mod:`.keys`):
+#: their body carries the key and ``original_id`` is its handle, which a
+#: peer that predates them would take for an id and apply wrongly; it keeps
+#: them waiting for its upgrade instead.
+KEYED_FORMAT = 4
 #: zlib level for bodies between our own apps: cheap on CPU, and JSON of
 #: records still shrinks severalfold.
 GZIP_LEVEL = 1

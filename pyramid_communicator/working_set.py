@@ -21,10 +21,18 @@ from typing import Any
 from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.orm import Session
 
-from . import bulk, tombstones, tracking
+from . import bulk, keys, tombstones, tracking
 from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
-from .records import NAME_PREFIX, Receiver, body_name, from_wire, natural_key, receiver_for
+from .records import (
+    NAME_PREFIX,
+    Receiver,
+    body_name,
+    from_wire,
+    natural_key,
+    receiver_for,
+    receiver_of,
+)
 from .versions import HERE, Version
 
 M = communicator_mappings.c
@@ -43,6 +51,7 @@ class Identity:
     version: Version | None = None
     life: int = 0
     dirty: bool = False
+    local_key: str | None = None  # a keyed record's key (:mod:`.keys`)
 
     @property
     def tombstone(self) -> bool:
@@ -72,10 +81,16 @@ class WorkingSet:
         self.looked_up: set[tuple[str, str, int]] = set()  # also those not found
         self.aliases: dict[int, list[Identity]] = defaultdict(list)  # id(record) ->
         self.records: dict[tuple[str, int], object] = {}
+        #: (name, local id) -> ``local_key`` of keyed records (:mod:`.keys`)
+        self.key_texts: dict[tuple[str, int], str] = {}
         self.natural: dict[tuple, object] = {}
+        #: (name, first ``match_on`` value) whose records were all loaded
+        self.natural_searched: set[tuple[str, Any]] = set()
         #: (name, natural key digest) -> the version of a delete of that key
         self.natural_tombstones: dict[tuple[str, str], Version] = {}
         self.buried_keys: set[tuple[str, str]] = set()
+        #: (name, natural key digest) looked up already, found or not
+        self.tombstones_searched: set[tuple[str, str]] = set()
         #: Names that may have natural-key tombstones (stored, or made in
         #: this batch): for the others, keys are never computed.
         self.buried_names: set[str] = set()
@@ -101,8 +116,8 @@ class WorkingSet:
             for ref_origin, ref_id in (message.refs or {}).values():
                 for target in receiver_for(name).references().values():
                     wanted[target.name].add(_key(ref_origin, ref_id, self.local_name))
-        for name, keys in wanted.items():
-            self._load_identities(name, keys)
+        for name, identities in wanted.items():
+            self._load_identities(name, identities)
         for name, attribute_list in creates.items():
             self._load_natural(receiver_for(name), attribute_list)
         by_name: dict[str, set[int]] = defaultdict(set)
@@ -129,6 +144,9 @@ class WorkingSet:
         else:
             identity.local_id, identity.version = row.local_id, version
             identity.life = row.life or 0
+        identity.local_key = row.local_key
+        if row.local_key is not None and row.local_id is not None:
+            self.key_texts[(name, row.local_id)] = row.local_key
         return identity
 
     def _load_identities(self, name: str, keys: set[tuple[str, int]]) -> None:
@@ -138,7 +156,7 @@ class WorkingSet:
             origins = {origin for origin, _ in chunk}
             ids = {original_id for _, original_id in chunk}
             for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id, M.version,
-                                         M.life)
+                                         M.life, M.local_key)
                                   .where(M.name == name, M.origin.in_(origins),
                                          one_of(M.original_id, ids, self.dialect))):
                 if (row.origin, row.original_id) in keys:
@@ -149,11 +167,17 @@ class WorkingSet:
         pk = mapper.primary_key[0]
         ids = {i for i in ids if (receiver.name, i) not in self.records}
         for chunk in _chunks(sorted(ids), 500):
-            statement = (select(receiver.cls).where(one_of(pk, chunk, self.dialect))
-                         .with_for_update())
+            if receiver.keyed:
+                texts = [self.key_texts[(receiver.name, i)] for i in chunk
+                         if (receiver.name, i) in self.key_texts]
+                if not texts:
+                    continue
+                condition = keys.where(receiver, texts)
+            else:
+                condition = one_of(pk, chunk, self.dialect)
+            statement = select(receiver.cls).where(condition).with_for_update()
             for record in self.session.scalars(statement):
-                self.records[(receiver.name, mapper.primary_key_from_instance(record)[0])] = \
-                    record
+                self.records[(receiver.name, keys.handle(receiver, record))] = record
 
     def _load_natural(self, receiver: Receiver, attribute_list: list[dict[str, Any]]) -> None:
         """Local records whose ``match_on`` key a create may carry."""
@@ -168,18 +192,24 @@ class WorkingSet:
             for key, version in tracking.natural_tombstones(connection, receiver.name,
                                                             digests).items():
                 self.natural_tombstones[(receiver.name, key)] = version
+            if not set(receiver.match_on) & set(receiver.references()):
+                # Keys with a foreign key part are compared once translated
+                # (applying does that): those are looked up when asked.
+                self.tombstones_searched.update((receiver.name, key) for key in digests)
         first = receiver.match_on[0]
         values = {from_wire(columns[first], attrs.get(first)) for attrs in attribute_list}
         values.discard(None)
-        mapper = inspect(receiver.cls)
+        if first not in receiver.references():
+            # Every record with these first parts is loaded now: a key
+            # not found among them is not here (no lookup of its own).
+            self.natural_searched.update((receiver.name, value) for value in values)
         for chunk in _chunks(sorted(values, key=repr), 500):
             statement = (select(receiver.cls)
                          .where(one_of(getattr(receiver.cls, first), chunk, self.dialect))
                          .with_for_update())
             for record in self.session.scalars(statement):
                 self.natural[self._natural_key(receiver, record)] = record
-                self.records.setdefault(
-                    (receiver.name, mapper.primary_key_from_instance(record)[0]), record)
+                self.records.setdefault((receiver.name, keys.handle(receiver, record)), record)
 
     def _load_aliases(self) -> None:
         """Every identity of the records loaded: they share one version."""
@@ -191,7 +221,7 @@ class WorkingSet:
                 # Read (again) and locked after the records, as publishing
                 # locks them: a version committed meanwhile is seen.
                 for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
-                                             M.version, M.life)
+                                             M.version, M.life, M.local_key)
                                       .where(M.name == name,
                                              one_of(M.local_id, chunk, self.dialect))
                                       .with_for_update()):
@@ -284,6 +314,33 @@ class WorkingSet:
                 return None
             key.append(value)
         record = self.natural.get(tuple(key))
+        if (record is None and receiver.keyed and tuple(key) not in self.natural
+                and (receiver.name, key[1]) not in self.natural_searched):
+            # Not preloaded (a key part that is a foreign key, translated by
+            # the caller): looked up by its primary key, once.
+            values = tuple(key[1:])
+            found = self.session.scalars(
+                select(receiver.cls).where(keys.where(receiver, [keys.text(values)]))
+                .with_for_update()).first()
+            if found is not None and (found in self.session.deleted
+                                      or inspect(found).was_deleted):
+                found = None  # deleted in this batch, not flushed yet
+            self.natural[tuple(key)] = found
+            if found is not None:
+                handle = keys.handle(receiver, found)
+                self.records.setdefault((receiver.name, handle), found)
+                for row in self._rows(select(M.id, M.origin, M.original_id, M.local_id,
+                                             M.version, M.life, M.local_key)
+                                      .where(M.name == receiver.name, M.local_id == handle)
+                                      .with_for_update()):
+                    identity = self.identities.get((receiver.name, row.origin, row.original_id))
+                    if identity is not None and (identity.dirty or identity.record is not None):
+                        continue  # what this batch did to it stands
+                    identity = self._remember(receiver.name, row)
+                    identity.record = found
+                    if identity not in self.aliases[id(found)]:
+                        self.aliases[id(found)].append(identity)
+            return found
         if record is not None and self._natural_key(receiver, record) != tuple(key):
             return None  # renamed earlier in this batch
         return record
@@ -292,8 +349,14 @@ class WorkingSet:
         """The delete of a record here that had the same natural key."""
         if receiver.name not in self.buried_names:
             return None
-        return self.natural_tombstones.get((receiver.name,
-                                            self._natural_digest(receiver, attributes)))
+        key = (receiver.name, self._natural_digest(receiver, attributes))
+        if key[1] is not None and key not in self.natural_tombstones \
+                and key not in self.tombstones_searched:
+            self.tombstones_searched.add(key)
+            for found, version in tracking.natural_tombstones(
+                    self.session.connection(), receiver.name, [key[1]]).items():
+                self.natural_tombstones[(receiver.name, found)] = version
+        return self.natural_tombstones.get(key)
 
     def _natural_digest(self, receiver: Receiver, attributes: dict[str, Any]) -> str | None:
         """``natural_key`` of a message's attributes, computed once per batch."""
@@ -324,12 +387,12 @@ class WorkingSet:
             self.natural.pop(self._natural_key(receiver, record), None)
 
     def local_id(self, record: object) -> int:
-        """The record's primary key; a record created in this batch is
-        flushed for it (a later message refers to it)."""
+        """The record's local id (:func:`.keys.handle`); a record created in
+        this batch is flushed for it (a later message refers to it)."""
         state = inspect(record)
         if state.identity is None:
             self.session.flush()
-        return state.identity[0]
+        return keys.handle(receiver_of(record), record)
 
     # -- writing -------------------------------------------------------------
 
@@ -395,10 +458,14 @@ class WorkingSet:
         for identity in self.identities.values():
             if not identity.dirty:
                 continue
-            local_id = identity.local_id
+            local_id, local_key = identity.local_id, identity.local_key
             if identity.record is not None:
-                local_id = inspect(identity.record).identity[0]
-            values = {'local_id': local_id,
+                receiver = receiver_of(identity.record)
+                local_id = keys.handle(receiver, identity.record)
+                local_key = keys.text_of(receiver, identity.record)
+            elif local_id is None:
+                local_key = None
+            values = {'local_id': local_id, 'local_key': local_key,
                       'version': identity.version.dumps() if identity.version else None,
                       'life': identity.life}
             if identity.row_id is None:
@@ -412,10 +479,10 @@ class WorkingSet:
         if updates:
             connection.execute(
                 update(communicator_mappings).where(M.id == bindparam('_id'))
-                .values(local_id=bindparam('_local_id'), version=bindparam('_version'),
-                        life=bindparam('_life')),
-                [{'_id': u['_id'], '_local_id': u['local_id'], '_version': u['version'],
-                  '_life': u['life']} for u in updates])
+                .values(local_id=bindparam('_local_id'), local_key=bindparam('_local_key'),
+                        version=bindparam('_version'), life=bindparam('_life')),
+                [{'_id': u['_id'], '_local_id': u['local_id'], '_local_key': u['local_key'],
+                  '_version': u['version'], '_life': u['life']} for u in updates])
         if self.conflicts:
             connection.execute(communicator_conflicts.insert(), self.conflicts)
         by_name: dict[str, dict[str, Version]] = defaultdict(dict)

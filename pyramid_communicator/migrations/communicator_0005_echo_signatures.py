@@ -6,15 +6,15 @@ with an outbound one that is such an echo (see :mod:`pyramid_communicator.echoes
 Both columns are nullable: messages stored before, and those of a gem
 peer, have none (an echo of them is refused, as an unsigned one).
 
-Revision ID: communicator_0007
-Revises: communicator_0003
+Revision ID: communicator_0005
+Revises: communicator_0004
 Create Date: 2026-12-07
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = 'communicator_0007'
-down_revision = 'communicator_0003'
+revision = 'communicator_0005'
+down_revision = 'communicator_0004'
 branch_labels = None
 depends_on = None
 
