@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from . import queues, wire
 from .applying import Message, Refused, apply_message
+from .links import LINK, apply_link
 from .message_bodies import PLAIN, check_fields, ordering_key
 from .messages import dispatch, handler_for
 from .models import utcnow
@@ -343,7 +344,10 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         records.clear()
 
     for row, message in items:
-        if message.decoded is not None and message.decoded[0] == PLAIN:
+        if message.decoded is not None and message.decoded[0] == LINK:
+            write_records()  # the records it links may be earlier in the batch
+            apply_link(session, local_name, row.sender, message.decoded[1])
+        elif message.decoded is not None and message.decoded[0] == PLAIN:
             write_records()
             try:
                 dispatch(session, registry, found[row.id], row.sender, row.remote_id,

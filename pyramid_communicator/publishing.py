@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session
 from zope.sqlalchemy import mark_changed
 
-from . import tracking, wire
+from . import links, tracking, wire
 from .conflicts import Conflict, Policy, as_policy
 from .models import OutboundMessage, outbound_messages, utcnow
 from .records import (
@@ -79,7 +79,9 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
         receiver = Receiver(name, cls, frozenset(exclude),
                             None if only is None else frozenset(only),
                             autopublish, policy, match_on, deletes, accept)
-        columns = receiver.columns()
+        # Without match_on nothing is looked up yet: the mappers configure
+        # later, once the models a relationship names are defined too.
+        columns = receiver.columns() if match_on else {}
         missing = [key for key in match_on if key not in columns]
         if missing:
             raise ValueError(f'match_on {missing} of {name!r}: not attributes that cross '
@@ -87,6 +89,7 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
         register(receiver)
         if autopublish:
             _listen_to_sessions()
+            links.listen()  # after the records' own listener: their identities first
         if autopublish and not event.contains(cls, 'after_insert', _autopublish):
             event.listen(cls, 'after_insert', _autopublish)
             event.listen(cls, 'after_update', _autopublish)
@@ -330,7 +333,9 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     published without identity; the receiver then creates a new record
     with its own id (as the gem did).
     """
-    return _publish_one(session, _Change(obj, local_id(obj)))
+    message = _publish_one(session, _Change(obj, local_id(obj)))
+    links.publish_links(session, obj)  # its many-to-many links, after it
+    return message
 
 
 def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
@@ -347,10 +352,13 @@ def publish_records(session: Session, objs: Iterable[object]) -> int:
     """Publish the current state of each of ``objs`` (persistent records),
     in this order and in ``session``'s transaction; returns how many."""
     connection = session.connection()
+    objs = list(objs)
     rows = _publish_changes(connection, [_Change(obj, local_id(obj)) for obj in objs])
     _insert(connection, rows)
     if rows:
         mark_changed(session)
+    for obj in objs:
+        links.publish_links(session, obj)
     return len(rows)
 
 
