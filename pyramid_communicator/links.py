@@ -115,14 +115,22 @@ def _reverse(rel: Any) -> Any:
 
 def _watched(cls: type) -> list[tuple[Link, str, bool]]:
     """(link, attribute, as owner) of the attributes of ``cls`` whose
-    changes are link changes."""
+    changes are link changes (asked for every object a flush wrote)."""
+    known = links()
+    cached = _watching.get(cls)
+    if cached is not None and cached[0] is known:
+        return cached[1]
     found = []
-    for link in links().values():
+    for link in known.values():
         if issubclass(cls, link.owner.cls):
             found.append((link, link.key, True))
         if link.reverse is not None and issubclass(cls, link.target.cls):
             found.append((link, link.reverse, False))
+    _watching[cls] = (known, found)
     return found
+
+
+_watching: dict[type, tuple[dict[str, Link], list[tuple[Link, str, bool]]]] = {}
 
 
 # -- publishing -------------------------------------------------------------------
