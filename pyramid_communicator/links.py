@@ -29,6 +29,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from pyramid.threadlocal import get_current_registry
 from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -36,8 +37,10 @@ from zope.sqlalchemy import mark_changed
 
 from . import tracking, wire
 from .link_bodies import LINK, LinkChange, check_fields
+from .messages import SETTINGS_INFO
 from .models import communicator_links, communicator_mappings, outbound_messages, utcnow
 from .records import APPLYING, Receiver, receiver_for, receiver_of_class, receivers
+from .settings import REGISTRY_KEY
 from .trust import Refused
 from .versions import FUTURE_LIMIT, HERE, now_hlc
 
@@ -159,8 +162,16 @@ def listen() -> None:
         event.listen(Session, 'after_flush', _after_flush)
 
 
+def _gem_peer(session: Session) -> bool:
+    """Does the peer run the Ruby gem (``communicator.gem_peer``), which
+    knows no links?  Known in a request, a bootstrapped script and a
+    handler; a session of neither cannot tell, and publishes."""
+    settings = session.info.get(SETTINGS_INFO) or get_current_registry().get(REGISTRY_KEY)
+    return settings is not None and settings.gem_peer
+
+
 def _after_flush(session: Session, flush_context: Any) -> None:
-    if session.info.get(APPLYING) or not links():
+    if session.info.get(APPLYING) or not links() or _gem_peer(session):
         return
     found: dict[tuple[str, int, int], _Change] = {}
     # Before after_flush returns, new and dirty still hold what this flush
@@ -184,10 +195,13 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 def publish_links(session: Session, obj: object) -> int:
     """Send how ``obj``'s synced collections differ from what was last
     sent or received (links added since, links removed since), in
-    ``session``'s transaction; returns how many link messages."""
+    ``session``'s transaction; returns how many link messages (none to a
+    gem peer)."""
     receiver = receiver_of_class(type(obj))
     owned = [link for link in links().values()
              if receiver is not None and link.owner.name == receiver.name]
+    if owned and _gem_peer(session):
+        return 0
     owner_id = _local_id(obj) if owned else None
     if owner_id is None:
         return 0

@@ -332,6 +332,9 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     received get a new version stamp.  A record that was never flushed is
     published without identity; the receiver then creates a new record
     with its own id (as the gem did).
+
+    Its many-to-many collections (:mod:`.links`) send how they differ from
+    what was last sent or received, as link messages after it.
     """
     message = _publish_one(session, _Change(obj, local_id(obj)))
     links.publish_links(session, obj)  # its many-to-many links, after it

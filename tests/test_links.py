@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pyramid import testing
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from test_records import deliver, forward
@@ -24,7 +25,7 @@ from test_records import deliver, forward
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.inbox import ApplyResult
 from pyramid_communicator.models import NAMING_CONVENTION
-from pyramid_communicator.settings import parse_settings
+from pyramid_communicator.settings import REGISTRY_KEY, parse_settings
 from pyramid_communicator.sync import apply_inbound
 from pyramid_communicator.versions import now_hlc
 from pyramid_communicator.wire import WireMessage, outbound_to_wire, parse_messages
@@ -477,3 +478,21 @@ def test_random_membership_changes_on_both_sides_converge(central, facade, seed)
     assert tags_of(central) == tags_of(facade)
     for side in (central, facade):
         assert side.count('inbound_messages', 'processed_at IS NULL') == 0
+
+
+def test_no_link_travels_to_a_gem_peer(central):
+    """The gem knows records only: with ``communicator.gem_peer`` the
+    records go and their links stay."""
+    with testing.testConfig() as config:
+        config.registry[REGISTRY_KEY] = parse_settings({
+            'communicator.name': 'central', 'communicator.username': 'user',
+            'communicator.password': 'secret', 'communicator.gem_peer': 'true'})
+        with central.session() as session:
+            session.add(LinkPost(title='p', tags=[LinkTag(name='a')]))
+        with central.session() as session:
+            draft = LinkDraft(title='d', tags=session.scalars(select(LinkTag)).all())
+            session.add(draft)
+            session.flush()
+            publish(session, draft)
+    assert link_messages(central) == []
+    assert central.count('outbound_messages') == 3  # the post, the tag, the draft
