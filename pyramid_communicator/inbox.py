@@ -360,6 +360,7 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         else:
             records.append(message)
     write_records()
+    session.flush()  # the links applied since the last records
 
 
 def _keep_failures(session: Session, tm: transaction.TransactionManager,

@@ -279,7 +279,8 @@ def _save(connection: Connection, previous: Any, change: _Change, hlc: int, app:
 
 def apply_link(session: Session, local_name: str, sender: str, fields: Any) -> None:
     """Apply one received link change in ``session``'s transaction, if its
-    stamp is later than the last change of the link known here.
+    stamp is later than the last change of the link known here; the
+    caller flushes.
 
     :class:`.trust.Refused` for what the peer may not do; LookupError (a
     failure, retried) while a record of the link has not arrived yet."""
@@ -305,17 +306,19 @@ def apply_link(session: Session, local_name: str, sender: str, fields: Any) -> N
     previous = _state(connection, link.name, owner_id, target_id)
     if previous is not None and _later_or_same(previous, change, local_name):
         return  # an older change (or this one again) than the one kept
-    owner = session.get(link.owner.cls, owner_id)
-    target = session.get(link.target.cls, target_id)
-    if owner is None or target is None:
-        raise LookupError(f'a record of {link.name} {owner_id} -> {target_id} '
-                          'does not exist here')
-    collection = getattr(owner, link.key)
-    if change.linked and target not in collection:
-        collection.append(target)
-    elif not change.linked and target in collection:
-        collection.remove(target)
-    session.flush()  # through the ORM: the host's events run
+    # Through the ORM, so that the host's collection events run; flushed
+    # with the batch (by the caller), not link by link.
+    with session.no_autoflush:
+        owner = session.get(link.owner.cls, owner_id)
+        target = session.get(link.target.cls, target_id)
+        if owner is None or target is None:
+            raise LookupError(f'a record of {link.name} {owner_id} -> {target_id} '
+                              'does not exist here')
+        collection = getattr(owner, link.key)
+        if change.linked and target not in collection:
+            collection.append(target)
+        elif not change.linked and target in collection:
+            collection.remove(target)
     _save(connection, previous, _Change(link, owner_id, target_id, change.linked),
           change.hlc, change.app)
 
