@@ -44,7 +44,7 @@ from .settings import REGISTRY_KEY
 from .trust import Refused
 from .versions import FUTURE_LIMIT, HERE, now_hlc
 
-__all__ = ['LINK', 'Link', 'apply_link', 'links', 'listen', 'publish_links']
+__all__ = ['LINK', 'Link', 'LinkBatch', 'apply_link', 'links', 'listen', 'publish_links']
 
 L = communicator_links.c
 M = communicator_mappings.c
@@ -239,7 +239,10 @@ def _write(connection: Connection, changes: list[_Change]) -> None:
                                if local_id in tracked[name] else (None, local_id))
         return [origin or HERE, original_id]
 
-    states = _states(connection, changes)
+    wanted_states: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for change in changes:
+        wanted_states[change.link.name].add((change.owner_id, change.target_id))
+    states = _states(connection, wanted_states)
     rows, inserts, updates = [], [], []
     for change in changes:
         previous = states.get((change.link.name, change.owner_id, change.target_id))
@@ -267,14 +270,12 @@ def _write(connection: Connection, changes: list[_Change]) -> None:
     connection.execute(outbound_messages.insert(), rows)
 
 
-def _states(connection: Connection, changes: list[_Change]) -> dict[tuple[str, int, int], Any]:
-    """The kept states of the changed links, a query per relationship,
-    locked by primary key (a range read FOR UPDATE would take gap locks on
-    MariaDB): a concurrent change of the same link waits, then stamps
-    after this one."""
-    wanted: dict[str, set[tuple[int, int]]] = defaultdict(set)
-    for change in changes:
-        wanted[change.link.name].add((change.owner_id, change.target_id))
+def _states(connection: Connection, wanted: dict[str, set[tuple[int, int]]],
+            ) -> dict[tuple[str, int, int], Any]:
+    """The kept states of links (relationship name -> (owner id, target
+    id) pairs), a query per relationship, locked by primary key (a range
+    read FOR UPDATE would take gap locks on MariaDB): a concurrent change of
+    the same link waits, then stamps after this one."""
     found = {}
     for name, pairs in wanted.items():
         ordered = sorted(pairs)
@@ -298,31 +299,134 @@ def _states(connection: Connection, changes: list[_Change]) -> dict[tuple[str, i
     return found
 
 
-def _state(connection: Connection, name: str, owner_id: int, target_id: int) -> Any:
-    statement = select(L.id, L.linked, L.hlc, L.app).where(
-        L.name == name, L.owner_id == owner_id, L.target_id == target_id)
-    if connection.dialect.name != 'sqlite':
-        statement = statement.with_for_update()
-    return connection.execute(statement).first()
-
-
-def _save(connection: Connection, previous: Any, change: _Change, hlc: int, app: str) -> None:
-    values = {'linked': int(change.linked), 'hlc': hlc, 'app': app}
-    if previous is None:
-        connection.execute(communicator_links.insert().values(
-            name=change.link.name, owner_id=change.owner_id, target_id=change.target_id,
-            **values))
-    else:
-        connection.execute(communicator_links.update().where(L.id == previous.id)
-                           .values(**values))
-
-
 # -- applying ---------------------------------------------------------------------
 
-def apply_link(session: Session, local_name: str, sender: str, fields: Any) -> None:
-    """Apply one received link change in ``session``'s transaction, if its
+class LinkBatch:
+    """The link messages of one batch of inbound messages: the identities
+    and kept stamps they name read a query per kind (again after records
+    of the batch were written, which may be the ones they name), their new
+    stamps written at the end (:meth:`write`)."""
+
+    def __init__(self, session: Session, local_name: str) -> None:
+        self.session = session
+        self.local_name = local_name
+        self.connection = session.connection()
+        #: (name, origin, original id) -> local id (None: a tombstone).
+        self.ids: dict[tuple[str, str, int], int | None] = {}
+        #: (relationship, owner id, target id) -> [row id, linked, hlc, app].
+        self.states: dict[tuple[str, int, int], list] = {}
+        self.read: set[tuple[str, int, int]] = set()  # also those not kept
+        self.inserts: dict[tuple[str, int, int], list] = {}
+        self.changed: set[tuple[str, int, int]] = set()
+        self.stale = True  # nothing read yet
+
+    def preload(self, fields_list: list[Any]) -> None:
+        """Read what these link messages name: a query per record name
+        for identities, per relationship for stamps, per model for records."""
+        self.stale = False
+        self.ids.clear()  # records written since may have been mapped, or deleted
+        named: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        wanted = []
+        for fields in fields_list:
+            try:
+                change = check_fields(fields)
+            except ValueError:
+                continue  # refused when applied
+            link = links().get(f'{change.record}.{change.relationship}')
+            if link is None:
+                continue
+            keys = (self._key(link.owner.name, change.owner),
+                    self._key(link.target.name, change.target))
+            for key in keys:
+                if key not in self.ids:
+                    named[key[0]].add(key[1:])
+            wanted.append((link, keys))
+        for name, keys in named.items():
+            original_ids = sorted({original_id for _, original_id in keys})
+            for start in range(0, len(original_ids), 500):
+                for row in self.connection.execute(
+                        select(M.origin, M.original_id, M.local_id).where(
+                            M.name == name,
+                            M.original_id.in_(original_ids[start:start + 500]))):
+                    if (row.origin, row.original_id) in keys:
+                        self.ids[(name, row.origin, row.original_id)] = row.local_id
+        pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        records: dict[type, set[int]] = defaultdict(set)
+        for link, (owner, target) in wanted:
+            owner_id, target_id = self.ids.get(owner), self.ids.get(target)
+            if owner_id is not None and target_id is not None:
+                if (link.name, owner_id, target_id) not in self.read:
+                    pairs[link.name].add((owner_id, target_id))
+                records[link.owner.cls].add(owner_id)
+                records[link.target.cls].add(target_id)
+        for key, row in _states(self.connection, pairs).items():
+            self.states[key] = [row.id, row.linked, row.hlc, row.app]
+        self.read.update((name, *pair) for name, found in pairs.items() for pair in found)
+        for cls, local_ids in records.items():  # into the identity map, for session.get
+            key = inspect(cls).primary_key[0]
+            ordered = sorted(local_ids)
+            with self.session.no_autoflush:
+                for start in range(0, len(ordered), 500):
+                    self.session.scalars(select(cls).where(
+                        key.in_(ordered[start:start + 500]))).all()
+
+    def _key(self, name: str, identity: tuple[str, int]) -> tuple[str, str, int]:
+        origin, original_id = identity
+        return name, HERE if origin == self.local_name else origin, original_id
+
+    def resolve(self, name: str, identity: tuple[str, int], sender: str) -> int | None:
+        """The local id of the record an identity names (None: deleted
+        here).  A record of ours must have been sent to the peer."""
+        key = self._key(name, identity)
+        if key not in self.ids:  # not preloaded, or written since
+            row = self.connection.execute(select(M.local_id).where(
+                M.name == name, M.origin == key[1], M.original_id == key[2])).first()
+            if row is None:
+                if key[1] == HERE:
+                    raise Refused(f'{sender} links {name} {key[2]} of {self.local_name}, '
+                                  'which was never sent to it')
+                raise LookupError(f'links {name} {key[2]} of {key[1]}, '
+                                  'which is not here (yet)')
+            self.ids[key] = row.local_id
+        return self.ids[key]
+
+    def state(self, key: tuple[str, int, int]) -> list | None:
+        if key not in self.read:
+            self.read.add(key)
+            for found, row in _states(self.connection, {key[0]: {key[1:]}}).items():
+                self.states[found] = [row.id, row.linked, row.hlc, row.app]
+        return self.states.get(key)
+
+    def keep(self, key: tuple[str, int, int], linked: bool, hlc: int, app: str) -> None:
+        kept = self.states.get(key)
+        if kept is None:
+            kept = self.states[key] = self.inserts[key] = [None, 0, 0, '']
+        kept[1:] = [int(linked), hlc, app]
+        self.changed.add(key)
+
+    def write(self) -> None:
+        """The new stamps, a statement per kind."""
+        inserts = [{'name': key[0], 'owner_id': key[1], 'target_id': key[2],
+                    'linked': kept[1], 'hlc': kept[2], 'app': kept[3]}
+                   for key, kept in self.inserts.items()]
+        updates = [{'_id': self.states[key][0], '_linked': self.states[key][1],
+                    '_hlc': self.states[key][2], '_app': self.states[key][3]}
+                   for key in self.changed if key not in self.inserts]
+        if inserts:
+            self.connection.execute(communicator_links.insert(), inserts)
+        if updates:
+            self.connection.execute(
+                communicator_links.update().where(L.id == bindparam('_id'))
+                .values(linked=bindparam('_linked'), hlc=bindparam('_hlc'),
+                        app=bindparam('_app')), updates)
+        self.inserts.clear()
+        self.changed.clear()
+
+
+def apply_link(batch: LinkBatch, sender: str, fields: Any) -> None:
+    """Apply one received link change in the batch's transaction, if its
     stamp is later than the last change of the link known here; the
-    caller flushes.
+    caller flushes, and writes the batch.
 
     :class:`.trust.Refused` for what the peer may not do; LookupError (a
     failure, retried) while a record of the link has not arrived yet."""
@@ -340,14 +444,15 @@ def apply_link(session: Session, local_name: str, sender: str, fields: Any) -> N
     if change.hlc > now_hlc() + FUTURE_LIMIT:
         raise Refused(f'the stamp {sender} sent is more than a day ahead of '
                       "this host's clock")
-    connection = session.connection()
-    owner_id = _resolve(connection, link.owner.name, change.owner, sender, local_name)
-    target_id = _resolve(connection, link.target.name, change.target, sender, local_name)
+    owner_id = batch.resolve(link.owner.name, change.owner, sender)
+    target_id = batch.resolve(link.target.name, change.target, sender)
     if owner_id is None or target_id is None:
         return  # one of them was deleted here: no link to change
-    previous = _state(connection, link.name, owner_id, target_id)
-    if previous is not None and _later_or_same(previous, change, local_name):
+    key = (link.name, owner_id, target_id)
+    kept = batch.state(key)
+    if kept is not None and _later_or_same(kept, change, batch.local_name):
         return  # an older change (or this one again) than the one kept
+    session = batch.session
     # Through the ORM, so that the host's collection events run; flushed
     # with the batch (by the caller), not link by link.
     with session.no_autoflush:
@@ -361,27 +466,9 @@ def apply_link(session: Session, local_name: str, sender: str, fields: Any) -> N
             collection.append(target)
         elif not change.linked and target in collection:
             collection.remove(target)
-    _save(connection, previous, _Change(link, owner_id, target_id, change.linked),
-          change.hlc, change.app)
+    batch.keep(key, change.linked, change.hlc, change.app)
 
 
-def _later_or_same(previous: Any, change: LinkChange, local_name: str) -> bool:
-    kept = (previous.hlc, local_name if previous.app == HERE else previous.app)
-    return kept >= (change.hlc, change.app)
-
-
-def _resolve(connection: Connection, name: str, identity: tuple[str, int], sender: str,
-             local_name: str) -> int | None:
-    """The local id of the record an identity names (None: deleted here).
-    A record of ours must have been sent to the peer."""
-    origin, original_id = identity
-    own = origin == local_name
-    row = connection.execute(select(M.local_id).where(
-        M.name == name, M.origin == (HERE if own else origin),
-        M.original_id == original_id)).first()
-    if row is not None:
-        return row.local_id
-    if own:
-        raise Refused(f'{sender} links {name} {original_id} of {local_name}, '
-                      'which was never sent to it')
-    raise LookupError(f'links {name} {original_id} of {origin}, which is not here (yet)')
+def _later_or_same(kept: list, change: LinkChange, local_name: str) -> bool:
+    stamp = (kept[2], local_name if kept[3] == HERE else kept[3])
+    return stamp >= (change.hlc, change.app)
