@@ -171,7 +171,7 @@ def _gem_peer(session: Session) -> bool:
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
-    if session.info.get(APPLYING) or not links() or _gem_peer(session):
+    if session.info.get(APPLYING) or not links():
         return
     found: dict[tuple[str, int, int], _Change] = {}
     # Before after_flush returns, new and dirty still hold what this flush
@@ -188,8 +188,8 @@ def _after_flush(session: Session, flush_context: Any) -> None:
                     if owner_id is not None and target_id is not None:
                         found[(link.name, owner_id, target_id)] = _Change(
                             link, owner_id, target_id, linked)
-    if found:
-        _write(session.connection(), list(found.values()))
+    if found and not _gem_peer(session):
+        _write(session.connection(), [found[key] for key in sorted(found)])
 
 
 def publish_links(session: Session, obj: object) -> int:
