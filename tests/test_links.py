@@ -91,6 +91,34 @@ class LinkNote(LinksBase):
     tags: Mapped[list[LinkTag]] = relationship(secondary=note_tags)
 
 
+memo_tags = Table(
+    'links_memo_tags', LinksBase.metadata,
+    Column('memo_id', ForeignKey('links_memos.id'), primary_key=True),
+    Column('tag_id', ForeignKey('links_tags.id'), primary_key=True))
+pinned_tags = Table(
+    'links_pinned_tags', LinksBase.metadata,
+    Column('pinned_id', ForeignKey('links_pinned.id'), primary_key=True),
+    Column('tag_id', ForeignKey('links_tags.id'), primary_key=True))
+
+
+@receives_from('links_memo', autopublish=True, only=['title'])
+class LinkMemo(LinksBase):
+    """An allow-list without its tags: they stay on each side."""
+    __tablename__ = 'links_memos'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    tags: Mapped[list[LinkTag]] = relationship(secondary=memo_tags)
+
+
+@receives_from('links_pinned', autopublish=True, accept=())
+class LinkPinned(LinksBase):
+    """Publish-only: the peer changes neither it nor its links."""
+    __tablename__ = 'links_pinned'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    tags: Mapped[list[LinkTag]] = relationship(secondary=pinned_tags)
+
+
 @receives_from('links_draft')
 class LinkDraft(LinksBase):
     """Published by hand, links and all."""
@@ -281,14 +309,15 @@ def _named(fields: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return fields
 
 
-def test_an_excluded_relationship_does_not_travel(central, facade):
+@pytest.mark.parametrize('model', [LinkNote, LinkMemo], ids=['exclude', 'only'])
+def test_an_excluded_relationship_does_not_travel(central, facade, model):
     create(central, LinkTag, name='a')
     with central.session() as session:
         tag = session.scalars(select(LinkTag)).one()
-        session.add(LinkNote(title='n', tags=[tag]))
+        session.add(model(title='n', tags=[tag]))
     sync(central, facade)
-    assert tags_of(central, LinkNote) == {'n': ['a']}
-    assert tags_of(facade, LinkNote) == {'n': []}
+    assert tags_of(central, model) == {'n': ['a']}
+    assert tags_of(facade, model) == {'n': []}
     assert link_messages(central) == []
 
 
@@ -373,6 +402,19 @@ def test_a_forged_link_to_a_private_record_of_central_is_refused(central, facade
     assert central.rows('links_post_labels', 'post_id') == []
     assert central.rows('links_post_tags', 'post_id') == []
     assert central.rows('links_draft_tags', 'draft_id') == []
+
+
+def test_links_of_a_publish_only_model_are_refused(central, facade):
+    create(central, LinkPinned, title='pinned')
+    create(central, LinkTag, name='a')
+    sync(central, facade)
+    forged(central, {**link(['central', local(central, LinkPinned, 'pinned')],
+                            ['central', local(central, LinkTag, 'a')], relationship='tags'),
+                     'record': 'links_pinned'})
+    assert apply(central).failed == 1
+    [row] = central.rows('inbound_messages', 'id')[-1:]
+    assert row['refused_at'] is not None and 'does not accept updates' in row['last_error']
+    assert tags_of(central, LinkPinned) == {'pinned': []}
 
 
 def test_malformed_link_messages_are_refused_on_arrival(central):
