@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from . import echoes, queues, wire
 from .applying import Message, Refused, apply_message
+from .links import LINK, LinkBatch, apply_link
 from .message_bodies import PLAIN, check_fields, ordering_key
 from .messages import dispatch, handler_for
 from .models import utcnow
@@ -331,9 +332,15 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
                 exc.communicator_inbound_id = row.id
                 raise
 
+    link_batch: LinkBatch | None = None
+    link_fields = [(row.id, message.decoded[1]) for row, message in items
+                   if message.decoded is not None and message.decoded[0] == LINK]
+
     def write_records() -> None:
         if not records:
             return
+        if link_batch is not None:
+            link_batch.stale = True  # the records may be those its links name
         work = WorkingSet(session, local_name, alone=alone, gem_peer=gem_peer)
         work.preload(records)
         with session.no_autoflush:
@@ -346,7 +353,15 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         records.clear()
 
     for row, message in items:
-        if message.decoded is not None and message.decoded[0] == PLAIN:
+        if message.decoded is not None and message.decoded[0] == LINK:
+            write_records()  # the records it links may be earlier in the batch
+            if link_batch is None:
+                link_batch = LinkBatch(session, local_name)
+            if link_batch.stale:  # the links from here on, a few queries
+                link_batch.preload([fields for row_id, fields in link_fields
+                                    if row_id >= row.id])
+            apply_link(link_batch, row.sender, message.decoded[1])
+        elif message.decoded is not None and message.decoded[0] == PLAIN:
             write_records()
             try:
                 dispatch(session, registry, found[row.id], row.sender, row.remote_id,
@@ -359,6 +374,9 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         else:
             records.append(message)
     write_records()
+    if link_batch is not None:
+        session.flush()  # the links applied since the last records
+        link_batch.write()
 
 
 def _keep_failures(session: Session, tm: transaction.TransactionManager,

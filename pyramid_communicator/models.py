@@ -203,6 +203,27 @@ class NaturalTombstone(Base):
     __table_args__ = (UniqueConstraint('name', 'natural_key'),)
 
 
+class LinkState(Base):
+    """The last change of one many-to-many link (:mod:`.links`), between
+    two local records: whether it is there and the stamp of the edit that
+    said so.  A link message older than this stamp changes nothing, so a
+    message sent again, late or twice, never brings back a removed link."""
+    __tablename__ = 'communicator_links'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: The relationship as the wire names it: ``<record name>.<attribute>``.
+    name: Mapped[str] = mapped_column(String(255))
+    owner_id: Mapped[int] = mapped_column(BigInteger)
+    target_id: Mapped[int] = mapped_column(BigInteger)
+    #: 1: linked, 0: removed.
+    linked: Mapped[int] = mapped_column(Integer)
+    #: The edit's stamp (hlc, app); app ``''`` is this app.
+    hlc: Mapped[int] = mapped_column(BigInteger)
+    app: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (UniqueConstraint('name', 'owner_id', 'target_id'),)
+
+
 class ConflictRecord(Base):
     """A conflict between concurrent edits, and how it was settled."""
     __tablename__ = 'communicator_conflicts'
@@ -246,3 +267,4 @@ communicator_mappings = Mapping.__table__
 communicator_state = SyncState.__table__
 communicator_conflicts = ConflictRecord.__table__
 communicator_natural_tombstones = NaturalTombstone.__table__
+communicator_links = LinkState.__table__

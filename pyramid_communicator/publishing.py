@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session
 from zope.sqlalchemy import mark_changed
 
-from . import keys, tracking, wire
+from . import keys, links, tracking, wire
 from .conflicts import Conflict, Policy, as_policy
 from .models import OutboundMessage, outbound_messages, utcnow
 from .records import (
@@ -85,7 +85,9 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
                                  'docs/models.rst, Primary keys); match_on is not needed')
             receiver = dataclasses.replace(receiver, keyed=True,
                                            match_on=tuple(receiver.primary_key))
-        columns = receiver.columns()
+        # Without match_on nothing is looked up yet: the mappers configure
+        # later, once the models a relationship names are defined too.
+        columns = receiver.columns() if receiver.match_on else {}
         missing = [key for key in match_on if key not in columns]
         if missing:
             raise ValueError(f'match_on {missing} of {name!r}: not attributes that cross '
@@ -93,6 +95,7 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
         register(receiver)
         if autopublish:
             _listen_to_sessions()
+            links.listen()  # after the records' own listener: their identities first
         if autopublish and not event.contains(cls, 'after_insert', _autopublish):
             event.listen(cls, 'after_insert', _autopublish)
             event.listen(cls, 'after_update', _autopublish)
@@ -353,8 +356,13 @@ def publish(session: Session, obj: object) -> OutboundMessage:
     received get a new version stamp.  A record that was never flushed is
     published without identity; the receiver then creates a new record
     with its own id (as the gem did).
+
+    Its many-to-many collections (:mod:`.links`) send how they differ from
+    what was last sent or received, as link messages after it.
     """
-    return _publish_one(session, _Change(obj, _record_id(obj)))
+    message = _publish_one(session, _Change(obj, _record_id(obj)))
+    links.publish_links(session, obj)  # its many-to-many links, after it
+    return message
 
 
 def publish_delete(session: Session, obj: object) -> OutboundMessage | None:
@@ -371,10 +379,13 @@ def publish_records(session: Session, objs: Iterable[object]) -> int:
     """Publish the current state of each of ``objs`` (persistent records),
     in this order and in ``session``'s transaction; returns how many."""
     connection = session.connection()
+    objs = list(objs)
     rows = _publish_changes(connection, [_Change(obj, _record_id(obj)) for obj in objs])
     _insert(connection, rows)
     if rows:
         mark_changed(session)
+    for obj in objs:
+        links.publish_links(session, obj)
     return len(rows)
 
 

@@ -137,6 +137,19 @@ def _receiver_of_table(table: Any) -> Receiver | None:
     return None
 
 
+def receiver_of_class(cls: type) -> Receiver | None:
+    """The receiver of a mapped class (or of a base it inherits), if any."""
+    for base in cls.__mro__:
+        if base in _by_class:
+            return _by_class[base]
+    return None
+
+
+def receivers() -> list[Receiver]:
+    """Every registered receiver, in registration order."""
+    return list(_by_name.values())
+
+
 def receiver_for(name: str) -> Receiver:
     try:
         return _by_name[name]

@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from . import link_bodies
+from .link_bodies import LINK
 from .message_bodies import PLAIN, check_fields
 from .records import decode_body
 from .signatures import sign, well_formed
@@ -46,6 +48,10 @@ MESSAGE_FORMAT = 3
 #: peer that predates them would take for an id and apply wrongly; it keeps
 #: them waiting for its upgrade instead.
 KEYED_FORMAT = 4
+#: The format of many-to-many link messages (:mod:`.links`): newer than
+#: plain messages, so that a peer that predates links keeps them waiting
+#: for its upgrade instead of failing them.
+LINK_FORMAT = 4
 #: zlib level for bodies between our own apps: cheap on CPU, and JSON of
 #: records still shrinks severalfold.
 GZIP_LEVEL = 1
@@ -138,12 +144,16 @@ def outbound_to_wire(row: Any, local_name: str, key: bytes | None = None) -> Wir
     version = None
     if getattr(row, 'version', None):
         version = _named(json.loads(row.version), local_name)
+    message_format = getattr(row, 'format', None) or 1
+    body = row.body
+    if message_format == LINK_FORMAT and body.startswith(f'{{"{LINK}"'):
+        body = link_bodies.named(body, local_name)
     signature = getattr(row, 'signature', None)
     if signature is None and key is not None and row.origin is None \
             and row.original_id is not None and version is not None:
-        signature = sign(key, origin, row.original_id, row.body, version, refs)
-    return WireMessage(row.id, row.body, origin, row.original_id, refs, version,
-                       getattr(row, 'format', None) or 1, signature)
+        signature = sign(key, origin, row.original_id, body, version, refs)
+    return WireMessage(row.id, body, origin, row.original_id, refs, version,
+                       message_format, signature)
 
 
 def _named(version: dict[str, Any], local_name: str) -> dict[str, Any]:
@@ -298,6 +308,8 @@ def _parse_message(item: dict[str, Any], message_id: int) -> WireMessage:
         raise _Malformed(f'"body" is not a record: {_one_line(exc)}') from None
     if decoded is not None and decoded[0] == PLAIN:
         _check_plain(item, decoded[1], message_format)
+    if decoded is not None and decoded[0] == LINK:
+        _check_link(item, decoded[1], message_format)
     origin = item.get('origin')
     if origin is not None and not (isinstance(origin, str) and 0 < len(origin) <= 64
                                    and _storable(origin)):
@@ -328,6 +340,20 @@ def _check_plain(item: dict[str, Any], fields: Any, message_format: int) -> None
         raise _Malformed(f'a {PLAIN} has no origin, original_id, refs or version')
     try:
         check_fields(fields)
+    except ValueError as exc:
+        raise _Malformed(_one_line(exc)) from None
+
+
+def _check_link(item: dict[str, Any], fields: Any, message_format: int) -> None:
+    """A link message (:mod:`.link_bodies`): in its format, without a
+    record's identity, version or references (it names its two records
+    itself), and well-formed."""
+    if message_format < LINK_FORMAT:
+        raise _Malformed(f'a {LINK} body needs format {LINK_FORMAT} or newer')
+    if any(item.get(key) is not None for key in ('origin', 'original_id', 'refs', 'version')):
+        raise _Malformed(f'a {LINK} has no origin, original_id, refs or version')
+    try:
+        link_bodies.check_fields(fields)
     except ValueError as exc:
         raise _Malformed(_one_line(exc)) from None
 

@@ -44,7 +44,7 @@ from pyramid_communicator import models
 from pyramid_communicator.demo.models import Post
 
 #: The add-on's newest revision.
-HEAD = 'communicator_0005'
+HEAD = 'communicator_0006'
 
 ENV_PY = '''\
 from alembic import context
