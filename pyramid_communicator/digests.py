@@ -146,11 +146,17 @@ class Scanner:
         mapper = inspect(receiver.cls)
         if len(mapper.primary_key) != 1:
             raise ValueError(f'{receiver.name}: records need a single integer primary key')
-        self.columns = receiver.columns()
+        # A hierarchy's records are compared with the columns of every
+        # class in it (NULL where a record's class has none): the same on
+        # both sides, whatever class each record is.
+        self.columns = receiver.all_columns()
         self.keys = list(self.columns)
-        self.references = receiver.references()
-        table = mapper.local_table
+        self.references = receiver.all_references()
+        self.table = table = mapper.local_table
         self.joined = communicator_mappings.join(table, mapper.primary_key[0] == M.local_id)
+        for sub in mapper.self_and_descendants:
+            if sub is not mapper and sub.local_table is not sub.inherits.local_table:
+                self.joined = self.joined.outerjoin(sub.local_table, sub.inherit_condition)
 
     # -- queries ---------------------------------------------------------------
 
@@ -298,7 +304,7 @@ class Scanner:
         by_origin: dict[str, list[int]] = {}
         for origin, original_id in identities:
             by_origin.setdefault(origin, []).append(original_id)
-        table = self.joined.right
+        table = self.table
         pk = inspect(self.receiver.cls).primary_key[0]
         found: dict[Identity, str] = {}
         for origin, ids in by_origin.items():

@@ -96,21 +96,47 @@ class Receiver:
         for crossing columns whose foreign key targets a synced model; of
         ``cls`` (a subclass of the registered class), by default of the
         registered class."""
-        return self._of(cls)[1]
+        cls = self.cls if cls is None else cls
+        found = self._references.get(cls)
+        if found is None:
+            # On first use, once every model is registered and mapped.
+            found = self._references[cls] = {}
+            for key, column in self.columns(cls).items():
+                for fk in column.foreign_keys:
+                    target = _receiver_of_table(fk.column.table)
+                    if target is not None and fk.column.primary_key:
+                        found[key] = target
+        return found
 
     def columns(self, cls: type | None = None) -> dict[str, Any]:
         """Attribute key -> Column, for the attributes of ``cls`` (the
         registered class by default, or a subclass of it) that may cross."""
-        return self._of(cls)[0]
+        cls = self.cls if cls is None else cls
+        found = self._columns.get(cls)
+        if found is None:
+            mapper = inspect(cls)
+            pk = set(self.primary_key)
+            found = self._columns[cls] = {
+                prop.key: prop.columns[0] for prop in mapper.column_attrs
+                if prop.key not in pk and self.crosses(prop.key)}
+        return found
 
     def all_columns(self) -> dict[str, Any]:
         """The crossing attributes of the registered class and all its
         subclasses: what a message for this record name may hold."""
-        return self._hierarchy[0]
+        found: dict[str, Any] = {}
+        for mapper in inspect(self.cls).self_and_descendants:
+            for key, column in self.columns(mapper.class_).items():
+                found.setdefault(key, column)
+        return found
 
     def all_references(self) -> dict[str, Receiver]:
         """:meth:`references` of the registered class and its subclasses."""
-        return self._hierarchy[1]
+        found: dict[str, Receiver] = {}
+        for mapper in inspect(self.cls).self_and_descendants:
+            for key, target in self.references(mapper.class_).items():
+                found.setdefault(key, target)
+        return found
 
     def canonical(self, key: str, value: Any) -> Any:
         """An attribute's value as every backend reads it back (see
@@ -140,38 +166,12 @@ class Receiver:
         return set()
 
     @functools.cached_property
-    def _per_class(self) -> dict[type, tuple[dict[str, Any], dict[str, Receiver]]]:
+    def _columns(self) -> dict[type, dict[str, Any]]:
         return {}
 
-    def _of(self, cls: type | None) -> tuple[dict[str, Any], dict[str, Receiver]]:
-        # Computed once per class, after the mappers are configured (first use).
-        cls = self.cls if cls is None else cls
-        found = self._per_class.get(cls)
-        if found is None:
-            mapper = inspect(cls)
-            pk = set(self.primary_key)
-            columns = {prop.key: prop.columns[0] for prop in mapper.column_attrs
-                       if prop.key not in pk and self.crosses(prop.key)}
-            references = {}
-            for key, column in columns.items():
-                for fk in column.foreign_keys:
-                    target = _receiver_of_table(fk.column.table)
-                    if target is not None and fk.column.primary_key:
-                        references[key] = target
-            found = self._per_class[cls] = (columns, references)
-        return found
-
     @functools.cached_property
-    def _hierarchy(self) -> tuple[dict[str, Any], dict[str, Receiver]]:
-        columns: dict[str, Any] = {}
-        references: dict[str, Receiver] = {}
-        for mapper in inspect(self.cls).self_and_descendants:
-            of_class = self._of(mapper.class_)
-            for key, column in of_class[0].items():
-                columns.setdefault(key, column)
-            for key, target in of_class[1].items():
-                references.setdefault(key, target)
-        return columns, references
+    def _references(self) -> dict[type, dict[str, Receiver]]:
+        return {}
 
 
 _by_name: dict[str, Receiver] = {}

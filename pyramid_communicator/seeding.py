@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import transaction
 from sqlalchemy import func, inspect, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectin_polymorphic
 
 from . import queues
 from .publishing import publish_records
@@ -36,6 +36,8 @@ def publish_all(session: Session, tm: transaction.TransactionManager, name: str,
     if len(mapper.primary_key) != 1:
         raise ValueError(f'{name}: records need a single integer primary key')
     pk = mapper.primary_key[0]
+    subclasses = [sub.class_ for sub in mapper.self_and_descendants
+                  if sub is not mapper and sub.local_table is not mapper.local_table]
     key = _state_key(name)
     with tm:
         state = queues.get_states(session).get(key)
@@ -48,6 +50,8 @@ def publish_all(session: Session, tm: transaction.TransactionManager, name: str,
     while True:
         with tm:
             query = select(receiver.cls).order_by(pk).limit(batch_size)
+            if subclasses:  # their own tables' columns: a query per subclass, not per record
+                query = query.options(selectin_polymorphic(receiver.cls, subclasses))
             if after is not None:
                 query = query.where(pk > after)
             records = session.scalars(query).all()
