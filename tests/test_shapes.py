@@ -10,6 +10,7 @@ and the server apply them (``apply``: one run, batches of 7).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import types
@@ -18,15 +19,16 @@ from typing import Any
 
 import pytest
 import transaction
-from sqlalchemy import ForeignKey, Integer, MetaData, String, inspect, select
+from sqlalchemy import ForeignKey, Integer, MetaData, String, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from test_records import apply, deliver, forward
+from test_records import apply, deliver, forward, message
 
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.models import NAMING_CONVENTION, OutboundMessage
 from pyramid_communicator.seeding import publish_all
 from pyramid_communicator.sync import make_session
-from pyramid_communicator.wire import outbound_to_wire
+from pyramid_communicator.verify import Verifier, answer, parse_request
+from pyramid_communicator.wire import WireMessage, outbound_to_wire
 
 
 class ShapesBase(DeclarativeBase):
@@ -408,3 +410,86 @@ def test_an_orphan_still_fails_and_does_not_hold_back_the_rest(central, facade):
     assert all('not here (yet)' in row['last_error'] for row in pending(facade))
     assert set(names_of_parents(facade)) == set(names_of_parents(central)) - {
         'L1-0', *orphans}
+
+
+# -- verify ---------------------------------------------------------------------
+
+class InProcessPeer:
+    """A verify client that asks the other side's answer in process, as
+    its ``/verify.json`` would give it."""
+    verify_url = 'in process'
+
+    def __init__(self, side: Any) -> None:
+        self.side = side
+        self.verify_bytes_sent = self.verify_bytes_received = self.verify_requests = 0
+
+    def verify_request(self, request: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        raw = json.dumps(request).encode()
+        with self.side.session() as session:
+            reply = answer(session, self.side.name, parse_request(raw))
+        self.verify_requests += 1
+        return json.loads(json.dumps(reply)), self.side.name
+
+
+def test_verify_compares_subclass_columns(central, facade):
+    add(central, Book(name='Dune', isbn='1'), Dog(name='Rex', breed='collie'),
+        Cat(name='Tom', lives=9))
+    forward(central, facade)
+    apply(facade)
+    verify = Verifier(central.engine, central.name, InProcessPeer(facade))
+    assert verify.run(['shapes_item', 'shapes_animal']).differences == []
+    with facade.engine.begin() as conn:  # drift in a subclass's own table, by hand
+        conn.execute(text("UPDATE shapes_dogs SET breed = 'poodle'"))
+        conn.execute(text("UPDATE shapes_items SET isbn = '2'"))
+    report = verify.run(['shapes_item', 'shapes_animal'])
+    assert sorted(d.name for d in report.differences) == ['shapes_animal', 'shapes_item']
+
+
+# -- a hostile peer -----------------------------------------------------------------
+
+def hostile(name: str, attributes: dict[str, Any], original_id: int = 1) -> WireMessage:
+    return message(original_id, name, attributes, 'central', original_id)
+
+
+@pytest.mark.parametrize('attributes, reason', [
+    ({'kind': 'spaceship', 'name': 'x'}, "polymorphic identity 'spaceship' (kind)"),
+    ({'name': 'no kind at all'}, 'polymorphic identity None (kind)'),
+    ({'kind': ['book'], 'name': 'x'}, "polymorphic identity ['book'] (kind)"),
+], ids=['unknown', 'missing', 'not a value'])
+def test_an_unknown_polymorphic_identity_is_refused_and_nothing_written(facade, attributes,
+                                                                        reason):
+    deliver(facade, hostile('shapes_item', attributes), sender='central')
+    assert apply(facade).failed == 1
+    [row] = facade.rows('inbound_messages')
+    assert row['refused_at'] is not None and reason in row['last_error']
+    assert facade.rows('shapes_items') == [] and facade.rows('communicator_mappings') == []
+
+
+def test_a_class_outside_the_registered_one_is_refused(facade):
+    """Car is registered; Boat shares its table and discriminator, but is
+    no Car: a peer may not create one through ``shapes_car``."""
+    deliver(facade, hostile('shapes_car', {'kind': 'boat', 'name': 'Ark'}),
+            hostile('shapes_car', {'kind': 'vehicle', 'name': 'Cart'}, 2),
+            hostile('shapes_car', {'kind': 'car', 'name': 'Mini'}, 3), sender='central')
+    result = apply(facade)
+    assert (result.applied, result.failed) == (1, 2)
+    refused = [row['last_error'] for row in facade.rows('inbound_messages')
+               if row['refused_at'] is not None]
+    assert len(refused) == 2 and all('no Car or subclass of it' in e for e in refused)
+    assert [(row['kind'], row['name']) for row in facade.rows('shapes_vehicles')] == [
+        ('car', 'Mini')]
+
+
+def test_a_record_cannot_be_turned_into_another_subclass(facade):
+    deliver(facade, hostile('shapes_animal', {'type': 'cat', 'name': 'Tom', 'lives': 9}),
+            sender='central')
+    assert apply(facade).applied == 1
+    deliver(facade, dataclasses.replace(
+        hostile('shapes_animal', {'type': 'dog', 'name': 'Tom', 'breed': 'collie'}),
+        id=2), sender='central')
+    assert apply(facade).failed == 1
+    [_, row] = facade.rows('inbound_messages')
+    assert row['refused_at'] is not None and 'as a Dog, which is a Cat' in row['last_error']
+    assert records(facade, Animal) == {
+        'Tom': {'class': 'Cat', 'type': 'cat', 'name': 'Tom', 'lives': 9}}
+    assert facade.rows('shapes_dogs') == []
