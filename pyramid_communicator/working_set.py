@@ -355,6 +355,9 @@ class WorkingSet:
         """The foreign keys of cycles, now that the batch's records exist;
         their versions' fingerprints are those of the local ids set."""
         for record, attribute, name, origin, original_id in self._later:
+            state = inspect(record)
+            if state.transient or state.detached or record in self.session.deleted:
+                continue  # deleted later in the batch
             identity = self.identities.get((name, origin, original_id))
             if identity is None or identity.record is None:
                 raise LookupError(f'refers to {name} {original_id} of {origin}, '

@@ -493,3 +493,21 @@ def test_a_record_cannot_be_turned_into_another_subclass(facade):
     assert records(facade, Animal) == {
         'Tom': {'class': 'Cat', 'type': 'cat', 'name': 'Tom', 'lives': 9}}
     assert facade.rows('shapes_dogs') == []
+
+
+def test_a_refused_message_in_a_tree_blocks_nothing_else(central, facade):
+    """A hostile message in the middle of a tree delivered backwards (a
+    category under a central record never shared with the facade) is
+    refused; the tree still arrives in the same run."""
+    build_tree(facade, levels=3, total=20)
+    rows = [types.SimpleNamespace(**row) for row in reversed(facade.rows('outbound_messages'))]
+    tree = [outbound_to_wire(row, facade.name) for row in rows]
+    forged = dataclasses.replace(
+        message(9000, 'shapes_category', {'name': 'forged'}, 'facade', 9000),
+        refs={'parent_id': ['central', 1]})
+    deliver(central, *tree[:10], forged, *tree[10:], sender='facade')
+    result = apply(central)
+    assert (result.applied, result.failed) == (20, 1)
+    [refused] = [row for row in central.rows('inbound_messages') if row['refused_at']]
+    assert 'never sent to it' in refused['last_error']
+    assert names_of_parents(central) == names_of_parents(facade)
