@@ -171,7 +171,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   retry_max_delay: float = DEFAULT_MAX_DELAY,
                   retry_limit: int | None = None,
                   stop: Callable[[], bool] | None = None,
-                  registry: Any = None) -> ApplyResult:
+                  registry: Any = None,
+                  keep_waiting: bool = False) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed is tried again once ``retry_delay * 2 **
@@ -199,6 +200,10 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     running the gem), not refused.  ``registry``: the app's Pyramid
     registry, where plain messages find their handlers; without it they
     fail (and are retried by a caller that passes it), never refused.
+    ``keep_waiting``: messages still waiting for a record at the end are
+    left pending, neither failed nor counted, for a later call of the same
+    run (the pull applies each page it stores while more are coming; the
+    apply that ends the run settles them).
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
@@ -267,6 +272,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     while aside.ids:
         passes += 1
         last = not progressed or passes >= MAX_PASSES
+        if last and keep_waiting:
+            break  # pending still: more of the run is coming
         waiting, aside = aside.ids, _SetAside(limit=aside.limit)
         before = result.applied
         for start in range(0, len(waiting), batch_size):

@@ -21,9 +21,11 @@ import pytest
 import transaction
 from sqlalchemy import ForeignKey, Integer, MetaData, String, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from test_end_to_end import summary
 from test_records import apply, deliver, forward, message
 
 from pyramid_communicator import publish, receives_from
+from pyramid_communicator.demo.models import Comment, Post
 from pyramid_communicator.models import NAMING_CONVENTION, OutboundMessage
 from pyramid_communicator.seeding import publish_all
 from pyramid_communicator.sync import make_session
@@ -511,3 +513,31 @@ def test_a_refused_message_in_a_tree_blocks_nothing_else(central, facade):
     [refused] = [row for row in central.rows('inbound_messages') if row['refused_at']]
     assert 'never sent to it' in refused['last_error']
     assert names_of_parents(central) == names_of_parents(facade)
+
+
+@pytest.mark.slow
+def test_comments_pulled_pages_before_their_posts_arrive_in_one_pcommunicate_run(
+        make_side, serve, make_central):
+    """A real run: central's pcommunicate pulls pages of 5 from the
+    facade's server, the comments' pages before their posts' pages; the
+    applies between pages leave the comments waiting, not failed."""
+    small = {'communicator.batch_size': '5'}
+    facade = serve(make_side('facade'), **small)
+    central = make_central(make_side('central'), facade.url, **small)
+    with facade.side.session() as session:
+        posts = [Post(title=f'post {n}') for n in range(6)]
+        session.add_all(posts)
+        session.flush()
+        session.add_all([Comment(post_id=post.id, body=f'on post {n}')  # autopublished
+                         for n, post in enumerate(posts)])
+        session.flush()
+        for post in posts:
+            publish(session, post)
+    bodies = [row['body'] for row in facade.side.rows('outbound_messages')]
+    assert all('"comment"' in body for body in bodies[:6])
+    assert summary(central.sync()) == dict(pushed=0, pulled=12, applied=12, failed=0,
+                                           waiting=0)
+    with central.side.session() as session:
+        assert sorted((c.body, session.get(Post, c.post_id).title)
+                      for c in session.scalars(select(Comment))) == [
+            (f'on post {n}', f'post {n}') for n in range(6)]
