@@ -281,18 +281,22 @@ def test_joined_table_subclass_updates_and_deletes_cross(sides):
 def test_publish_and_publish_all_send_subclass_records_under_the_base_name(central, facade):
     with central.session() as session:
         session.info['pyramid_communicator.applying'] = True  # no autopublish here
-        session.add_all([Dog(name='Rex', breed='collie'), Book(name='Dune', isbn='1')])
+        session.add_all([Dog(name='Rex', breed='collie'), Cat(name='Tom', lives=9),
+                         Book(name='Dune', isbn='1')])
     with central.session() as session:
-        publish(session, session.scalars(select(Dog)).one())
+        publish(session, session.scalars(select(Book)).one())
     [body] = [json.loads(row['body']) for row in central.rows('outbound_messages')]
-    assert body == {'shapes_animal': {'type': 'dog', 'name': 'Rex', 'breed': 'collie',
-                                      'home_id': None}}
+    assert body == {'shapes_item': {'kind': 'book', 'name': 'Dune', 'isbn': '1'}}
     tm = transaction.TransactionManager(explicit=True)
     session = make_session(central.engine, tm)
-    assert publish_all(session, tm, 'shapes_item', 10) == 1
+    assert publish_all(session, tm, 'shapes_animal', 10) == 2  # --publish-all shapes_animal
+    session.close()
     forward(central, facade)
-    assert apply(facade).applied == 2
-    assert records(facade, Animal)['Rex']['class'] == 'Dog'
+    assert apply(facade).applied == 3
+    assert records(facade, Animal) == {
+        'Rex': {'class': 'Dog', 'type': 'dog', 'name': 'Rex', 'breed': 'collie',
+                'home_id': None},
+        'Tom': {'class': 'Cat', 'type': 'cat', 'name': 'Tom', 'lives': 9}}
     assert records(facade, Item)['Dune'] == {'class': 'Book', 'kind': 'book', 'name': 'Dune',
                                              'isbn': '1'}
 
