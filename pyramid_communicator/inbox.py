@@ -348,9 +348,12 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
         # set aside (or failed), the others go again at once.
         waiting = [item for item in ready if item[0].id in exc.reasons]
         failing = waiting if aside is None else aside.take(waiting)
+        failures = kept if kept is not None else []
         for item in failing:
             _fail(session, tm, item, LookupError(exc.reasons[item[0].id]), blocked, result,
-                  kept)
+                  failures)
+        if kept is None:
+            _keep_failures(session, tm, failures)  # one transaction for them all
         rest = [item for item in ready if item[0].id not in exc.reasons]
         _apply_batch(session, tm, local_name, rest, blocked, result, decoded, arrived,
                      halves, kept, gem_peer, registry, aside)
