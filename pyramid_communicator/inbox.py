@@ -423,6 +423,11 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
             except Exception as exc:
                 exc.communicator_inbound_id = row.id
                 raise
+    if found and len(found) < len(items):
+        # Records waiting for a record neither here nor in the batch, too
+        # (set aside: the batch goes again without them).
+        _check_resolved(session, local_name, gem_peer,
+                        [(row.id, message) for row, message in items if row.id not in found])
 
     def write_records() -> None:
         if not records:
@@ -456,6 +461,19 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         else:
             records.append((row.id, message))
     write_records()
+
+
+def _check_resolved(session: Session, local_name: str, gem_peer: bool,
+                    records: list[tuple[int, Message]]) -> None:
+    """Raise :class:`.dependencies.Unresolved` for the record messages
+    whose foreign keys name a record neither here nor in the batch."""
+    work = WorkingSet(session, local_name, gem_peer=gem_peer)
+    messages = [message for _, message in records]
+    work.preload(messages)
+    unresolved = arrange(work, messages).unresolved
+    if unresolved:
+        raise Unresolved({records[position][0]: reason
+                          for position, reason in unresolved.items()})
 
 
 def _keep_failures(session: Session, tm: transaction.TransactionManager,

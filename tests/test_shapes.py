@@ -22,9 +22,10 @@ import transaction
 from sqlalchemy import ForeignKey, Integer, MetaData, String, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from test_end_to_end import summary
+from test_messages import App, carry
 from test_records import apply, deliver, forward, message
 
-from pyramid_communicator import publish, receives_from
+from pyramid_communicator import publish, receives_from, send
 from pyramid_communicator.demo.models import Comment, Post
 from pyramid_communicator.models import NAMING_CONVENTION, OutboundMessage
 from pyramid_communicator.seeding import publish_all
@@ -545,3 +546,25 @@ def test_comments_pulled_pages_before_their_posts_arrive_in_one_pcommunicate_run
         assert sorted((c.body, session.get(Post, c.post_id).title)
                       for c in session.scalars(select(Comment))) == [
             (f'on post {n}', f'post {n}') for n in range(6)]
+
+
+def test_a_handler_runs_once_before_a_record_waiting_for_its_reference(make_side):
+    """A plain message, then a comment on a post that never arrives, in
+    one batch: the comment is set aside before any handler runs (a batch
+    tried again would run the handler again), and fails alone."""
+    central, facade = App(make_side('central')), App(make_side('facade'))
+    facade.handle('hello')
+    tm, session = central.session()
+    with tm:
+        post = Post(title='never published')
+        session.add(post)
+        session.flush()
+        send(session, 'hello', {'n': 1})
+        session.add(Comment(post_id=post.id, body='on a post the facade never gets'))
+    session.close()
+    carry(central, facade)
+    result = facade.apply()
+    assert (result.applied, result.failed) == (1, 1)
+    assert facade.calls == [('hello', {'n': 1})]
+    [failed] = [row for row in facade.side.rows('inbound_messages') if row['failed_at']]
+    assert 'not here (yet)' in failed['last_error']
