@@ -26,7 +26,6 @@ keeps it as failed, retried on later runs).
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -108,31 +107,35 @@ def arrange(work: WorkingSet, messages: Sequence[Message]) -> Plan:
                 waits_on[position].append((creator, attribute))
     _spread(unresolved, successors)
     remaining = {p for p in range(count) if p not in unresolved}
+    if all(creator < position for position in remaining for creator, _ in waits_on[position]):
+        # Already in order (the usual case): applied exactly as sent.
+        return Plan(sorted(remaining), unresolved, deferred)
     indegree = {p: sum(1 for creator, _ in waits_on[p] if creator in remaining)
                 for p in remaining}
-    ready = [p for p in remaining if indegree[p] == 0]
-    heapq.heapify(ready)
+    # Otherwise in waves, each in the order sent: what depends on nothing
+    # waiting, then what depended only on those, ...  A wave's records are
+    # flushed together when the next one first needs their ids.
+    wave = sorted(p for p in remaining if indegree[p] == 0)
     order: list[int] = []
     while remaining:
-        if not ready:
+        if not wave:
             # A cycle: its earliest message goes first, its foreign keys
             # to the others set once they exist.
             position = min(remaining)
             for creator, attribute in waits_on[position]:
                 if creator in remaining and attribute:
                     deferred.add((position, attribute))
-            heapq.heappush(ready, position)
-            indegree[position] = 0
-        position = heapq.heappop(ready)
-        if position not in remaining:
-            continue
-        remaining.discard(position)
-        order.append(position)
-        for successor in successors[position]:
-            if successor in remaining:
-                indegree[successor] -= 1
-                if indegree[successor] == 0:
-                    heapq.heappush(ready, successor)
+            wave = [position]
+        following = []
+        for position in wave:
+            remaining.discard(position)
+            order.append(position)
+            for successor in successors[position]:
+                if successor in remaining:
+                    indegree[successor] -= 1
+                    if indegree[successor] == 0:
+                        following.append(successor)
+        wave = sorted(following)
     return Plan(order, unresolved, deferred)
 
 
