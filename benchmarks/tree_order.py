@@ -6,7 +6,8 @@ messages delivered parents first (each record finds its parent), then,
 into a fresh database, children first (each batch waits for records of
 later batches: set aside and applied in passes at the end of the run).
 Both must arrive in one run; prints the runs and the ratio of the
-children-first run's time to the parents-first one's.
+children-first run's time to the parents-first one's (medians of three
+rounds taking turns, after a warm-up).
 
 Timings on a shared machine are noisy: compare ratios, not seconds.  URL
 defaults to a SQLite file in a temporary directory; the tables are created
@@ -15,6 +16,7 @@ there and dropped afterwards, so point it at a scratch database.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -95,12 +97,19 @@ def run(url: str, messages: list[WireMessage], batch: int) -> tuple[float, int]:
     return seconds, runs
 
 
-def main(url: str, count: int, levels: int, batch: int) -> None:
+def main(url: str, count: int, levels: int, batch: int, rounds: int = 3) -> None:
     messages = tree(count, levels)
-    forward_seconds, forward_runs = run(url, messages, batch)
     backward = [WireMessage(i + 1, m.body, m.origin, m.original_id, m.refs, m.version)
                 for i, m in enumerate(reversed(messages))]
-    backward_seconds, backward_runs = run(url, backward, batch)
+    run(url, tree(20, 3), batch)  # warm up: imports, compiled statements
+    forwards, backwards = [], []
+    for _ in range(rounds):  # taking turns: the machine's load falls on both
+        forwards.append(run(url, messages, batch))
+        backwards.append(run(url, backward, batch))
+    forward_seconds = statistics.median(seconds for seconds, _ in forwards)
+    backward_seconds = statistics.median(seconds for seconds, _ in backwards)
+    forward_runs = max(runs for _, runs in forwards)
+    backward_runs = max(runs for _, runs in backwards)
     print(f'{count} categories, {levels} levels, batches of {batch}')
     print(f'parents first:  {forward_runs} run(s), {forward_seconds * 1000 / count:.2f} ms '
           'a message')
