@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import inspect
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .conflicts import Policy
@@ -79,7 +80,7 @@ class Receiver:
             return None
         try:
             return mapper.get_property_by_column(column).key
-        except Exception:
+        except UnmappedColumnError:  # an SQL expression
             return None
 
     def subclass(self, identity: Any) -> type | None:
