@@ -8,7 +8,10 @@ primary key, a record created before the one it points at), and two
 models may point at each other.  Within a batch the messages are
 therefore applied in dependency order: a message whose foreign key names
 a record that is not here but is created by another message of the batch
-comes after that message.  Messages of one record keep their order.
+comes after that message.  Messages of one record keep their order.  A
+batch already in such an order (the usual case) is applied exactly as
+sent; another goes in waves, each in the order sent, so that the records
+a wave needs are flushed together, not one by one.
 
 Where records of the batch point at each other in a cycle (``a.b_id``
 and ``b.a_id``, or a record its own parent), no order works: the
