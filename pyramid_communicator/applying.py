@@ -222,6 +222,7 @@ class _Application:
         if record is not None:
             self.require('update')
             self.same_key(record, attributes)
+            self.same_kind(record, attributes)
             self.believe(self.work.version_of(record), record)
         else:
             self.require('create')
@@ -244,7 +245,7 @@ class _Application:
                     return self.against_tombstone(alias, attributes)
                 record = self.work.match(self.receiver, named_key)
                 if record is not None:
-                    self.matched(record)
+                    self.matched(record, attributes)
             if (record is None and identity is None and previous_identity is None
                     and self.key is not None):
                 self.not_forgotten()
@@ -258,7 +259,7 @@ class _Application:
                 self.believe(previous, identity=previous_identity)
         created = record is None
         if created:
-            record = self.receiver.cls()
+            record = self.kind(attributes)()
         local = self.work.version_of(record) if not created else Version()
         version = self.merge(record, local, attributes, created)
         if created:
@@ -292,11 +293,43 @@ class _Application:
                           'older than deletes forgotten here (communicator.retention_days): '
                           'taken for a late update of a deleted record, not created again')
 
-    def matched(self, record: object) -> None:
+    def kind(self, attributes: dict[str, Any]) -> type:
+        """The class a new record is: for a polymorphic hierarchy, the one
+        of the polymorphic identity the message names, which must be the
+        registered class or a subclass of it here."""
+        key = self.receiver.polymorphic_key
+        if key is None:
+            return self.receiver.cls
+        wire_value = attributes.get(key)
+        identity = None
+        if isinstance(wire_value, (str, int)) and not isinstance(wire_value, bool):
+            identity = from_wire(self.receiver.all_columns()[key], wire_value,
+                                 self.work.dialect)
+        found = None if identity is None else self.receiver.subclass(identity)
+        if found is None:
+            shown = repr(wire_value)[:60]
+            raise Refused(f'{self.message.sender} sent a {self.name} of polymorphic identity '
+                          f'{shown} ({key}), which is no {self.receiver.cls.__name__} '
+                          f'or subclass of it on {self.local_name}')
+        return found
+
+    def same_kind(self, record: object, attributes: dict[str, Any]) -> None:
+        """A record keeps its class: a message naming another polymorphic
+        identity for it is refused (no ORM can turn one into the other)."""
+        key = self.receiver.polymorphic_key
+        if key is None or key not in attributes:
+            return
+        if self.kind(attributes) is not type(record):
+            raise Refused(f'{self.message.sender} sent {self.name} {self.message.original_id} '
+                          f'as a {self.kind(attributes).__name__}, which is a '
+                          f'{type(record).__name__} on {self.local_name}')
+
+    def matched(self, record: object, attributes: dict[str, Any]) -> None:
         """A create that meets a local record by its ``match_on`` key changes
         that record: an update, allowed only of a record the peer knows
         (one with an identity: sent to it, or received from it)."""
         self.require('update')
+        self.same_kind(record, attributes)
         self.shared(record)
         self.believe(self.work.version_of(record), record)
 
@@ -325,14 +358,25 @@ class _Application:
         if stored is not None:
             self.work.save(record, stored)
 
-    def value(self, key: str, wire_value: Any) -> Any:
+    def value(self, record: object, key: str, wire_value: Any, created: bool) -> Any:
         """The local Python value for an attribute; a foreign key to a
-        synced model points at our copy of the record the sender meant."""
+        synced model points at our copy of the record the sender meant
+        (for a new record in a cycle of the batch, set when the batch is
+        written: :mod:`.dependencies`)."""
         refs = self.message.refs or {}
-        target = self.receiver.references().get(key)
+        cls = type(record)
+        target = self.receiver.references(cls).get(key)
         if target is not None and wire_value is not None:
+            if created and (id(self.message), key) in self.work.deferrable:
+                origin, original_id = refs[key]
+                own = origin == self.local_name
+                found = self.work.find(target.name, HERE if own else origin, original_id)
+                if found is None or found.record is None and found.local_id is None:
+                    self.work.defer_reference(record, key, target.name,
+                                              HERE if own else origin, original_id)
+                    return None
             return self.resolve(target, *refs[key])  # merge() saw to it that refs has it
-        return from_wire(self.receiver.columns()[key], wire_value, self.work.dialect)
+        return from_wire(self.receiver.columns(cls)[key], wire_value, self.work.dialect)
 
     def resolve(self, target: Receiver, origin: str, original_id: int) -> int:
         own = origin == self.local_name
@@ -354,10 +398,10 @@ class _Application:
         incoming = self.incoming
         version = Version(clock=merge_clocks(local.clock, incoming.clock if incoming else {}),
                           stamps=dict(local.stamps))
-        columns = self.receiver.columns()
+        columns = self.receiver.columns(type(record))
         values = dict(attributes)
         refs = self.message.refs or {}
-        references = self.receiver.references()
+        references = self.receiver.references(type(record))
         for key, (_, ref_id) in refs.items():
             if key in columns and key not in references:
                 raise Refused(f'{self.message.sender} sent a reference for {key!r}, '
@@ -371,7 +415,7 @@ class _Application:
         for key, wire_value in values.items():
             if key not in columns:
                 continue
-            remote = self.value(key, wire_value)
+            remote = self.value(record, key, wire_value, created)
             if incoming is None or created:
                 setattr(record, key, remote)
                 if incoming is not None and key in incoming.stamps:
@@ -465,12 +509,12 @@ class _Application:
         record = self.work.match(self.receiver, self.natural(attributes)) \
             if self.receiver.match_on else None
         if record is not None:
-            self.matched(record)
+            self.matched(record, attributes)
             version = self.merge(record, self.work.version_of(record), attributes, created=False)
             self.work.map(self.name, *self.key, record, version, self.life)
             self.work.save(record, version)
             return record
-        record = self.receiver.cls()
+        record = self.kind(attributes)()
         version = self.merge(record, Version(clock=tomb.clock), attributes, created=True)
         self.work.created(self.receiver, record)
         self.work.map(self.name, *self.key, record, version, self.life)
@@ -556,4 +600,4 @@ class _Application:
 
 
 def _wire_state(receiver: Receiver, record: object) -> dict[str, Any]:
-    return {key: to_wire(getattr(record, key)) for key in receiver.columns()}
+    return {key: to_wire(getattr(record, key)) for key in receiver.columns(type(record))}

@@ -145,16 +145,23 @@ class Scanner:
         self.receiver = receiver
         self.local_name = local_name
         mapper = inspect(receiver.cls)
-        self.columns = receiver.columns()
+        # A hierarchy's records are compared with the columns of every
+        # class in it (NULL where a record's class has none): the same on
+        # both sides, whatever class each record is.
+        self.columns = receiver.all_columns()
         self.keys = list(self.columns)
-        self.references = receiver.references()
-        self.table = mapper.local_table
+        self.references = receiver.all_references()
+        self.table = table = mapper.local_table
         #: A keyed model's records are joined to their mappings here, by
         #: their key's text (:mod:`.keys`), not in SQL: a key of any type
         #: compares alike on every backend.
         self.keyed = receiver.keyed
-        self.joined = None if self.keyed else communicator_mappings.join(
-            self.table, mapper.primary_key[0] == M.local_id)
+        self.joined = None
+        if not self.keyed:
+            self.joined = communicator_mappings.join(table, mapper.primary_key[0] == M.local_id)
+            for sub in mapper.self_and_descendants:
+                if sub is not mapper and sub.local_table is not sub.inherits.local_table:
+                    self.joined = self.joined.outerjoin(sub.local_table, sub.inherit_condition)
 
     # -- queries ---------------------------------------------------------------
 
@@ -343,7 +350,7 @@ class Scanner:
                         elif row[2] not in live:
                             found[(origin, row[0])] = 'stale'
             return found
-        table = self.joined.right
+        table = self.table
         pk = inspect(self.receiver.cls).primary_key[0]
         for origin, ids in by_origin.items():
             for start in range(0, len(ids), 500):

@@ -24,6 +24,16 @@ applies them in order.  (A record is recognised by the name in the body,
 which a future format may not let us read; such a message holds back
 nothing but itself.)
 
+A message whose foreign key names a record that is neither here nor in
+its batch (a child sent before its parent, a batch apart) is not failed
+at once: it is set aside, with the later messages of its record, and
+tried again once the rest of the run is applied, in passes while a pass
+applies something (:mod:`.dependencies` orders each batch), so that a
+tree or a cycle of records arrives in one run whatever the order of its
+messages.  What still cannot be applied is failed as before.  At most
+:data:`MAX_PASSES` passes and ``100 * batch_size`` messages set aside
+per call keep the work and the memory of a run bounded.
+
 Plain messages (:mod:`.messages`) go through the same batches, in id
 order among the records: the records before one are written, then its
 handler runs, in the same transaction.  Those sent with an ordering key
@@ -46,6 +56,7 @@ from sqlalchemy.orm import Session
 from . import echoes, queues, wire
 from .applying import Message, Refused, apply_message
 from .links import LINK, LinkBatch, apply_link
+from .dependencies import Unresolved, arrange
 from .message_bodies import PLAIN, check_fields, ordering_key
 from .messages import dispatch, handler_for
 from .models import utcnow
@@ -55,6 +66,32 @@ from .wire import WireMessage
 from .working_set import WorkingSet
 
 log = logging.getLogger(__name__)
+
+#: Passes over the messages set aside for a record not here yet: a tree
+#: of about this many levels sent children first arrives in one run.
+MAX_PASSES = 16
+
+
+@dataclasses.dataclass
+class _SetAside:
+    """Messages waiting for a record later in the run (by id), and their
+    records (later messages of those wait with them, in order)."""
+    limit: int
+    ids: list[int] = dataclasses.field(default_factory=list)
+    keys: set[tuple] = dataclasses.field(default_factory=set)
+
+    def take(self, items: list[tuple]) -> list[tuple]:
+        """Set ``items`` aside as far as the limit allows; the rest."""
+        rest = []
+        for item in items:
+            row, key = item
+            if len(self.ids) >= self.limit:
+                rest.append(item)
+                continue
+            self.ids.append(row.id)
+            if key is not None:
+                self.keys.add(key)
+        return rest
 
 
 @dataclasses.dataclass
@@ -135,7 +172,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                   retry_max_delay: float = DEFAULT_MAX_DELAY,
                   retry_limit: int | None = None,
                   stop: Callable[[], bool] | None = None,
-                  registry: Any = None) -> ApplyResult:
+                  registry: Any = None,
+                  keep_waiting: bool = False) -> ApplyResult:
     """Apply pending inbound messages in id order, in batches.
 
     A message that failed is tried again once ``retry_delay * 2 **
@@ -163,22 +201,26 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
     running the gem), not refused.  ``registry``: the app's Pyramid
     registry, where plain messages find their handlers; without it they
     fail (and are retried by a caller that passes it), never refused.
+    ``keep_waiting``: messages still waiting for a record at the end are
+    left pending, neither failed nor counted, for a later call of the same
+    run (the pull applies each page it stores while more are coming; the
+    apply that ends the run settles them).
     """
     result = ApplyResult()
     blocked: set[tuple] = set()
-    after = 0
     retrying = _plan_retries(session, tm, Backoff(retry_delay, retry_max_delay),
                              not_retried_since, ids, retry_limit)
     result.retries_deferred = retrying.deferred
-    decoded: dict[int, tuple[str, dict] | None] = {}
-    arrived: dict[int, WireMessage] = {}
-    while True:
-        with tm:
-            rows = queues.pending_inbound(session, batch_size, after, ids)
+    aside = _SetAside(limit=batch_size * 100)
+
+    def apply_rows(rows: list, aside: _SetAside | None) -> None:
+        """Apply a page of pending rows (in id order): failures due for a
+        retry first, in a batch of their own, then the rest."""
+        decoded: dict[int, tuple[str, dict] | None] = {}
+        arrived: dict[int, WireMessage] = {}
         ready, retries = [], []
         fresh_keys: set[tuple] = set()
         for row in rows:
-            after = row.id
             message = _arrived(row, known)
             if message is not None:
                 arrived[row.id] = message
@@ -191,6 +233,8 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
                     blocked.add(key)
             elif key is not None and key in blocked:
                 result.waiting += 1
+            elif aside is not None and key is not None and key in aside.keys:
+                result.waiting += len(aside.take([(row, key)]))  # behind one set aside
             elif row.failed_at is not None and row.id not in retrying.chosen:
                 result.waiting += 1  # not due yet, or over this call's limit
                 if key is not None:
@@ -204,19 +248,44 @@ def apply_pending(session: Session, tm: transaction.TransactionManager,
         if retries:
             applied, failed = result.applied, result.failed
             _apply_batch(session, tm, local_name, retries, blocked, result, decoded, arrived,
-                         halves=False, gem_peer=gem_peer, registry=registry)
+                         halves=False, gem_peer=gem_peer, registry=registry, aside=aside)
             result.retried += result.applied - applied + result.failed - failed
             result.retried_failed += result.failed - failed
         _apply_batch(session, tm, local_name, ready, blocked, result, decoded, arrived,
-                     gem_peer=gem_peer, registry=registry)
-        decoded.clear()
-        arrived.clear()
+                     gem_peer=gem_peer, registry=registry, aside=aside)
+
+    after = 0
+    while True:
+        with tm:
+            rows = queues.pending_inbound(session, batch_size, after, ids)
+        if rows:
+            after = rows[-1].id
+        apply_rows(rows, aside)
         if progress is not None and rows:
             progress(len(rows))
         if len(rows) < batch_size:
-            return result
+            break
         if stop is not None and stop():
             return result  # the rest stays pending, for the next run
+    # What waited for records later in the run, again, while that helps;
+    # the last pass keeps what still cannot be applied as failed.
+    progressed, passes = result.applied > 0, 0
+    while aside.ids:
+        passes += 1
+        last = not progressed or passes >= MAX_PASSES
+        if last and keep_waiting:
+            break  # pending still: more of the run is coming
+        waiting, aside = aside.ids, _SetAside(limit=aside.limit)
+        before = result.applied
+        for start in range(0, len(waiting), batch_size):
+            with tm:
+                rows = queues.pending_inbound(session, batch_size, 0,
+                                              waiting[start:start + batch_size])
+            apply_rows(rows, None if last else aside)
+        progressed = result.applied > before
+        if stop is not None and stop():
+            break
+    return result
 
 
 def _plan_retries(session: Session, tm: transaction.TransactionManager, backoff: Backoff,
@@ -248,16 +317,23 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
                  decoded: dict[int, tuple[str, dict] | None],
                  arrived: dict[int, WireMessage], halves: bool = True,
                  kept: list[tuple[int, Exception]] | None = None,
-                 gem_peer: bool = False, registry: Any = None) -> None:
+                 gem_peer: bool = False, registry: Any = None,
+                 aside: _SetAside | None = None) -> None:
     """Apply ``batch`` in one transaction, or in halves if that fails.
 
     ``halves=False``: one by one if that fails, and the failures kept in
     one transaction at the end.  For retries of earlier failures, most of
     which usually fail again, that takes about a third of the
     transactions halving would (n + 2 against 3n - 1 when all fail).
-    ``kept``: where a failure goes to be kept later (None: at once)."""
+    ``kept``: where a failure goes to be kept later (None: at once).
+    ``aside``: where messages waiting for a record not here yet go (None:
+    they fail)."""
     ready = [(row, key) for row, key in batch if key is None or key not in blocked]
     result.waiting += len(batch) - len(ready)  # behind a failure found in the other half
+    if aside is not None and aside.keys:
+        behind = [item for item in ready if item[1] is not None and item[1] in aside.keys]
+        ready = [item for item in ready if item[1] is None or item[1] not in aside.keys]
+        result.waiting += len(aside.take(behind))
     if not ready:
         return
     try:
@@ -268,6 +344,21 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
             _apply_claimed(session, tm, local_name, items, len(ready) == 1, gem_peer,
                            registry)
             applied = len(items)  # the rest: another worker has them
+    except Unresolved as exc:
+        # Nothing was written: those waiting for a record not here yet are
+        # set aside (or failed), the others go again at once.
+        waiting = [item for item in ready if item[0].id in exc.reasons]
+        failing = waiting if aside is None else aside.take(waiting)
+        failures = kept if kept is not None else []
+        for item in failing:
+            _fail(session, tm, item, LookupError(exc.reasons[item[0].id]), blocked, result,
+                  failures)
+        if kept is None:
+            _keep_failures(session, tm, failures)  # one transaction for them all
+        rest = [item for item in ready if item[0].id not in exc.reasons]
+        _apply_batch(session, tm, local_name, rest, blocked, result, decoded, arrived,
+                     halves, kept, gem_peer, registry, aside)
+        return
     except Exception as exc:
         culprit = getattr(exc, 'communicator_inbound_id', None)
         if len(ready) > 1 and culprit is not None:
@@ -277,21 +368,23 @@ def _apply_batch(session: Session, tm: transaction.TransactionManager, local_nam
                 _fail(session, tm, failed[0], exc, blocked, result, kept)
                 _apply_batch(session, tm, local_name,
                              [item for item in ready if item[0].id != culprit], blocked,
-                             result, decoded, arrived, halves, kept, gem_peer, registry)
+                             result, decoded, arrived, halves, kept, gem_peer, registry,
+                             aside)
                 return
         if len(ready) > 1 and not halves:
             failures: list[tuple[int, Exception]] = []
             for item in ready:
                 _apply_batch(session, tm, local_name, [item], blocked, result, decoded,
-                             arrived, kept=failures, gem_peer=gem_peer, registry=registry)
+                             arrived, kept=failures, gem_peer=gem_peer, registry=registry,
+                             aside=aside)
             _keep_failures(session, tm, failures)
             return
         if len(ready) > 1:
             half = len(ready) // 2
             _apply_batch(session, tm, local_name, ready[:half], blocked, result, decoded,
-                         arrived, gem_peer=gem_peer, registry=registry)
+                         arrived, gem_peer=gem_peer, registry=registry, aside=aside)
             _apply_batch(session, tm, local_name, ready[half:], blocked, result, decoded,
-                         arrived, gem_peer=gem_peer, registry=registry)
+                         arrived, gem_peer=gem_peer, registry=registry, aside=aside)
             return
         _fail(session, tm, ready[0], exc, blocked, result, kept)
     else:
@@ -319,7 +412,7 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
     """Apply claimed messages in order, in the caller's transaction: each
     run of records through a working set of its own, written before the
     plain message after it is handed to its handler (which may read them)."""
-    records: list[Message] = []
+    records: list[tuple[int, Message]] = []
     # Refusals first, before any handler runs: a batch that fails for one
     # is tried again without it, and the handlers would run twice.
     found = {}
@@ -331,6 +424,11 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
             except Exception as exc:
                 exc.communicator_inbound_id = row.id
                 raise
+    if found and len(found) < len(items):
+        # Records waiting for a record neither here nor in the batch, too
+        # (set aside: the batch goes again without them).
+        _check_resolved(session, local_name, gem_peer,
+                        [(row.id, message) for row, message in items if row.id not in found])
 
     link_batch: LinkBatch | None = None
     link_fields = [(row.id, message.decoded[1]) for row, message in items
@@ -342,9 +440,17 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         if link_batch is not None:
             link_batch.stale = True  # the records may be those its links name
         work = WorkingSet(session, local_name, alone=alone, gem_peer=gem_peer)
-        work.preload(records)
+        messages = [message for _, message in records]
+        work.preload(messages)
+        plan = arrange(work, messages)
+        if plan.unresolved:
+            raise Unresolved({records[position][0]: reason
+                              for position, reason in plan.unresolved.items()})
+        work.deferrable = {(id(messages[position]), attribute)
+                           for position, attribute in plan.deferred}
         with session.no_autoflush:
-            for message in records:
+            for position in plan.order:
+                message = messages[position]
                 if echoes.is_echo(message, local_name):
                     echoes.apply_echo(work, message)
                 else:
@@ -372,11 +478,24 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
                 exc.communicator_inbound_id = row.id
                 raise
         else:
-            records.append(message)
+            records.append((row.id, message))
     write_records()
     if link_batch is not None:
         session.flush()  # the links applied since the last records
         link_batch.write()
+
+
+def _check_resolved(session: Session, local_name: str, gem_peer: bool,
+                    records: list[tuple[int, Message]]) -> None:
+    """Raise :class:`.dependencies.Unresolved` for the record messages
+    whose foreign keys name a record neither here nor in the batch."""
+    work = WorkingSet(session, local_name, gem_peer=gem_peer)
+    messages = [message for _, message in records]
+    work.preload(messages)
+    unresolved = arrange(work, messages).unresolved
+    if unresolved:
+        raise Unresolved({records[position][0]: reason
+                          for position, reason in unresolved.items()})
 
 
 def _keep_failures(session: Session, tm: transaction.TransactionManager,

@@ -96,12 +96,13 @@ def receives_from(name: str, *, exclude: Iterable[str] = (),
         if autopublish:
             _listen_to_sessions()
             links.listen()  # after the records' own listener: their identities first
+        # propagate: a subclass's records (inheritance) publish as the base's
         if autopublish and not event.contains(cls, 'after_insert', _autopublish):
-            event.listen(cls, 'after_insert', _autopublish)
-            event.listen(cls, 'after_update', _autopublish)
+            event.listen(cls, 'after_insert', _autopublish, propagate=True)
+            event.listen(cls, 'after_update', _autopublish, propagate=True)
         if autopublish and deletes and not event.contains(cls, 'after_delete',
                                                            _autopublish_delete):
-            event.listen(cls, 'after_delete', _autopublish_delete)
+            event.listen(cls, 'after_delete', _autopublish_delete, propagate=True)
         return cls
     return decorate
 
@@ -150,7 +151,7 @@ class _Staging:
             if change.record_id is not None:
                 changed[receiver.name].add(change.record_id)
             if not change.deleted or receiver.keyed:  # a keyed delete names its key
-                for key, target in receiver.references().items():
+                for key, target in receiver.references(type(change.obj)).items():
                     value = inspect(change.obj).dict.get(key)
                     if value is not None:
                         referenced[target.name].add(value)
@@ -231,7 +232,8 @@ class _Staging:
                     writes['changed'][change.record_id] = tracked.version
             version = tracked.version
             identity = tracked.identity
-        return self._row(name, values, identity, self._refs(receiver, values), version,
+        return self._row(name, values, identity,
+                         self._refs(receiver.references(type(change.obj)), values), version,
                          tracked.life if change.record_id is not None else 0, receiver.keyed)
 
     def _delete(self, receiver: Receiver, obj: object,
@@ -244,7 +246,8 @@ class _Staging:
             return None  # never sent anywhere: nobody else holds it
         tracked.version.delete()
         writes = self.writes[receiver.name]
-        refs = self._refs(receiver, {key: getattr(obj, key) for key in receiver.match_on}) \
+        refs = self._refs(receiver.references(type(obj)),
+                          {key: getattr(obj, key) for key in receiver.match_on}) \
             if receiver.keyed else None
         for kind in ('created', 'revived', 'changed'):
             writes[kind].pop(record_id, None)
@@ -256,10 +259,10 @@ class _Staging:
         return self._row(receiver.name, key_values, tracked.identity, refs, tracked.version,
                          tracked.life, receiver.keyed)
 
-    def _refs(self, receiver: Receiver, values: dict[str, Any]) -> str | None:
+    def _refs(self, references: dict[str, Receiver], values: dict[str, Any]) -> str | None:
         """JSON of the identities the record's foreign keys point at."""
         refs = {}
-        for key, target in receiver.references().items():
+        for key, target in references.items():
             value = values.get(key)
             if value is not None:
                 tracked = self.tracked.get(target.name, {}).get(value)
@@ -460,7 +463,8 @@ def _published_as_new(connection: Connection, changes: list[_Change]) -> bool:
     change = changes[0]
     receiver = receiver_of(change.obj)
     if (not change.new or change.record_id is None or receiver.keyed
-            or any(change.values.get(key) is not None for key in receiver.references())):
+            or any(change.values.get(key) is not None
+                   for key in receiver.references(type(change.obj)))):
         return False
     version = _first_version(change.values)
     row = _Staging._row(receiver.name, change.values, (None, change.record_id), None,
@@ -477,5 +481,6 @@ def _listen_to_sessions() -> None:
 
 def _changed(state: Any, receiver: Receiver) -> bool:
     """Did any attribute that crosses the wire change in this flush?"""
-    return any(state.attrs[key].history.has_changes() for key in receiver.columns())
+    return any(state.attrs[key].history.has_changes()
+               for key in receiver.columns(state.class_))
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import inspect
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .conflicts import Policy
@@ -57,7 +58,11 @@ class Receiver:
     keyed: bool = False
 
     def crosses(self, attribute: str) -> bool:
-        """May this attribute travel on the wire, in either direction?"""
+        """May this attribute travel on the wire, in either direction?  The
+        discriminator of a polymorphic hierarchy always does: it is what
+        makes the receiver create the right subclass."""
+        if attribute == self.polymorphic_key:
+            return True
         if attribute in self.exclude:
             return False
         return self.only is None or attribute in self.only
@@ -67,26 +72,78 @@ class Receiver:
         mapper = inspect(self.cls)
         return [mapper.get_property_by_column(c).key for c in mapper.primary_key]
 
-    def references(self) -> dict[str, Receiver]:
-        """Attribute key -> receiver of the record a foreign key points at,
-        for crossing columns whose foreign key targets a synced model."""
-        return self._references
-
     @functools.cached_property
-    def _references(self) -> dict[str, Receiver]:
-        found = {}
-        for key, column in self.columns().items():
-            for fk in column.foreign_keys:
-                target = _receiver_of_table(fk.column.table)
-                # A foreign key to a keyed model holds its key, which is the
-                # same on every side: sent as it is (:mod:`.keys`).
-                if target is not None and fk.column.primary_key and not target.keyed:
-                    found[key] = target
+    def polymorphic_key(self) -> str | None:
+        """The attribute holding the polymorphic identity of the registered
+        class's hierarchy (None: no hierarchy, or one told apart by an
+        expression, which cannot cross)."""
+        mapper = inspect(self.cls)
+        column = mapper.polymorphic_on
+        if column is None:
+            return None
+        try:
+            return mapper.get_property_by_column(column).key
+        except UnmappedColumnError:  # an SQL expression
+            return None
+
+    def subclass(self, identity: Any) -> type | None:
+        """The class a record of this polymorphic identity is, if it is the
+        registered class or one of its subclasses (None otherwise: an
+        unknown identity, or one of a class outside the registered one)."""
+        mapper = inspect(self.cls).polymorphic_map.get(identity)
+        if mapper is None or not mapper.isa(inspect(self.cls)):
+            return None
+        return mapper.class_
+
+    def references(self, cls: type | None = None) -> dict[str, Receiver]:
+        """Attribute key -> receiver of the record a foreign key points at,
+        for crossing columns whose foreign key targets a synced model; of
+        ``cls`` (a subclass of the registered class), by default of the
+        registered class."""
+        cls = self.cls if cls is None else cls
+        found = self._references.get(cls)
+        if found is None:
+            # On first use, once every model is registered and mapped.
+            found = self._references[cls] = {}
+            for key, column in self.columns(cls).items():
+                for fk in column.foreign_keys:
+                    target = _receiver_of_table(fk.column.table)
+                    # A foreign key to a keyed model holds its key, which is
+                    # the same on every side: sent as it is (:mod:`.keys`).
+                    if target is not None and fk.column.primary_key and not target.keyed:
+                        found[key] = target
         return found
 
-    def columns(self) -> dict[str, Any]:
-        """Attribute key -> Column, for the attributes that may cross."""
-        return self._columns
+    def columns(self, cls: type | None = None) -> dict[str, Any]:
+        """Attribute key -> Column, for the attributes of ``cls`` (the
+        registered class by default, or a subclass of it) that may cross."""
+        cls = self.cls if cls is None else cls
+        found = self._columns.get(cls)
+        if found is None:
+            mapper = inspect(cls)
+            pk = set(self.primary_key)
+            found = self._columns[cls] = {
+                prop.key: prop.columns[0] for prop in mapper.column_attrs
+                if (prop.key in pk and self.keyed)
+                or (prop.key not in pk and self.crosses(prop.key))}
+        return found
+
+    def all_columns(self) -> dict[str, Any]:
+        """The crossing attributes of the registered class and all its
+        subclasses: what a message for this record name may hold."""
+        found: dict[str, Any] = {}
+        for mapper in inspect(self.cls).self_and_descendants:
+            for key, column in self.columns(mapper.class_).items():
+                found.setdefault(key, column)
+        return found
+
+    def all_references(self) -> dict[str, Receiver]:
+        """:meth:`references` of the registered class and its subclasses."""
+        found: dict[str, Receiver] = {}
+        for mapper in inspect(self.cls).self_and_descendants:
+            for key, target in self.references(mapper.class_).items():
+                found.setdefault(key, target)
+        return found
 
     def canonical(self, key: str, value: Any) -> Any:
         """An attribute's value as every backend reads it back (see
@@ -94,28 +151,34 @@ class Receiver:
         read from the database does not look like an edit of the value
         that was set or received."""
         convert = self._canonicalizers.get(key)
+        if convert is None and key not in self._canonicalizers_known:
+            convert = self._canonicalizer_of(key)
         return value if convert is None or value is None else convert(value)
 
-    @functools.cached_property
-    def _canonicalizers(self) -> dict[str, Callable[[Any], Any]]:
-        found = {}
-        for key, column in self.columns().items():
-            convert = canonicalizer(column.type)
-            if convert is not None:
-                found[key] = convert
-        return found
+    def _canonicalizer_of(self, key: str) -> Callable[[Any], Any] | None:
+        column = self.columns().get(key)
+        if column is None:
+            column = self.all_columns().get(key)
+        convert = None if column is None else canonicalizer(column.type)
+        self._canonicalizers[key] = convert
+        self._canonicalizers_known.add(key)
+        return convert
 
     @functools.cached_property
-    def _columns(self) -> dict[str, Any]:
-        # Computed once, after the mappers are configured (first use).
-        mapper = inspect(self.cls)
-        pk = set(self.primary_key)
-        return {
-            prop.key: prop.columns[0]
-            for prop in mapper.column_attrs
-            if (prop.key in pk and self.keyed)
-            or (prop.key not in pk and self.crosses(prop.key))
-        }
+    def _canonicalizers(self) -> dict[str, Callable[[Any], Any] | None]:
+        return {}
+
+    @functools.cached_property
+    def _canonicalizers_known(self) -> set[str]:
+        return set()
+
+    @functools.cached_property
+    def _columns(self) -> dict[type, dict[str, Any]]:
+        return {}
+
+    @functools.cached_property
+    def _references(self) -> dict[type, dict[str, Receiver]]:
+        return {}
 
 
 _by_name: dict[str, Receiver] = {}
@@ -131,9 +194,12 @@ def register(receiver: Receiver) -> None:
 
 
 def _receiver_of_table(table: Any) -> Receiver | None:
+    """The receiver whose class, or a subclass of it (joined-table
+    inheritance), is mapped to ``table``."""
     for receiver in _by_class.values():
-        if inspect(receiver.cls).local_table is table:
-            return receiver
+        for mapper in inspect(receiver.cls).self_and_descendants:
+            if mapper.local_table is table:
+                return receiver
     return None
 
 
@@ -249,7 +315,7 @@ def record_values(obj: object) -> dict[str, Any]:
     receiver = receiver_of(obj)
     state = inspect(obj)
     values = {}
-    for key in receiver.columns():
+    for key in receiver.columns(type(obj)):
         # Read through the state, never the attribute: no lazy loads, no
         # autoflush in the middle of a flush.
         if key in state.dict:

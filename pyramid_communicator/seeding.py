@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import transaction
 from sqlalchemy import func, inspect, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectin_polymorphic
 
 from . import keys, queues
 from .publishing import publish_records
@@ -34,6 +34,8 @@ def publish_all(session: Session, tm: transaction.TransactionManager, name: str,
     receiver = receiver_for(name)
     mapper = inspect(receiver.cls)
     order = list(mapper.primary_key)
+    subclasses = [sub.class_ for sub in mapper.self_and_descendants
+                  if sub is not mapper and sub.local_table is not mapper.local_table]
     key = _state_key(name)
 
     def beyond(position: str) -> object:
@@ -53,6 +55,8 @@ def publish_all(session: Session, tm: transaction.TransactionManager, name: str,
     while True:
         with tm:
             query = select(receiver.cls).order_by(*order).limit(batch_size)
+            if subclasses:  # their own tables' columns: a query per subclass, not per record
+                query = query.options(selectin_polymorphic(receiver.cls, subclasses))
             if after is not None:
                 query = query.where(beyond(after))
             records = session.scalars(query).all()

@@ -367,8 +367,10 @@ class Communicator:
                 if applied is not None:
                     # No failure is retried here, and what waits is counted,
                     # by the apply that follows the pull.
+                    # What waits for a record of a later page waits for it.
                     result = self._apply(not_retried_since=datetime.datetime.min,
-                                         known={(sender, m.id): m for m in stored})
+                                         known={(sender, m.id): m for m in stored},
+                                         keep_waiting=True)
                     applied.applied += result.applied
                     applied.failed += result.failed
         with self.tm:
@@ -410,7 +412,7 @@ class Communicator:
     def _apply(self, not_retried_since: datetime.datetime | None = None,
                progress=None,
                known: Mapping[tuple[str, int], wire.WireMessage] | None = None,
-               ) -> ApplyResult:
+               keep_waiting: bool = False) -> ApplyResult:
         return apply_pending(self.session, self.tm, self.settings.name,
                              self.settings.batch_size, retry_delay=self.settings.retry_delay,
                              progress=progress, not_retried_since=not_retried_since,
@@ -418,7 +420,7 @@ class Communicator:
                              retry_max_delay=self.settings.retry_max_delay,
                              retry_limit=self.settings.retry_limit,
                              stop=lambda: self._out_of_time('apply'),
-                             registry=self.registry)
+                             registry=self.registry, keep_waiting=keep_waiting)
 
     def communicate(self, push: bool = True, pull: bool = True) -> Summary:
         """Push, pull, apply; raises :class:`PeerError` if the exchange

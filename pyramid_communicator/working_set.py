@@ -28,6 +28,7 @@ from .records import (
     NAME_PREFIX,
     Receiver,
     body_name,
+    fingerprint,
     from_wire,
     natural_key,
     receiver_for,
@@ -95,6 +96,10 @@ class WorkingSet:
         #: this batch): for the others, keys are never computed.
         self.buried_names: set[str] = set()
         self.conflicts: list[dict[str, Any]] = []
+        #: (id(message), attribute): foreign keys that may wait for a record
+        #: created later in the batch (a cycle, :mod:`.dependencies`).
+        self.deferrable: set[tuple[int, str]] = set()
+        self._later: list[tuple[object, str, str, str, int]] = []
         self._digests: dict[tuple, str | None] = {}
         self._purged_before: int | None = None
 
@@ -114,7 +119,7 @@ class WorkingSet:
                 wanted[name].add(_key(message.origin, message.original_id, self.local_name))
             creates[name].append(attributes)
             for ref_origin, ref_id in (message.refs or {}).values():
-                for target in receiver_for(name).references().values():
+                for target in receiver_for(name).all_references().values():
                     wanted[target.name].add(_key(ref_origin, ref_id, self.local_name))
         for name, identities in wanted.items():
             self._load_identities(name, identities)
@@ -396,6 +401,31 @@ class WorkingSet:
 
     # -- writing -------------------------------------------------------------
 
+    def defer_reference(self, record: object, attribute: str, name: str, origin: str,
+                        original_id: int) -> None:
+        """Set ``record.attribute`` to the local id of the identity when the
+        batch is written: a record created later in the batch."""
+        self._later.append((record, attribute, name, origin, original_id))
+
+    def _set_deferred(self) -> None:
+        """The foreign keys of cycles, now that the batch's records exist;
+        their versions' fingerprints are those of the local ids set."""
+        for record, attribute, name, origin, original_id in self._later:
+            state = inspect(record)
+            if state.transient or state.detached or record in self.session.deleted:
+                continue  # deleted later in the batch
+            identity = self.identities.get((name, origin, original_id))
+            if identity is None or identity.record is None:
+                raise LookupError(f'refers to {name} {original_id} of {origin}, '
+                                  'which is not here (yet)')
+            value = self.local_id(identity.record)
+            setattr(record, attribute, value)
+            version = self.version_of(record)
+            stamp = version.stamps.get(attribute)
+            if stamp is not None:
+                version.stamps[attribute] = (*stamp[:2], fingerprint(value))
+        self._later.clear()
+
     def map(self, name: str, origin: str, original_id: int, record: object | None,
             version: Version | None, life: int | None = None) -> Identity:
         """Map an identity to ``record`` (None: keep it as a tombstone), in
@@ -453,6 +483,7 @@ class WorkingSet:
 
     def write(self) -> None:
         """Flush the records, then the mappings and conflicts."""
+        self._set_deferred()
         self.session.flush()
         inserts, updates = [], []
         for identity in self.identities.values():

@@ -297,6 +297,112 @@ def messages_state(session: Session) -> list[tuple[str, str]]:
             for row in session.scalars(select(MatrixReceived).order_by(MatrixReceived.id))]
 
 
+# -- shape: a polymorphic hierarchy (single-table and joined-table) --------------------
+
+class HierarchyBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_media', autopublish=True, deletes=True)
+class MatrixMedia(HierarchyBase):
+    __tablename__ = 'matrix_media'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    title: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {'polymorphic_on': 'kind', 'polymorphic_identity': 'media'}
+
+
+class MatrixBook(MatrixMedia):
+    """Single-table: its column is on matrix_media."""
+    pages: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __mapper_args__ = {'polymorphic_identity': 'book'}
+
+
+class MatrixFilm(MatrixMedia):
+    """Joined-table: a table of its own."""
+    __tablename__ = 'matrix_films'
+    id: Mapped[int] = mapped_column(ForeignKey('matrix_media.id'), primary_key=True)
+    minutes: Mapped[int | None] = mapped_column(Integer)
+    __mapper_args__ = {'polymorphic_identity': 'film'}
+
+
+def hierarchy_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixMedia(title='plain'), MatrixBook(title='Dune', pages=412),
+                     MatrixFilm(title='Heat', minutes=170), MatrixFilm(title='Gone')])
+
+
+def hierarchy_edit_and_delete(session: Session, ctx: Context) -> None:
+    session.scalars(select(MatrixBook)).one().pages = 500
+    session.scalars(select(MatrixFilm).filter_by(title='Heat')).one().minutes = 171
+    session.delete(session.scalars(select(MatrixFilm).filter_by(title='Gone')).one())
+
+
+def hierarchy_state(session: Session) -> list[tuple[str, str, int | None]]:
+    return sorted((type(record).__name__, record.title,
+                   getattr(record, 'pages', None) or getattr(record, 'minutes', None))
+                  for record in session.scalars(select(MatrixMedia)))
+
+
+# -- shape: a tree and a cycle, children first -----------------------------------------
+
+class TreesBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_node')
+class MatrixNode(TreesBase):
+    __tablename__ = 'matrix_nodes'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey('matrix_nodes.id'))
+
+
+@receives_from('matrix_team')
+class MatrixTeam(TreesBase):
+    __tablename__ = 'matrix_teams'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+    captain_id: Mapped[int | None] = mapped_column(
+        ForeignKey('matrix_players.id', use_alter=True))
+
+
+@receives_from('matrix_player')
+class MatrixPlayer(TreesBase):
+    __tablename__ = 'matrix_players'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+    team_id: Mapped[int | None] = mapped_column(ForeignKey('matrix_teams.id'))
+
+
+def trees_create(session: Session, ctx: Context) -> None:
+    """Three levels, published leaves first; a team and its captain
+    pointing at each other, one message each."""
+    nodes = []
+    for name, parent in [('root', None), ('a', 0), ('b', 0), ('a1', 1), ('a2', 1), ('b1', 2)]:
+        node = MatrixNode(name=name, parent_id=None if parent is None else nodes[parent].id)
+        session.add(node)
+        session.flush()
+        nodes.append(node)
+    team, player = MatrixTeam(name='team'), MatrixPlayer(name='captain')
+    session.add_all([team, player])
+    session.flush()
+    team.captain_id, player.team_id = player.id, team.id
+    session.flush()
+    for record in [*reversed(nodes), player, team]:
+        publish(session, record)
+
+
+def trees_state(session: Session) -> dict[str, Any]:
+    nodes = {node.id: node for node in session.scalars(select(MatrixNode))}
+    players = {player.id: player for player in session.scalars(select(MatrixPlayer))}
+    teams = {team.id: team for team in session.scalars(select(MatrixTeam))}
+    return {'nodes': {node.name: nodes[node.parent_id].name if node.parent_id else None
+                      for node in nodes.values()},
+            'captains': {team.name: (players[team.captain_id].name,
+                                     teams[players[team.captain_id].team_id].name)
+                         for team in teams.values()}}
+
+
 # -- the shapes ------------------------------------------------------------------------
 
 SHAPES: list[Shape] = [
@@ -316,6 +422,14 @@ SHAPES: list[Shape] = [
     Shape('plain_messages', bases=(MessagesBase,), rounds=(messages_first, messages_second),
           handlers=(('matrix.note', note_received),), state=messages_state,
           expected=lambda ctx: [(ctx.sender, text) for text in ('one', 'two', 'three')]),
+    Shape('inheritance', bases=(HierarchyBase,),
+          rounds=(hierarchy_create, hierarchy_edit_and_delete), state=hierarchy_state,
+          expected=lambda ctx: [('MatrixBook', 'Dune', 500), ('MatrixFilm', 'Heat', 171),
+                                ('MatrixMedia', 'plain', None)]),
+    Shape('trees_and_cycles', bases=(TreesBase,), rounds=(trees_create,), state=trees_state,
+          expected=lambda ctx: {'nodes': {'root': None, 'a': 'root', 'b': 'root', 'a1': 'a',
+                                          'a2': 'a', 'b1': 'b'},
+                                'captains': {'team': ('captain', 'team')}}),
 ]
 
 #: ``(central backend, facade backend)``: the same-backend pairs, then the mixed.
