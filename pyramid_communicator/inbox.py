@@ -55,8 +55,8 @@ from sqlalchemy.orm import Session
 
 from . import echoes, queues, wire
 from .applying import Message, Refused, apply_message
-from .links import LINK, LinkBatch, apply_link
 from .dependencies import Unresolved, arrange
+from .links import LINK, LinkBatch, apply_link
 from .message_bodies import PLAIN, check_fields, ordering_key
 from .messages import dispatch, handler_for
 from .models import utcnow
