@@ -79,7 +79,8 @@ class Receiver:
             for fk in column.foreign_keys:
                 target = _receiver_of_table(fk.column.table)
                 # A foreign key to a keyed model holds its key, which is the
-                # same on every side: sent as it is (:mod:`.keys`).
+                # same on every side: sent as it is, checked on arrival
+                # (:mod:`.keyrefs`).
                 if target is not None and fk.column.primary_key and not target.keyed:
                     found[key] = target
         return found
