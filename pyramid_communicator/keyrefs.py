@@ -35,6 +35,7 @@ nothing here, so such a message is refused with that reason.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import func, inspect, select
@@ -109,6 +110,25 @@ def _key_references(receiver: Receiver) -> tuple[KeyReference, ...]:
                                'foreign key cannot be synced')
             found.append(KeyReference(target, pairs, unsupported))
     return tuple(found)
+
+
+def targets(receiver: Receiver, attributes: dict[str, Any],
+            ) -> Iterator[tuple[Receiver, dict[str, Any]]]:
+    """(target, its key as wire values) for each foreign key to a keyed
+    model that ``attributes`` fill in: what a batch loads up front."""
+    for reference in key_references(receiver):
+        if reference.unsupported is not None:
+            continue
+        sent = {key: attributes.get(local) for local, key in reference.pairs}
+        if any(value is None for value in sent.values()):
+            continue
+        columns = reference.target.columns()
+        try:
+            for key, value in sent.items():
+                from_wire(columns[key], value)
+        except (WireTypeError, ValueError, TypeError):
+            continue  # refused when applied, with its reason
+        yield reference.target, sent
 
 
 def check(work: Any, receiver: Receiver, attributes: dict[str, Any], sender: str) -> None:
