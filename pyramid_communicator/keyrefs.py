@@ -36,15 +36,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, inspect, select
 
 from . import keys
 from .models import outbound_messages
-from .records import NAME_PREFIX, Receiver, WireTypeError, _receiver_of_table, body_name, from_wire
+from .records import (
+    NAME_PREFIX,
+    Receiver,
+    WireTypeError,
+    body_name,
+    from_wire,
+    receiver_of_table,
+)
 from .trust import NotDelivered, Refused
 from .versions import HERE
+
+if TYPE_CHECKING:
+    from .working_set import Identity, WorkingSet
 
 OUT = outbound_messages.c
 
@@ -84,7 +94,7 @@ def _key_references(receiver: Receiver) -> tuple[KeyReference, ...]:
     by_column = {column: key for key, column in columns.items()}
     found = []
     for constraint in inspect(receiver.cls).local_table.foreign_key_constraints:
-        target = _receiver_of_table(constraint.referred_table)
+        target = receiver_of_table(constraint.referred_table)
         if target is None or not target.keyed:
             continue
         target_mapper = inspect(target.cls)
@@ -131,12 +141,10 @@ def targets(receiver: Receiver, attributes: dict[str, Any],
         yield reference.target, sent
 
 
-def check(work: Any, receiver: Receiver, attributes: dict[str, Any], sender: str) -> None:
+def check(work: WorkingSet, receiver: Receiver, attributes: dict[str, Any], sender: str) -> None:
     """Refuse a record whose foreign key names a keyed record of ours the
     sender does not know; fail (retried) if it names one not here yet.
-
-    ``work`` is the batch's :class:`.working_set.WorkingSet`;
-    ``attributes`` the wire values the message sent."""
+    ``attributes``: the wire values the message sent."""
     for reference in key_references(receiver):
         sent = [attributes.get(local) for local, _ in reference.pairs]
         if any(value is None for value in sent):
@@ -166,8 +174,8 @@ def check(work: Any, receiver: Receiver, attributes: dict[str, Any], sender: str
             _delivered(work, target, record, identities, what, key_text)
 
 
-def _delivered(work: Any, target: Receiver, record: object, identities: Any, what: str,
-               key_text: str) -> None:
+def _delivered(work: WorkingSet, target: Receiver, record: object,
+               identities: list[Identity], what: str, key_text: str) -> None:
     """A record of ours, published: the peer can know it only once one of
     its messages went.  Waiting in the queue with none delivered yet is a
     failure retried (a delivered message that retention purged since

@@ -131,6 +131,11 @@ def register(receiver: Receiver) -> None:
     _by_class[receiver.cls] = receiver
 
 
+def receiver_of_table(table: Any) -> Receiver | None:
+    """The receiver of the model mapped to ``table``, None if it does not sync."""
+    return _receiver_of_table(table)
+
+
 def _receiver_of_table(table: Any) -> Receiver | None:
     for receiver in _by_class.values():
         if inspect(receiver.cls).local_table is table:
