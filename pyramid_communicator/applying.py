@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
-from . import conflicts, keys, trust
+from . import conflicts, keyrefs, keys, trust
 from .conflicts import Conflict, Custom, Edit
 from .records import (
     Receiver,
@@ -412,6 +412,9 @@ class _Application:
                 # A raw value would be one of our ids, chosen by the peer.
                 raise Refused(f'{self.message.sender} sent {self.name}.{key} without '
                               'saying whom it refers to (refs)')
+        # A foreign key to a keyed model is its key: it must name a record
+        # the peer knows (:mod:`.keyrefs`).
+        keyrefs.check(self.work, self.receiver, values, self.message.sender)
         for key, wire_value in values.items():
             if key not in columns:
                 continue

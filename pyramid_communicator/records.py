@@ -109,7 +109,8 @@ class Receiver:
                 for fk in column.foreign_keys:
                     target = _receiver_of_table(fk.column.table)
                     # A foreign key to a keyed model holds its key, which is
-                    # the same on every side: sent as it is (:mod:`.keys`).
+                    # the same on every side: sent as it is, checked on
+                    # arrival (:mod:`.keyrefs`).
                     if target is not None and fk.column.primary_key and not target.keyed:
                         found[key] = target
         return found
@@ -191,6 +192,11 @@ def register(receiver: Receiver) -> None:
         raise ValueError(f'{receiver.name!r} is already received by {previous.cls!r}')
     _by_name[receiver.name] = receiver
     _by_class[receiver.cls] = receiver
+
+
+def receiver_of_table(table: Any) -> Receiver | None:
+    """The receiver of the model mapped to ``table``, None if it does not sync."""
+    return _receiver_of_table(table)
 
 
 def _receiver_of_table(table: Any) -> Receiver | None:

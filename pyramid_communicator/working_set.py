@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.orm import Session
 
-from . import bulk, keys, tombstones, tracking
+from . import bulk, keyrefs, keys, tombstones, tracking
 from .models import communicator_conflicts, communicator_mappings, outbound_messages
 from .predicates import one_of
 from .records import (
@@ -118,6 +118,10 @@ class WorkingSet:
             if message.original_id is not None:
                 wanted[name].add(_key(message.origin, message.original_id, self.local_name))
             creates[name].append(attributes)
+            for target, named in keyrefs.targets(receiver_for(name), attributes):
+                # The keyed records its foreign keys name, and their
+                # identities: checked by applying (:mod:`.keyrefs`).
+                creates[target.name].append(named)
             for ref_origin, ref_id in (message.refs or {}).values():
                 for target in receiver_for(name).all_references().values():
                     wanted[target.name].add(_key(ref_origin, ref_id, self.local_name))

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from conftest import Side
 from hostile import head, hostile_server, json_reply
-from sqlalchemy import Integer, MetaData, String, select, text
+from sqlalchemy import ForeignKey, Integer, MetaData, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from test_views import basic
 
@@ -59,6 +59,23 @@ class Ruled(HostileBase):
     __tablename__ = 'hostile_ruled'
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str | None] = mapped_column(String(100))
+
+
+@receives_from('hostile_currency')
+class Currency(HostileBase):
+    """A keyed model: the code is the record on every side."""
+    __tablename__ = 'hostile_currencies'
+    code: Mapped[str] = mapped_column(String(3), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+
+
+@receives_from('hostile_price')
+class Price(HostileBase):
+    """Points at a currency by its code (a foreign key to a keyed model)."""
+    __tablename__ = 'hostile_prices'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    amount: Mapped[str | None] = mapped_column(String(20))
+    currency_code: Mapped[str | None] = mapped_column(ForeignKey('hostile_currencies.code'))
 
 
 # -- the hostile facade ----------------------------------------------------------
@@ -531,6 +548,45 @@ def test_mass_assignment_of_keys_and_excluded_columns_is_ignored(central):
     central.run()
     [after] = side.rows('comments')
     assert after == {**before[0], 'body': 'Edited on the facade'}
+
+
+def test_a_foreign_key_to_a_private_keyed_record_is_refused(central):
+    """A currency's code is its identity on both sides, so a price names
+    its currency by the code itself.  The facade can create a price of a
+    currency it was sent, but neither create one nor re-point a shared one
+    at a currency central never shared."""
+    side = central.side
+    with side.session() as session:
+        session.add(Currency(code='EUR', name='Euro'))
+        session.flush()
+        publish(session, session.get(Currency, 'EUR'))
+        price = Price(amount='10', currency_code='EUR')
+        session.add(price)
+        session.flush()
+        publish(session, price)
+        price_id = price.id
+    with side.engine.begin() as conn:
+        conn.execute(text("INSERT INTO hostile_currencies (code, name) "
+                          "VALUES ('XAU', 'Central only gold')"))
+    central.run()  # the euro and its price go out
+    currencies, prices = side.rows('hostile_currencies', 'code'), side.rows('hostile_prices')
+    sent = central_clock(side, 'hostile_price', price_id)
+    central.facade.serve(
+        message('hostile_price', {'amount': '1', 'currency_code': 'XAU'}, 'facade', 904,
+                edit('facade', 'amount', 'currency_code')),
+        message('hostile_price', {'amount': '10', 'currency_code': 'XAU'}, 'central',
+                price_id, edit('facade', 'currency_code', central=sent)),
+        message('hostile_price', {'amount': '2', 'currency_code': 'EUR'}, 'facade', 905,
+                edit('facade', 'amount', 'currency_code')))
+    central.run()
+
+    assert side.rows('hostile_currencies', 'code') == currencies
+    assert [(p['amount'], p['currency_code']) for p in side.rows('hostile_prices')] == [
+        (p['amount'], p['currency_code']) for p in prices] + [('2', 'EUR')]
+    reasons = refusals(central)
+    assert len(reasons) == 2
+    assert all('hostile_price.currency_code referring to hostile_currency "XAU" of central, '
+               'which was never sent to it' in reason for reason in reasons), reasons
 
 
 # -- the other direction: a hostile central against a facade --------------------------
