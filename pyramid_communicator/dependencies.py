@@ -33,7 +33,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .records import receiver_for
+from . import keyrefs, keys
+from .printable import printable
+from .records import Receiver, WireTypeError, from_wire, receiver_for
 from .versions import HERE
 
 if TYPE_CHECKING:
@@ -84,6 +86,9 @@ def arrange(work: WorkingSet, messages: Sequence[Message]) -> Plan:
         keys.append(key)
         if key is not None:
             first_of.setdefault(key, position)
+            # A keyed record's original_id is its key's handle, the same
+            # whoever sent it: what a foreign key to it names (:mod:`.keyrefs`).
+            first_of.setdefault((key[0], None, key[2]), position)
     successors: list[list[int]] = [[] for _ in range(count)]
     #: position -> [(creator position, attribute)] of foreign keys waiting
     waits_on: list[list[tuple[int, str]]] = [[] for _ in range(count)]
@@ -102,9 +107,11 @@ def arrange(work: WorkingSet, messages: Sequence[Message]) -> Plan:
             if creator is None:
                 unresolved.setdefault(position, (
                     f'refers to {target_key[0]} {target_key[2]} of {origin}, which is not '
-                    'here (yet)'))
+                    'here (yet)') if target_key[1] is not None else (
+                    f'refers to {target_key[0]} {origin}, which is not here (yet)'))
             elif creator == position:
-                deferred.add((position, attribute))  # a record its own parent
+                if attribute:
+                    deferred.add((position, attribute))  # a record its own parent
             else:
                 successors[creator].append(position)
                 waits_on[position].append((creator, attribute))
@@ -157,14 +164,15 @@ def _missing(work: WorkingSet, message: Message) -> list[tuple[str, tuple, str]]
     """(attribute, target identity, its origin as sent) of the message's
     foreign keys that name a record not here.  A malformed message, or a
     reference the peer may not make, is left for applying to refuse."""
-    if not message.refs:
-        return []
     try:
-        name, _ = message.decode()
-        references = receiver_for(name).all_references()
+        name, attributes = message.decode()
+        receiver = receiver_for(name)
+        references = receiver.all_references()
     except (ValueError, LookupError):
         return []
-    found = []
+    found = _missing_keyed(work, receiver, attributes)
+    if not message.refs:
+        return found
     for attribute, ref in message.refs.items():
         target = references.get(attribute)
         if target is None or not isinstance(ref, (list, tuple)) or len(ref) != 2:
@@ -181,4 +189,25 @@ def _missing(work: WorkingSet, message: Message) -> list[tuple[str, tuple, str]]
             continue  # never sent to the peer: refused when applied
         found.append((attribute, (target.name, HERE if own else origin, original_id),
                       str(origin)))
+    return found
+
+
+def _missing_keyed(work: WorkingSet, receiver: Receiver,
+                   attributes: dict[str, Any]) -> list[tuple[str, tuple, str]]:
+    """The foreign keys to keyed records (:mod:`.keyrefs`) that name a key
+    not here: their target is ``(name, None, handle)``, which a create of
+    that key in the batch has whoever sent it.  No attribute: such a
+    reference is only waited for, never deferred."""
+    found = []
+    for target, named in keyrefs.targets(receiver, attributes):
+        if work.match(target, named) is not None:
+            continue
+        try:
+            columns = target.columns()
+            key_text = keys.text(tuple(from_wire(columns[key], named[key], work.dialect)
+                                       for key in target.primary_key))
+        except (keys.BadKey, WireTypeError, ValueError, TypeError):
+            continue  # refused when applied, with its reason
+        found.append(('', (target.name, None, keys.handle_of(key_text)),
+                      printable(key_text[:60])))
     return found
