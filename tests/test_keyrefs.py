@@ -25,7 +25,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from test_records import apply, deliver, forward
+from test_records import apply, deliver, sync, with_tables
 
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.models import NAMING_CONVENTION
@@ -100,26 +100,15 @@ class Remark(RefsBase):
     line_position: Mapped[int | None] = mapped_column(Integer)
 
 
-def with_tables(side: Side) -> Iterator[Side]:
-    RefsBase.metadata.create_all(side.engine)
-    yield side
-    side.engine.dispose()
-    RefsBase.metadata.drop_all(side.engine)
-
-
 @pytest.fixture
 def central(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('central'))
+    yield from with_tables(make_side('central'), RefsBase)
 
 
 @pytest.fixture
 def facade(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('facade'))
+    yield from with_tables(make_side('facade'), RefsBase)
 
-
-def sync(source: Side, target: Side) -> None:
-    forward(source, target)
-    apply(target)
 
 
 def orders(side: Side) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import ForeignKey, Integer, MetaData, String, Uuid, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from test_records import apply, deliver, forward
+from test_records import apply, deliver, forward, sync, with_tables
 
 from pyramid_communicator import publish, publish_delete, receives_from
 from pyramid_communicator.keys import handle_of
@@ -79,26 +79,15 @@ class Line(KeysBase):
     text: Mapped[str | None] = mapped_column(String(50))
 
 
-def with_tables(side: Side) -> Iterator[Side]:
-    KeysBase.metadata.create_all(side.engine)
-    yield side
-    side.engine.dispose()
-    KeysBase.metadata.drop_all(side.engine)
-
-
 @pytest.fixture
 def central(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('central'))
+    yield from with_tables(make_side('central'), KeysBase)
 
 
 @pytest.fixture
 def facade(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('facade'))
+    yield from with_tables(make_side('facade'), KeysBase)
 
-
-def sync(source: Side, target: Side) -> None:
-    forward(source, target)
-    apply(target)
 
 
 def rows(side: Side, cls: type) -> list[dict[str, Any]]:

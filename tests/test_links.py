@@ -20,7 +20,7 @@ import pytest
 from pyramid import testing
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from test_records import deliver, forward
+from test_records import deliver, forward, with_tables
 
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.inbox import ApplyResult
@@ -128,21 +128,14 @@ class LinkDraft(LinksBase):
     tags: Mapped[list[LinkTag]] = relationship(secondary=draft_tags)
 
 
-def with_tables(side: Side) -> Iterator[Side]:
-    LinksBase.metadata.create_all(side.engine)
-    yield side
-    side.engine.dispose()
-    LinksBase.metadata.drop_all(side.engine)
-
-
 @pytest.fixture
 def central(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('central'))
+    yield from with_tables(make_side('central'), LinksBase)
 
 
 @pytest.fixture
 def facade(make_side) -> Iterator[Side]:
-    yield from with_tables(make_side('facade'))
+    yield from with_tables(make_side('facade'), LinksBase)
 
 
 def apply(side: Side) -> ApplyResult:

@@ -112,6 +112,23 @@ def apply(side: Side) -> ApplyResult:
     return apply_inbound(side.engine, settings_of(side))
 
 
+def with_tables(side: Side, *bases: type[DeclarativeBase]) -> Iterator[Side]:
+    """A fixture's body: ``side`` with the tables of test-local models
+    (``bases``), dropped after the test."""
+    for base in bases:
+        base.metadata.create_all(side.engine)
+    yield side
+    side.engine.dispose()
+    for base in bases:
+        base.metadata.drop_all(side.engine)
+
+
+def sync(source: Side, target: Side) -> None:
+    """``source``'s queue carried to ``target`` and applied there."""
+    forward(source, target)
+    apply(target)
+
+
 def forward(source: Side, target: Side) -> None:
     """Carry every outbound message of ``source`` into ``target``'s inbound
     queue exactly as the wire would (origin filled in by the sender)."""

@@ -23,7 +23,7 @@ from sqlalchemy import ForeignKey, Integer, MetaData, String, inspect, select, t
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from test_end_to_end import summary
 from test_messages import App, carry
-from test_records import apply, deliver, forward, message
+from test_records import apply, deliver, forward, message, with_tables
 
 from pyramid_communicator import publish, receives_from, send
 from pyramid_communicator.demo.models import Comment, Post
@@ -135,21 +135,14 @@ class Player(ShapesBase):
 
 # -- fixtures and helpers -----------------------------------------------------
 
-def with_tables(side: Any) -> Iterator[Any]:
-    ShapesBase.metadata.create_all(side.engine)
-    yield side
-    side.engine.dispose()
-    ShapesBase.metadata.drop_all(side.engine)
-
-
 @pytest.fixture
 def central(make_side) -> Iterator[Any]:
-    yield from with_tables(make_side('central'))
+    yield from with_tables(make_side('central'), ShapesBase)
 
 
 @pytest.fixture
 def facade(make_side) -> Iterator[Any]:
-    yield from with_tables(make_side('facade'))
+    yield from with_tables(make_side('facade'), ShapesBase)
 
 
 @pytest.fixture(params=['central to facade', 'facade to central'])

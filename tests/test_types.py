@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from test_records import apply, forward
+from test_records import apply, forward, with_tables
 
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.models import NAMING_CONVENTION
@@ -170,15 +170,6 @@ def expected(values: dict[str, Any]) -> dict[str, Any]:
     """What reads back: aware instants in UTC (the same instant)."""
     return {**values, 'aware': values['aware'].astimezone(datetime.UTC),
             'stamp': values['stamp'].astimezone(datetime.UTC)}
-
-
-def with_tables(side: Any, *bases: type[DeclarativeBase]) -> Iterator[Any]:
-    for base in bases:
-        base.metadata.create_all(side.engine)
-    yield side
-    side.engine.dispose()
-    for base in bases:
-        base.metadata.drop_all(side.engine)
 
 
 def create(side: Any, cls: type, values: dict[str, Any]) -> int:
