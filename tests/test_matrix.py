@@ -55,6 +55,7 @@ from convergence import queue_problems
 from fakes import serve_wsgi
 from pyramid.config import Configurator
 from sqlalchemy import (
+    BigInteger,
     Column,
     ForeignKey,
     Integer,
@@ -484,6 +485,11 @@ def currencies_edit_and_delete(session: Session, ctx: Context) -> None:
     session.delete(session.get(MatrixCurrency, 'GBP'))
 
 
+def currencies_create_again(session: Session, ctx: Context) -> None:
+    """A code deleted (and its delete delivered) comes back."""
+    session.add(MatrixCurrency(code='GBP', name='Pound, again'))
+
+
 def currencies_state(session: Session) -> list[tuple[str, str]]:
     return sorted((row.code, row.name) for row in session.scalars(select(MatrixCurrency)))
 
@@ -520,6 +526,7 @@ def orders_create(session: Session, ctx: Context) -> None:
     publish(session, second)
     session.add_all([MatrixOrderLine(order_id=first.id, sku='apple', quantity=1),
                      MatrixOrderLine(order_id=first.id, sku='pear', quantity=2),
+                     MatrixOrderLine(order_id=first.id, sku='crème "brûlée" 🙂', quantity=4),
                      MatrixOrderLine(order_id=second.id, sku='apple', quantity=5)])
 
 
@@ -547,6 +554,18 @@ matrix_post_tags = Table(
     Column('post_id', ForeignKey('matrix_posts.id'), primary_key=True),
     Column('tag_id', ForeignKey('matrix_tags.id'), primary_key=True))
 
+matrix_post_topics = Table(
+    'matrix_post_topics', ManyBase.metadata,
+    Column('post_id', ForeignKey('matrix_posts.id'), primary_key=True),
+    Column('topic_code', ForeignKey('matrix_topics.code'), primary_key=True))
+
+
+@receives_from('matrix_topic', autopublish=True)
+class MatrixTopic(ManyBase):
+    """Keyed by its code: links to it name the code, the same everywhere."""
+    __tablename__ = 'matrix_topics'
+    code: Mapped[str] = mapped_column(String(20), primary_key=True)
+
 
 @receives_from('matrix_tag', autopublish=True)
 class MatrixTag(ManyBase):
@@ -564,6 +583,7 @@ class MatrixPost(ManyBase):
     title: Mapped[str] = mapped_column(String(20))
     tags: Mapped[list[MatrixTag]] = relationship(secondary=matrix_post_tags,
                                                  back_populates='posts')
+    topics: Mapped[list[MatrixTopic]] = relationship(secondary=matrix_post_topics)
 
 
 def named(session: Session, cls: type, **where: Any) -> Any:
@@ -577,8 +597,9 @@ def posts_prepare(session: Session, ctx: Context) -> None:
 
 def posts_create(session: Session, ctx: Context) -> None:
     tags = [MatrixTag(name=name) for name in ('python', 'old', 'web', 'new')]
-    session.add_all([MatrixPost(title='post', tags=tags[:3]),
-                     MatrixPost(title='empty'), *tags[3:]])
+    topics = [MatrixTopic(code=code) for code in ('web', 'db', 'ünï')]
+    session.add_all([MatrixPost(title='post', tags=tags[:3], topics=topics[:2]),
+                     MatrixPost(title='empty'), *tags[3:], topics[2]])
 
 
 def posts_change(session: Session, ctx: Context) -> None:
@@ -587,6 +608,8 @@ def posts_change(session: Session, ctx: Context) -> None:
     post.tags.append(named(session, MatrixTag, name='new'))
     web, empty = named(session, MatrixTag, name='web'), named(session, MatrixPost, title='empty')
     web.posts.append(empty)  # the other direction of the pair
+    post.topics.remove(session.get(MatrixTopic, 'db'))
+    post.topics.append(session.get(MatrixTopic, 'ünï'))
 
 
 def posts_meanwhile(session: Session, ctx: Context) -> None:
@@ -596,8 +619,10 @@ def posts_meanwhile(session: Session, ctx: Context) -> None:
     post.tags.append(named(session, MatrixTag, name=f'by {ctx.receiver}'))
 
 
-def posts_state(session: Session) -> dict[str, list[str]]:
-    return {post.title: sorted(tag.name for tag in post.tags)
+def posts_state(session: Session) -> dict[str, tuple[list[str], list[str]]]:
+    """Each post's tags and topics."""
+    return {post.title: (sorted(tag.name for tag in post.tags),
+                         sorted(topic.code for topic in post.topics))
             for post in session.scalars(select(MatrixPost))}
 
 
@@ -610,7 +635,7 @@ class ChosenBase(DeclarativeBase):
 @receives_from('matrix_ticket', autopublish=True, deletes=True)
 class MatrixTicket(ChosenBase):
     __tablename__ = 'matrix_tickets'
-    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     subject: Mapped[str] = mapped_column(String(50))
 
 
@@ -620,7 +645,7 @@ def tickets_prepare(session: Session, ctx: Context) -> None:
 
 def tickets_create(session: Session, ctx: Context) -> None:
     session.add_all([MatrixTicket(number=number, subject=f'#{number}')
-                     for number in (7, 101, 2**31 - 1)])
+                     for number in (7, 101, 0, -3, 2**62 + 1)])
 
 
 def tickets_edit_and_delete(session: Session, ctx: Context) -> None:
@@ -664,20 +689,24 @@ SHAPES: list[Shape] = [
           expected=lambda ctx: [(MEMO_KEPT, 'kept, edited'),
                                 (MEMO_THEIRS, f'by {ctx.receiver}')]),
     Shape('string_keys', bases=(CodeBase,),
-          rounds=(currencies_create, currencies_edit_and_delete), state=currencies_state,
-          expected=lambda ctx: [('EUR', 'Euro (€)'), ('USD', 'US dollar')]),
+          rounds=(currencies_create, currencies_edit_and_delete, currencies_create_again),
+          state=currencies_state,
+          expected=lambda ctx: [('EUR', 'Euro (€)'), ('GBP', 'Pound, again'),
+                                ('USD', 'US dollar')]),
     Shape('composite_keys', bases=(CompositeBase,),
           rounds=(orders_create, orders_edit_and_delete), state=orders_state,
-          expected=lambda ctx: [('first', 'apple', 3), ('second', 'apple', 5)]),
+          expected=lambda ctx: [('first', 'apple', 3), ('first', 'crème "brûlée" 🙂', 4),
+                                ('second', 'apple', 5)]),
     Shape('many_to_many', bases=(ManyBase,), rounds=(posts_create, posts_change),
           prepare=posts_prepare, meanwhile=((1, posts_meanwhile),), state=posts_state,
-          expected=lambda ctx: {'post': sorted([f'by {ctx.receiver}', 'new', 'python', 'web']),
-                                'empty': ['web']}),
+          expected=lambda ctx: {
+              'post': (sorted([f'by {ctx.receiver}', 'new', 'python', 'web']), ['web', 'ünï']),
+              'empty': (['web'], [])}),
     Shape('app_chosen_int_keys', bases=(ChosenBase,),
           rounds=(tickets_create, tickets_edit_and_delete), prepare=tickets_prepare,
           state=tickets_state,
-          expected=lambda ctx: [(7, '#7 edited'), (500, f'by {ctx.receiver}'),
-                                (2**31 - 1, f'#{2**31 - 1}')]),
+          expected=lambda ctx: [(-3, '#-3'), (0, '#0'), (7, '#7 edited'),
+                                (500, f'by {ctx.receiver}'), (2**62 + 1, f'#{2**62 + 1}')]),
 ]
 
 #: ``(central backend, facade backend)``: the same-backend pairs, then the mixed.
