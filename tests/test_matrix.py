@@ -474,14 +474,29 @@ class MatrixCurrency(CodeBase):
     name: Mapped[str] = mapped_column(String(50))
 
 
+@receives_from('matrix_price', autopublish=True, deletes=True)
+class MatrixPrice(CodeBase):
+    """A foreign key to a keyed model: the code, the same on every side."""
+    __tablename__ = 'matrix_prices'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    currency_code: Mapped[str] = mapped_column(ForeignKey('matrix_currencies.code'))
+    amount: Mapped[int] = mapped_column(Integer)
+
+
 def currencies_create(session: Session, ctx: Context) -> None:
     session.add_all([MatrixCurrency(code='EUR', name='Euro'),
                      MatrixCurrency(code='USD', name='US dollar'),
                      MatrixCurrency(code='GBP', name='Pound sterling')])
+    session.flush()
+    session.add_all([MatrixPrice(currency_code='EUR', amount=10),
+                     MatrixPrice(currency_code='GBP', amount=20)])
 
 
 def currencies_edit_and_delete(session: Session, ctx: Context) -> None:
     session.get(MatrixCurrency, 'EUR').name = 'Euro (€)'
+    price = session.scalars(select(MatrixPrice).filter_by(currency_code='GBP')).one()
+    price.currency_code = 'USD'
+    session.flush()
     session.delete(session.get(MatrixCurrency, 'GBP'))
 
 
@@ -490,8 +505,11 @@ def currencies_create_again(session: Session, ctx: Context) -> None:
     session.add(MatrixCurrency(code='GBP', name='Pound, again'))
 
 
-def currencies_state(session: Session) -> list[tuple[str, str]]:
-    return sorted((row.code, row.name) for row in session.scalars(select(MatrixCurrency)))
+def currencies_state(session: Session) -> dict[str, list[tuple[str, Any]]]:
+    return {'currencies': sorted((row.code, row.name)
+                                 for row in session.scalars(select(MatrixCurrency))),
+            'prices': sorted((row.currency_code, row.amount)
+                             for row in session.scalars(select(MatrixPrice)))}
 
 
 # -- shape: a composite key, one part a foreign key to a synced model ------------------
@@ -691,8 +709,9 @@ SHAPES: list[Shape] = [
     Shape('string_keys', bases=(CodeBase,),
           rounds=(currencies_create, currencies_edit_and_delete, currencies_create_again),
           state=currencies_state,
-          expected=lambda ctx: [('EUR', 'Euro (€)'), ('GBP', 'Pound, again'),
-                                ('USD', 'US dollar')]),
+          expected=lambda ctx: {'currencies': [('EUR', 'Euro (€)'), ('GBP', 'Pound, again'),
+                                               ('USD', 'US dollar')],
+                                'prices': [('EUR', 10), ('USD', 20)]}),
     Shape('composite_keys', bases=(CompositeBase,),
           rounds=(orders_create, orders_edit_and_delete), state=orders_state,
           expected=lambda ctx: [('first', 'apple', 3), ('first', 'crème "brûlée" 🙂', 4),
