@@ -456,6 +456,11 @@ def memos_edit_and_delete(session: Session, ctx: Context) -> None:
     session.delete(session.get(MatrixMemo, MEMO_GONE))
 
 
+def memos_create_again(session: Session, ctx: Context) -> None:
+    """The deleted UUID again, once its delete was delivered."""
+    session.add(MatrixMemo(id=MEMO_GONE, title='back'))
+
+
 def memos_state(session: Session) -> list[tuple[uuid.UUID, str]]:
     """By UUID: the key is the same on every side (not a local id)."""
     return sorted((memo.id, memo.title) for memo in session.scalars(select(MatrixMemo)))
@@ -702,9 +707,10 @@ SHAPES: list[Shape] = [
           expected=lambda ctx: {'nodes': {'root': None, 'a': 'root', 'b': 'root', 'a1': 'a',
                                           'a2': 'a', 'b1': 'b'},
                                 'captains': {'team': ('captain', 'team')}}),
-    Shape('uuid_keys', bases=(UuidBase,), rounds=(memos_create, memos_edit_and_delete),
+    Shape('uuid_keys', bases=(UuidBase,),
+          rounds=(memos_create, memos_edit_and_delete, memos_create_again),
           prepare=memos_prepare, state=memos_state,
-          expected=lambda ctx: [(MEMO_KEPT, 'kept, edited'),
+          expected=lambda ctx: [(MEMO_KEPT, 'kept, edited'), (MEMO_GONE, 'back'),
                                 (MEMO_THEIRS, f'by {ctx.receiver}')]),
     Shape('string_keys', bases=(CodeBase,),
           rounds=(currencies_create, currencies_edit_and_delete, currencies_create_again),
