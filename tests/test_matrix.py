@@ -488,6 +488,13 @@ class MatrixPrice(CodeBase):
     amount: Mapped[int] = mapped_column(Integer)
 
 
+def currencies_prepare(session: Session, ctx: Context) -> None:
+    """The receiver made EUR too (one record once they meet) and a code
+    of its own, before any sync."""
+    session.add_all([MatrixCurrency(code='EUR', name=f'by {ctx.receiver}'),
+                     MatrixCurrency(code='CHF', name='Swiss franc')])
+
+
 def currencies_create(session: Session, ctx: Context) -> None:
     session.add_all([MatrixCurrency(code='EUR', name='Euro'),
                      MatrixCurrency(code='USD', name='US dollar'),
@@ -714,9 +721,9 @@ SHAPES: list[Shape] = [
                                 (MEMO_THEIRS, f'by {ctx.receiver}')]),
     Shape('string_keys', bases=(CodeBase,),
           rounds=(currencies_create, currencies_edit_and_delete, currencies_create_again),
-          state=currencies_state,
-          expected=lambda ctx: {'currencies': [('EUR', 'Euro (€)'), ('GBP', 'Pound, again'),
-                                               ('USD', 'US dollar')],
+          prepare=currencies_prepare, state=currencies_state,
+          expected=lambda ctx: {'currencies': [('CHF', 'Swiss franc'), ('EUR', 'Euro (€)'),
+                                               ('GBP', 'Pound, again'), ('USD', 'US dollar')],
                                 'prices': [('EUR', 10), ('USD', 20)]}),
     Shape('composite_keys', bases=(CompositeBase,),
           rounds=(orders_create, orders_edit_and_delete), state=orders_state,
