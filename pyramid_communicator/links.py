@@ -7,11 +7,11 @@ Each change is stamped ``(hlc, app)`` like an edit of a record
 (:mod:`.versions`), and each link keeps the stamp of its last change in
 ``communicator_links``, by the local ids of its two records (a keyed
 record's is the handle of its key, :mod:`.keys`, as in the mappings;
-the wire names it so too).  A change
-applies only if its stamp is later than the one kept: concurrent changes
-of one link settle the same way on both sides (the later stamp wins,
-last-writer-wins per link), and a message that comes again, late or
-twice never brings a removed link back.
+the wire names it so too).  A change applies only if its stamp is later
+than the one kept: concurrent changes of one link settle the same way on
+both sides (the later stamp wins, last-writer-wins per link), and a
+message that comes again, late or twice never brings a removed link
+back.
 
 Publishing follows the owner model's: with ``autopublish``, a flush that
 changes the collection (from either side of a bidirectional pair)
