@@ -5,11 +5,13 @@ concurrently survives.
 
 Each change is stamped ``(hlc, app)`` like an edit of a record
 (:mod:`.versions`), and each link keeps the stamp of its last change in
-``communicator_links``, by the local ids of its two records.  A change
-applies only if its stamp is later than the one kept: concurrent changes
-of one link settle the same way on both sides (the later stamp wins,
-last-writer-wins per link), and a message that comes again, late or
-twice never brings a removed link back.
+``communicator_links``, by the local ids of its two records (a keyed
+record's is the handle of its key, :mod:`.keys`, as in the mappings;
+the wire names it so too).  A change applies only if its stamp is later
+than the one kept: concurrent changes of one link settle the same way on
+both sides (the later stamp wins, last-writer-wins per link), and a
+message that comes again, late or twice never brings a removed link
+back.
 
 Publishing follows the owner model's: with ``autopublish``, a flush that
 changes the collection (from either side of a bidirectional pair)
@@ -35,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
-from . import tracking, wire
+from . import keys, tracking, wire
 from .link_bodies import LINK, LinkChange, check_fields
 from .messages import SETTINGS_INFO
 from .models import communicator_links, communicator_mappings, outbound_messages, utcnow
@@ -146,7 +148,11 @@ class _Change:
     linked: bool
 
 
-def _local_id(obj: object) -> int | None:
+def _local_id(receiver: Receiver, obj: object) -> int | None:
+    """The record's id in the sync metadata: its primary key, or the
+    handle of a keyed model's key (:mod:`.keys`), as mappings keep it."""
+    if receiver.keyed:
+        return keys.handle(receiver, obj)
     state = inspect(obj)
     if state.identity is not None:
         return state.identity[0] if len(state.identity) == 1 else None
@@ -184,7 +190,8 @@ def _after_flush(session: Session, flush_context: Any) -> None:
             for others, linked in ((history.added, True), (history.deleted, False)):
                 for other in others:
                     owner, target = (obj, other) if as_owner else (other, obj)
-                    owner_id, target_id = _local_id(owner), _local_id(target)
+                    owner_id = _local_id(link.owner, owner)
+                    target_id = _local_id(link.target, target)
                     if owner_id is not None and target_id is not None:
                         found[(link.name, owner_id, target_id)] = _Change(
                             link, owner_id, target_id, linked)
@@ -202,14 +209,14 @@ def publish_links(session: Session, obj: object) -> int:
              if receiver is not None and link.owner.name == receiver.name]
     if owned and _gem_peer(session):
         return 0
-    owner_id = _local_id(obj) if owned else None
+    owner_id = _local_id(receiver, obj) if owned else None
     if owner_id is None:
         return 0
     connection = session.connection()
     changes = []
     for link in owned:
         with session.no_autoflush:
-            current = {_local_id(target) for target in getattr(obj, link.key)}
+            current = {_local_id(link.target, target) for target in getattr(obj, link.key)}
         current.discard(None)
         known = {row.target_id for row in connection.execute(
             select(L.target_id).where(L.name == link.name, L.owner_id == owner_id,
@@ -313,6 +320,8 @@ class LinkBatch:
         self.connection = session.connection()
         #: (name, origin, original id) -> local id (None: a tombstone).
         self.ids: dict[tuple[str, str, int], int | None] = {}
+        #: (name, local id) -> ``local_key`` of keyed records (:mod:`.keys`).
+        self.key_texts: dict[tuple[str, int], str] = {}
         #: (relationship, owner id, target id) -> [row id, linked, hlc, app].
         self.states: dict[tuple[str, int, int], list] = {}
         self.read: set[tuple[str, int, int]] = set()  # also those not kept
@@ -335,40 +344,58 @@ class LinkBatch:
             link = links().get(f'{change.record}.{change.relationship}')
             if link is None:
                 continue
-            keys = (self._key(link.owner.name, change.owner),
+            both = (self._key(link.owner.name, change.owner),
                     self._key(link.target.name, change.target))
-            for key in keys:
+            for key in both:
                 if key not in self.ids:
                     named[key[0]].add(key[1:])
-            wanted.append((link, keys))
-        for name, keys in named.items():
-            original_ids = sorted({original_id for _, original_id in keys})
+            wanted.append((link, both))
+        for name, identities in named.items():
+            original_ids = sorted({original_id for _, original_id in identities})
             for start in range(0, len(original_ids), 500):
                 for row in self.connection.execute(
-                        select(M.origin, M.original_id, M.local_id).where(
+                        select(M.origin, M.original_id, M.local_id, M.local_key).where(
                             M.name == name,
                             M.original_id.in_(original_ids[start:start + 500]))):
-                    if (row.origin, row.original_id) in keys:
-                        self.ids[(name, row.origin, row.original_id)] = row.local_id
+                    if (row.origin, row.original_id) in identities:
+                        self._found(name, (row.origin, row.original_id), row)
         pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
-        records: dict[type, set[int]] = defaultdict(set)
+        records: dict[Receiver, set[int]] = defaultdict(set)
         for link, (owner, target) in wanted:
             owner_id, target_id = self.ids.get(owner), self.ids.get(target)
             if owner_id is not None and target_id is not None:
                 if (link.name, owner_id, target_id) not in self.read:
                     pairs[link.name].add((owner_id, target_id))
-                records[link.owner.cls].add(owner_id)
-                records[link.target.cls].add(target_id)
+                records[link.owner].add(owner_id)
+                records[link.target].add(target_id)
         for key, row in _states(self.connection, pairs).items():
             self.states[key] = [row.id, row.linked, row.hlc, row.app]
         self.read.update((name, *pair) for name, found in pairs.items() for pair in found)
-        for cls, local_ids in records.items():  # into the identity map, for session.get
-            key = inspect(cls).primary_key[0]
+        for receiver, local_ids in records.items():  # into the identity map, for get
             ordered = sorted(local_ids)
             with self.session.no_autoflush:
                 for start in range(0, len(ordered), 500):
-                    self.session.scalars(select(cls).where(
-                        key.in_(ordered[start:start + 500]))).all()
+                    chunk = ordered[start:start + 500]
+                    if receiver.keyed:
+                        texts = [self.key_texts[(receiver.name, local_id)]
+                                 for local_id in chunk
+                                 if (receiver.name, local_id) in self.key_texts]
+                        where = keys.where(receiver, texts) if texts else None
+                    else:
+                        where = inspect(receiver.cls).primary_key[0].in_(chunk)
+                    if where is not None:
+                        self.session.scalars(select(receiver.cls).where(where)).all()
+
+    def _found(self, name: str, identity: tuple[str, int], row: Any) -> None:
+        self.ids[(name, *identity)] = row.local_id
+        if row.local_id is not None and row.local_key is not None:
+            self.key_texts[(name, row.local_id)] = row.local_key
+
+    def record(self, receiver: Receiver, local_id: int) -> object | None:
+        """The local record a resolved id stands for (keyed models are
+        found by the key kept in their mapping row)."""
+        return keys.get(self.session, receiver, local_id,
+                        self.key_texts.get((receiver.name, local_id)))
 
     def _key(self, name: str, identity: tuple[str, int]) -> tuple[str, str, int]:
         origin, original_id = identity
@@ -379,7 +406,7 @@ class LinkBatch:
         here).  A record of ours must have been sent to the peer."""
         key = self._key(name, identity)
         if key not in self.ids:  # not preloaded, or written since
-            row = self.connection.execute(select(M.local_id).where(
+            row = self.connection.execute(select(M.local_id, M.local_key).where(
                 M.name == name, M.origin == key[1], M.original_id == key[2])).first()
             if row is None:
                 if key[1] == HERE:
@@ -387,7 +414,7 @@ class LinkBatch:
                                   'which was never sent to it')
                 raise LookupError(f'links {name} {key[2]} of {key[1]}, '
                                   'which is not here (yet)')
-            self.ids[key] = row.local_id
+            self._found(name, key[1:], row)
         return self.ids[key]
 
     def state(self, key: tuple[str, int, int]) -> list | None:
@@ -456,8 +483,8 @@ def apply_link(batch: LinkBatch, sender: str, fields: Any) -> None:
     # Through the ORM, so that the host's collection events run; flushed
     # with the batch (by the caller), not link by link.
     with session.no_autoflush:
-        owner = session.get(link.owner.cls, owner_id)
-        target = session.get(link.target.cls, target_id)
+        owner = batch.record(link.owner, owner_id)
+        target = batch.record(link.target, target_id)
         if owner is None or target is None:
             raise LookupError(f'a record of {link.name} {owner_id} -> {target_id} '
                               'does not exist here')

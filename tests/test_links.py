@@ -13,18 +13,21 @@ import dataclasses
 import json
 import random
 import types
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from pyramid import testing
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, select
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, Uuid, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from test_records import deliver, forward, with_tables
 
 from pyramid_communicator import publish, receives_from
 from pyramid_communicator.inbox import ApplyResult
+from pyramid_communicator.keys import handle
 from pyramid_communicator.models import NAMING_CONVENTION
+from pyramid_communicator.records import receiver_of
 from pyramid_communicator.settings import REGISTRY_KEY, parse_settings
 from pyramid_communicator.sync import apply_inbound
 from pyramid_communicator.versions import now_hlc
@@ -126,6 +129,29 @@ class LinkDraft(LinksBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str] = mapped_column(String(50))
     tags: Mapped[list[LinkTag]] = relationship(secondary=draft_tags)
+
+
+article_topics = Table(
+    'links_article_topics', LinksBase.metadata,
+    Column('article_code', ForeignKey('links_articles.code'), primary_key=True),
+    Column('topic_id', ForeignKey('links_topics.id'), primary_key=True))
+
+
+@receives_from('links_topic')
+class LinkTopic(LinksBase):
+    """Keyed by a UUID; published by hand only (one may stay private)."""
+    __tablename__ = 'links_topics'
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+@receives_from('links_article', autopublish=True)
+class LinkArticle(LinksBase):
+    """Keyed by its slug, linked to UUID-keyed topics."""
+    __tablename__ = 'links_articles'
+    code: Mapped[str] = mapped_column(String(20), primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    topics: Mapped[list[LinkTopic]] = relationship(secondary=article_topics)
 
 
 @pytest.fixture
@@ -355,6 +381,45 @@ def test_a_link_to_a_record_not_here_yet_waits_and_applies_once_it_arrives(
     assert central.count('inbound_messages', 'processed_at IS NULL') == 0
 
 
+def published_topics(side: Side, *names: str) -> None:
+    with side.session() as session:
+        topics = [LinkTopic(name=name) for name in names]
+        session.add_all(topics)
+        session.flush()
+        for topic in topics:
+            publish(session, topic)
+
+
+def retopic(side: Side, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
+    """Add and remove topics (by name) of the article 'intro'."""
+    with side.session() as session:
+        article = session.get(LinkArticle, 'intro')
+        topics = {topic.name: topic for topic in session.scalars(select(LinkTopic))}
+        for name in add:
+            article.topics.append(topics[name])
+        for name in remove:
+            article.topics.remove(topics[name])
+
+
+def test_links_between_keyed_records_travel_both_ways(central, facade):
+    """A slug-keyed article's UUID-keyed topics (such links used to be
+    refused as malformed: they named the record by its key, not its id)."""
+    published_topics(central, 'x', 'y')
+    with central.session() as session:
+        session.add(LinkArticle(code='intro', title='intro'))
+    retopic(central, add=('x', 'y'))
+    sync(central, facade)
+    assert tags_of(facade, LinkArticle, 'topics') == {'intro': ['x', 'y']}
+
+    published_topics(facade, 'z')
+    retopic(facade, add=('z',), remove=('x',))
+    sync(central, facade)
+    assert (tags_of(central, LinkArticle, 'topics') == tags_of(facade, LinkArticle, 'topics')
+            == {'intro': ['y', 'z']})
+    assert (sorted(central.rows('links_article_topics', 'topic_id'), key=str)
+            == sorted(facade.rows('links_article_topics', 'topic_id'), key=str))
+
+
 # -- a hostile peer ----------------------------------------------------------------
 
 def forged(side: Side, *links: dict[str, Any], sender: str = 'facade') -> None:
@@ -395,6 +460,26 @@ def test_a_forged_link_to_a_private_record_of_central_is_refused(central, facade
     assert central.rows('links_post_labels', 'post_id') == []
     assert central.rows('links_post_tags', 'post_id') == []
     assert central.rows('links_draft_tags', 'draft_id') == []
+
+
+def test_a_forged_link_to_a_private_keyed_record_is_refused(central, facade):
+    with central.session() as session:
+        session.add(LinkArticle(code='intro', title='intro'))
+    sync(central, facade)
+    with central.session() as session:
+        private = LinkTopic(name='private')  # never published
+        session.add(private)
+        session.flush()
+        private_handle = handle(receiver_of(private), private)
+        article_handle = handle(receiver_of(session.get(LinkArticle, 'intro')),
+                                session.get(LinkArticle, 'intro'))
+    forged(central, {**link(['central', article_handle], ['central', private_handle],
+                            relationship='topics'), 'record': 'links_article'})
+    assert apply(central).failed == 1
+    [row] = central.rows('inbound_messages', 'id')[-1:]
+    assert row['refused_at'] is not None
+    assert 'links_topic' in row['last_error'] and 'never sent to it' in row['last_error']
+    assert central.rows('links_article_topics', 'article_code') == []
 
 
 def test_links_of_a_publish_only_model_are_refused(central, facade):

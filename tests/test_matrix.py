@@ -33,7 +33,8 @@ Adding a shape is one entry in :data:`SHAPES`::
 
 ``ctx`` (:class:`Context`) says who sends and on which backends, for
 values a backend cannot keep (see test_types' ``sample``).  A shape may
-also write on the receiver before the first round (``prepare``), register
+also write on the receiver before the first round (``prepare``) or
+between a round's write and its sync (``meanwhile``), register
 plain-message handlers on both apps (``handlers``) and skip the cases it
 cannot run (``skip=lambda ctx: reason or None``, e.g. a PostgreSQL-only
 type).  Models go on a DeclarativeBase of the shape's own, with
@@ -44,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,8 +54,20 @@ from conftest import SERVER_URLS, Side, app_settings
 from convergence import queue_problems
 from fakes import serve_wsgi
 from pyramid.config import Configurator
-from sqlalchemy import ForeignKey, Integer, MetaData, String, create_engine, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+    create_engine,
+    select,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from test_types import TypesBase, TypesSample, sample
 from test_types import expected as types_expected
 
@@ -105,6 +119,10 @@ class Shape:
     #: Why a case cannot run (e.g. a PostgreSQL-only type on another
     #: backend): a reason skips it, None runs it.
     skip: Callable[[Context], str | None] | None = None
+    #: ``(round index, write)``: written on the receiver after that round's
+    #: write on the sender and before its sync, so both sides' changes
+    #: meet in one sync.
+    meanwhile: tuple[tuple[int, Write], ...] = ()
 
 
 # -- shape: scalar columns of every common type (test_types' sample) ------------------
@@ -403,6 +421,272 @@ def trees_state(session: Session) -> dict[str, Any]:
                          for team in teams.values()}}
 
 
+# -- shape: a UUID primary key ---------------------------------------------------------
+
+class UuidBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_memo', autopublish=True, deletes=True)
+class MatrixMemo(UuidBase):
+    """The same UUID on both sides: the key is the record's identity."""
+    __tablename__ = 'matrix_memos'
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    title: Mapped[str] = mapped_column(String(50))
+
+
+MEMO_KEPT, MEMO_GONE, MEMO_THEIRS = (
+    uuid.UUID('6f1c1c3e-0000-4000-8000-00000000000a'),
+    uuid.UUID('6f1c1c3e-0000-4000-8000-00000000000b'),
+    uuid.UUID('6f1c1c3e-0000-4000-8000-00000000000c'))
+
+
+def memos_prepare(session: Session, ctx: Context) -> None:
+    """The receiver's own memo, under another UUID, before any sync."""
+    session.add(MatrixMemo(id=MEMO_THEIRS, title=f'by {ctx.receiver}'))
+
+
+def memos_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixMemo(id=MEMO_KEPT, title='kept'),
+                     MatrixMemo(id=MEMO_GONE, title='gone')])
+
+
+def memos_edit_and_delete(session: Session, ctx: Context) -> None:
+    session.get(MatrixMemo, MEMO_KEPT).title = 'kept, edited'
+    session.delete(session.get(MatrixMemo, MEMO_GONE))
+
+
+def memos_create_again(session: Session, ctx: Context) -> None:
+    """The deleted UUID again, once its delete was delivered."""
+    session.add(MatrixMemo(id=MEMO_GONE, title='back'))
+
+
+def memos_state(session: Session) -> list[tuple[uuid.UUID, str]]:
+    """By UUID: the key is the same on every side (not a local id)."""
+    return sorted((memo.id, memo.title) for memo in session.scalars(select(MatrixMemo)))
+
+
+# -- shape: a string primary key (a code) ----------------------------------------------
+
+class CodeBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_currency', autopublish=True, deletes=True)
+class MatrixCurrency(CodeBase):
+    __tablename__ = 'matrix_currencies'
+    code: Mapped[str] = mapped_column(String(3), primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+@receives_from('matrix_price', autopublish=True, deletes=True)
+class MatrixPrice(CodeBase):
+    """A foreign key to a keyed model: the code, the same on every side."""
+    __tablename__ = 'matrix_prices'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    currency_code: Mapped[str] = mapped_column(ForeignKey('matrix_currencies.code'))
+    amount: Mapped[int] = mapped_column(Integer)
+
+
+def currencies_prepare(session: Session, ctx: Context) -> None:
+    """The receiver made EUR too (one record once they meet) and a code
+    of its own, before any sync."""
+    session.add_all([MatrixCurrency(code='EUR', name=f'by {ctx.receiver}'),
+                     MatrixCurrency(code='CHF', name='Swiss franc')])
+
+
+def currencies_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixCurrency(code='EUR', name='Euro'),
+                     MatrixCurrency(code='USD', name='US dollar'),
+                     MatrixCurrency(code='GBP', name='Pound sterling')])
+    session.flush()
+    session.add_all([MatrixPrice(currency_code='EUR', amount=10),
+                     MatrixPrice(currency_code='GBP', amount=20)])
+
+
+def currencies_edit_and_delete(session: Session, ctx: Context) -> None:
+    session.get(MatrixCurrency, 'EUR').name = 'Euro (€)'
+    price = session.scalars(select(MatrixPrice).filter_by(currency_code='GBP')).one()
+    price.currency_code = 'USD'
+    session.flush()
+    session.delete(session.get(MatrixCurrency, 'GBP'))
+
+
+def currencies_create_again(session: Session, ctx: Context) -> None:
+    """A code deleted (and its delete delivered) comes back."""
+    session.add(MatrixCurrency(code='GBP', name='Pound, again'))
+
+
+def currencies_state(session: Session) -> dict[str, list[tuple[str, Any]]]:
+    return {'currencies': sorted((row.code, row.name)
+                                 for row in session.scalars(select(MatrixCurrency))),
+            'prices': sorted((row.currency_code, row.amount)
+                             for row in session.scalars(select(MatrixPrice)))}
+
+
+# -- shape: a composite key, one part a foreign key to a synced model ------------------
+
+class CompositeBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_order')
+class MatrixOrder(CompositeBase):
+    """Published by hand: one left unpublished takes the sender's first id."""
+    __tablename__ = 'matrix_orders'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+
+
+@receives_from('matrix_order_line', autopublish=True, deletes=True)
+class MatrixOrderLine(CompositeBase):
+    """(our copy of the order, the same sku): an association object's shape."""
+    __tablename__ = 'matrix_order_lines'
+    order_id: Mapped[int] = mapped_column(ForeignKey('matrix_orders.id'), primary_key=True)
+    sku: Mapped[str] = mapped_column(String(20), primary_key=True)
+    quantity: Mapped[int] = mapped_column(Integer)
+
+
+def orders_create(session: Session, ctx: Context) -> None:
+    session.add(MatrixOrder(name='never sent'))  # so ids differ between the sides
+    first, second = MatrixOrder(name='first'), MatrixOrder(name='second')
+    session.add_all([first, second])
+    session.flush()
+    publish(session, first)
+    publish(session, second)
+    session.add_all([MatrixOrderLine(order_id=first.id, sku='apple', quantity=1),
+                     MatrixOrderLine(order_id=first.id, sku='pear', quantity=2),
+                     MatrixOrderLine(order_id=first.id, sku='crème "brûlée" 🙂', quantity=4),
+                     MatrixOrderLine(order_id=second.id, sku='apple', quantity=5)])
+
+
+def orders_edit_and_delete(session: Session, ctx: Context) -> None:
+    first = session.scalars(select(MatrixOrder).filter_by(name='first')).one()
+    session.get(MatrixOrderLine, (first.id, 'apple')).quantity = 3
+    session.delete(session.get(MatrixOrderLine, (first.id, 'pear')))
+
+
+def orders_state(session: Session) -> list[tuple[str | None, str, int]]:
+    """Lines naming their order by name (its id differs per side)."""
+    names = {order.id: order.name for order in session.scalars(select(MatrixOrder))}
+    return sorted((names.get(line.order_id), line.sku, line.quantity)
+                  for line in session.scalars(select(MatrixOrderLine)))
+
+
+# -- shape: many-to-many links between synced models -----------------------------------
+
+class ManyBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+matrix_post_tags = Table(
+    'matrix_post_tags', ManyBase.metadata,
+    Column('post_id', ForeignKey('matrix_posts.id'), primary_key=True),
+    Column('tag_id', ForeignKey('matrix_tags.id'), primary_key=True))
+
+matrix_post_topics = Table(
+    'matrix_post_topics', ManyBase.metadata,
+    Column('post_id', ForeignKey('matrix_posts.id'), primary_key=True),
+    Column('topic_code', ForeignKey('matrix_topics.code'), primary_key=True))
+
+
+@receives_from('matrix_topic', autopublish=True)
+class MatrixTopic(ManyBase):
+    """Keyed by its code: links to it name the code, the same everywhere."""
+    __tablename__ = 'matrix_topics'
+    code: Mapped[str] = mapped_column(String(20), primary_key=True)
+
+
+@receives_from('matrix_tag', autopublish=True)
+class MatrixTag(ManyBase):
+    __tablename__ = 'matrix_tags'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+    posts: Mapped[list[MatrixPost]] = relationship(secondary=matrix_post_tags,
+                                                   back_populates='tags')
+
+
+@receives_from('matrix_post', autopublish=True)
+class MatrixPost(ManyBase):
+    __tablename__ = 'matrix_posts'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(20))
+    tags: Mapped[list[MatrixTag]] = relationship(secondary=matrix_post_tags,
+                                                 back_populates='posts')
+    topics: Mapped[list[MatrixTopic]] = relationship(secondary=matrix_post_topics)
+
+
+def named(session: Session, cls: type, **where: Any) -> Any:
+    return session.scalars(select(cls).filter_by(**where)).one()
+
+
+def posts_prepare(session: Session, ctx: Context) -> None:
+    """The receiver's own tag (so tag ids differ between the sides)."""
+    session.add(MatrixTag(name=f'by {ctx.receiver}'))
+
+
+def posts_create(session: Session, ctx: Context) -> None:
+    tags = [MatrixTag(name=name) for name in ('python', 'old', 'web', 'new')]
+    topics = [MatrixTopic(code=code) for code in ('web', 'db', 'ünï')]
+    session.add_all([MatrixPost(title='post', tags=tags[:3], topics=topics[:2]),
+                     MatrixPost(title='empty'), *tags[3:], topics[2]])
+
+
+def posts_change(session: Session, ctx: Context) -> None:
+    post = named(session, MatrixPost, title='post')
+    post.tags.remove(named(session, MatrixTag, name='old'))
+    post.tags.append(named(session, MatrixTag, name='new'))
+    web, empty = named(session, MatrixTag, name='web'), named(session, MatrixPost, title='empty')
+    web.posts.append(empty)  # the other direction of the pair
+    post.topics.remove(session.get(MatrixTopic, 'db'))
+    post.topics.append(session.get(MatrixTopic, 'ünï'))
+
+
+def posts_meanwhile(session: Session, ctx: Context) -> None:
+    """The receiver links its own tag to the post, before the sync that
+    brings the sender's changes: a membership change of its own."""
+    post = named(session, MatrixPost, title='post')
+    post.tags.append(named(session, MatrixTag, name=f'by {ctx.receiver}'))
+
+
+def posts_state(session: Session) -> dict[str, tuple[list[str], list[str]]]:
+    """Each post's tags and topics."""
+    return {post.title: (sorted(tag.name for tag in post.tags),
+                         sorted(topic.code for topic in post.topics))
+            for post in session.scalars(select(MatrixPost))}
+
+
+# -- shape: an integer key the app chooses ---------------------------------------------
+
+class ChosenBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@receives_from('matrix_ticket', autopublish=True, deletes=True)
+class MatrixTicket(ChosenBase):
+    __tablename__ = 'matrix_tickets'
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    subject: Mapped[str] = mapped_column(String(50))
+
+
+def tickets_prepare(session: Session, ctx: Context) -> None:
+    session.add(MatrixTicket(number=500, subject=f'by {ctx.receiver}'))
+
+
+def tickets_create(session: Session, ctx: Context) -> None:
+    session.add_all([MatrixTicket(number=number, subject=f'#{number}')
+                     for number in (7, 101, 0, -3, 2**62 + 1)])
+
+
+def tickets_edit_and_delete(session: Session, ctx: Context) -> None:
+    session.get(MatrixTicket, 7).subject = '#7 edited'
+    session.delete(session.get(MatrixTicket, 101))
+
+
+def tickets_state(session: Session) -> list[tuple[int, str]]:
+    return sorted((row.number, row.subject) for row in session.scalars(select(MatrixTicket)))
+
+
 # -- the shapes ------------------------------------------------------------------------
 
 SHAPES: list[Shape] = [
@@ -430,6 +714,31 @@ SHAPES: list[Shape] = [
           expected=lambda ctx: {'nodes': {'root': None, 'a': 'root', 'b': 'root', 'a1': 'a',
                                           'a2': 'a', 'b1': 'b'},
                                 'captains': {'team': ('captain', 'team')}}),
+    Shape('uuid_keys', bases=(UuidBase,),
+          rounds=(memos_create, memos_edit_and_delete, memos_create_again),
+          prepare=memos_prepare, state=memos_state,
+          expected=lambda ctx: [(MEMO_KEPT, 'kept, edited'), (MEMO_GONE, 'back'),
+                                (MEMO_THEIRS, f'by {ctx.receiver}')]),
+    Shape('string_keys', bases=(CodeBase,),
+          rounds=(currencies_create, currencies_edit_and_delete, currencies_create_again),
+          prepare=currencies_prepare, state=currencies_state,
+          expected=lambda ctx: {'currencies': [('CHF', 'Swiss franc'), ('EUR', 'Euro (€)'),
+                                               ('GBP', 'Pound, again'), ('USD', 'US dollar')],
+                                'prices': [('EUR', 10), ('USD', 20)]}),
+    Shape('composite_keys', bases=(CompositeBase,),
+          rounds=(orders_create, orders_edit_and_delete), state=orders_state,
+          expected=lambda ctx: [('first', 'apple', 3), ('first', 'crème "brûlée" 🙂', 4),
+                                ('second', 'apple', 5)]),
+    Shape('many_to_many', bases=(ManyBase,), rounds=(posts_create, posts_change),
+          prepare=posts_prepare, meanwhile=((1, posts_meanwhile),), state=posts_state,
+          expected=lambda ctx: {
+              'post': (sorted([f'by {ctx.receiver}', 'new', 'python', 'web']), ['web', 'ünï']),
+              'empty': (['web'], [])}),
+    Shape('app_chosen_int_keys', bases=(ChosenBase,),
+          rounds=(tickets_create, tickets_edit_and_delete), prepare=tickets_prepare,
+          state=tickets_state,
+          expected=lambda ctx: [(-3, '#-3'), (0, '#0'), (7, '#7 edited'),
+                                (500, f'by {ctx.receiver}'), (2**62 + 1, f'#{2**62 + 1}')]),
 ]
 
 #: ``(central backend, facade backend)``: the same-backend pairs, then the mixed.
@@ -550,9 +859,13 @@ def run_case(shape: Shape, ctx: Context, central: Side, facade: Side) -> tuple[A
                 if shape.prepare is not None:
                     with sync.session(ctx.receiver) as session:
                         shape.prepare(session, ctx)
-                for write in shape.rounds:
+                meanwhile = dict(shape.meanwhile)
+                for index, write in enumerate(shape.rounds):
                     with sync.session(ctx.sender) as session:
                         write(session, ctx)
+                    if index in meanwhile:
+                        with sync.session(ctx.receiver) as session:
+                            meanwhile[index](session, ctx)
                     sync.run()
                 problems = queue_problems(central) + queue_problems(facade)
                 assert not problems, problems
