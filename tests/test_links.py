@@ -609,6 +609,7 @@ def test_verify_is_clean_once_links_have_synced(served):
     assert report['names'] == ['links_post']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('where', ['central', 'facade'])
 @pytest.mark.parametrize('how', ['insert', 'delete'])
 def test_a_link_changed_by_hand_is_found_and_repaired(served, where, how):
@@ -647,6 +648,7 @@ def test_a_link_changed_by_hand_is_found_and_repaired(served, where, how):
     assert status == 0 and report['equal'], report
 
 
+@pytest.mark.slow
 def test_prefer_the_facade_takes_its_membership(served):
     central, facade = served.central, served.facade
     tagged(central, facade)
@@ -658,6 +660,7 @@ def test_prefer_the_facade_takes_its_membership(served):
     assert tags_of(central) == tags_of(facade) == {'p': ['b', 'c']}
 
 
+@pytest.mark.slow
 def test_the_later_change_of_a_link_wins_over_prefer(served):
     """A link removed on the facade through the ORM (stamped later than the
     add both sides kept) whose message never left: --repair takes the
@@ -671,6 +674,7 @@ def test_the_later_change_of_a_link_wins_over_prefer(served):
     assert tags_of(central) == tags_of(facade) == {'p': ['a', 'c']}
 
 
+@pytest.mark.slow
 def test_repair_never_links_a_record_that_was_not_shared(served):
     """Central links its post to a label it never published, by hand: verify
     reports it, repair leaves it (no identity names the label, so no message
@@ -694,3 +698,17 @@ def test_repair_never_links_a_record_that_was_not_shared(served):
     assert facade.rows('links_post_labels', 'post_id') == []
     assert facade.count('links_labels') == 0
     assert tags_of(facade, attribute='labels') == {'p': []}
+
+
+@pytest.mark.slow
+def test_a_record_re_created_by_repair_brings_its_links(served):
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    post = local(facade, LinkPost, 'p')
+    hand_sql(facade, f'DELETE FROM links_post_tags WHERE post_id = {post}')
+    hand_sql(facade, f'DELETE FROM links_posts WHERE id = {post}')
+    status, report = served.run('--verify', 'links_post')
+    assert status == DIFFERENT and report['differences'][0]['facade'] == 'missing'
+    status, repaired = served.run('--repair', 'links_post')
+    assert status == 0 and repaired['equal'], repaired
+    assert tags_of(facade) == tags_of(central) == {'p': ['a', 'b', 'c']}
