@@ -140,6 +140,19 @@ def _identity(value: Any) -> bool:
             and 0 < len(value[0]) <= 64 and _int(value[1]))
 
 
+def identities(members: Any) -> set[Identity]:
+    """The identities among compared members (the peer's are hostile:
+    anything but an identity is no link to send)."""
+    if not isinstance(members, list):
+        return set()
+    return {(member[0], member[1]) for member in members if _identity(member)}
+
+
+def unshared(members: Any) -> int:
+    """How many compared members name no shared record."""
+    return members.count(UNSHARED) if isinstance(members, list) else 0
+
+
 def decide(target: list, local_stamps: Sequence[list], peer_stamps: Sequence[list],
            local_name: str, peer_name: str, prefer: str) -> str:
     """Which side's membership of one link wins: the side whose kept

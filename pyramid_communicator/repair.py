@@ -135,10 +135,8 @@ def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
             # Re-created with its links: they follow it, sent by its holder.
             entry = d.local if winner == 'local' else d.peer
             for key in _collections(d.name):
-                for target in entry.values.get(key) or []:
-                    if target != link_verify.UNSHARED:
-                        result.links.append(LinkFix(d.name, key, d.identity,
-                                                    tuple(target), winner))
+                for target in link_verify.identities(entry.values.get(key)):
+                    result.links.append(LinkFix(d.name, key, d.identity, target, winner))
         (result.local if winner == 'local' else result.peer).append(d)
     return result
 
@@ -155,14 +153,13 @@ def _settle_links(result: Plan, d: Difference, key: str, local_name: str,
     """A :class:`LinkFix` per link of ``key`` present on one side only,
     the winner by :func:`.link_verify.decide`; a link to a record never
     shared is left (no identity names it, so no message can)."""
-    ours, theirs = d.local.values.get(key) or [], d.peer.values.get(key) or []
-    unshared = link_verify.UNSHARED
-    if ours.count(unshared) != theirs.count(unshared):
-        holder = local_name if ours.count(unshared) > theirs.count(unshared) else peer_name
+    ours, theirs = d.local.values.get(key), d.peer.values.get(key)
+    unshared = [link_verify.unshared(ours), link_verify.unshared(theirs)]
+    if unshared[0] != unshared[1]:
+        holder = local_name if unshared[0] > unshared[1] else peer_name
         result.left.append((d, f'{key}: {holder} links a record it never shared; '
                                'no link to it is sent'))
-    mine = {tuple(member) for member in ours if member != unshared}
-    peer = {tuple(member) for member in theirs if member != unshared}
+    mine, peer = link_verify.identities(ours), link_verify.identities(theirs)
     for target in sorted(mine ^ peer):
         side = link_verify.decide(list(target), d.local.stamps.get(key, []),
                                   d.peer.stamps.get(key, []), local_name, peer_name, prefer)
