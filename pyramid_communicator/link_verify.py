@@ -85,13 +85,17 @@ def members(connection: Connection, link: Link, owner_ids: Iterable[int],
             .select_from(owner_col.table.outerjoin(communicator_mappings, and_(
                 M.name == link.target.name, M.local_id == target_col)))
             .where(owner_col.in_(ids[start:start + CHUNK])))
-        for owner_id, target_id, origin, original_id in connection.execute(statement):
+        # Fetched whole: a partition's links, row by row, cost more in
+        # fetching than in comparing.
+        for owner_id, target_id, origin, original_id in connection.execute(statement).all():
             targets = found.setdefault(owner_id, {})
-            identity = (UNSHARED if origin is None
-                        else [_canonical(origin, local_name), original_id])
-            if target_id not in targets or identity < targets[target_id]:
+            identity = (('unshared',) if origin is None
+                        else (local_name if origin == HERE else origin, original_id))
+            kept = targets.get(target_id)
+            if kept is None or identity < kept:
                 targets[target_id] = identity
-    return {owner_id: sorted(targets.values()) for owner_id, targets in found.items()}
+    return {owner_id: [list(identity) for identity in sorted(targets.values())]
+            for owner_id, targets in found.items()}
 
 
 def stamps(connection: Connection, link: Link, owner_ids: Iterable[int],
