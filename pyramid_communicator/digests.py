@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import and_, inspect, select
 from sqlalchemy.engine import Connection
 
-from . import keys
+from . import keys, link_verify
 from .models import communicator_mappings
 from .records import Receiver, to_wire
 from .versions import HERE, Version, digest
@@ -101,9 +101,14 @@ class Entry:
     identity: Identity
     values: dict[str, Any]
     version: dict[str, Any] | None
+    #: Of its travelling collections: relationship -> the kept changes of
+    #: its links (:func:`.link_verify.stamps`), for ``--repair`` to settle
+    #: a link by; not compared.
+    stamps: dict[str, list] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> list:
-        return [list(self.identity), self.values, self.version]
+        found = [list(self.identity), self.values, self.version]
+        return found + [self.stamps] if self.stamps else found
 
 
 def canonical_origin(stored: str, local_name: str) -> str:
@@ -151,6 +156,9 @@ class Scanner:
         self.columns = receiver.all_columns()
         self.keys = list(self.columns)
         self.references = receiver.all_references()
+        #: Travelling collections it owns, compared as an attribute each
+        #: (:mod:`.link_verify`); their rows carry the owner's local id last.
+        self.links = link_verify.owned(receiver)
         self.table = table = mapper.local_table
         #: A keyed model's records are joined to their mappings here, by
         #: their key's text (:mod:`.keys`), not in SQL: a key of any type
@@ -173,6 +181,8 @@ class Scanner:
         if with_values:
             columns += [M.version] + [column.label(f'c{i}') for i, column in
                                       enumerate(self.columns.values())]
+            if self.links:
+                columns.append(M.local_id)
         return (select(*columns).select_from(self.joined)
                 .where(M.name == self.receiver.name, M.local_id.is_not(None)))
 
@@ -225,6 +235,11 @@ class Scanner:
                 else:
                     values[key] = canonical_value(self.receiver.canonical(key, value))
             found.append(values)
+        for link in self.links:  # a query per relationship for the partition
+            owner_ids = [row[-1] for row in partition]
+            members = link_verify.members(self.connection, link, owner_ids, self.local_name)
+            for row, values in zip(partition, found, strict=True):
+                values[link.key] = members.get(row[-1], [])
         return found
 
     def _identities_of(self, name: str, local_ids: set[int]) -> dict[int, list]:
@@ -309,12 +324,19 @@ class Scanner:
             if limit is not None:
                 statement = statement.limit(limit * len(run) + 1)
             found = []
+            owners: dict[int, Entry] = {}
             for partition in self._rows(statement):
                 for row, values in zip(partition, self._values(partition), strict=True):
                     version = None
                     if row[2]:
                         version = version_to_wire(Version.loads(row[2]), self.local_name)
                     found.append(Entry((span.origin, row[1]), values, version))
+                    if self.links:
+                        owners[row[-1]] = found[-1]
+            for link in self.links:
+                kept = link_verify.stamps(self.connection, link, owners, self.local_name)
+                for owner_id, rows in kept.items():
+                    owners[owner_id].stamps[link.key] = rows
             if limit is not None:
                 position = 0
                 counts = [0] * len(run)

@@ -46,11 +46,15 @@ from .settings import REGISTRY_KEY
 from .trust import Refused
 from .versions import FUTURE_LIMIT, HERE, now_hlc
 
-__all__ = ['LINK', 'Link', 'LinkBatch', 'apply_link', 'links', 'listen', 'publish_links']
+__all__ = ['LINK', 'NO_LINKS', 'Link', 'LinkBatch', 'apply_link', 'links', 'listen',
+           'publish_links', 'send_states']
 
 L = communicator_links.c
 M = communicator_mappings.c
 _compact = json.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
+#: A session whose ``info`` holds this publishes records without their
+#: collections: ``--repair`` settles links one by one (:mod:`.link_verify`).
+NO_LINKS = 'communicator.no_links'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +208,8 @@ def publish_links(session: Session, obj: object) -> int:
     sent or received (links added since, links removed since), in
     ``session``'s transaction; returns how many link messages (none to a
     gem peer)."""
+    if session.info.get(NO_LINKS):
+        return 0
     receiver = receiver_of_class(type(obj))
     owned = [link for link in links().values()
              if receiver is not None and link.owner.name == receiver.name]
@@ -229,6 +235,15 @@ def publish_links(session: Session, obj: object) -> int:
         _write(connection, changes)
         mark_changed(session)
     return len(changes)
+
+
+def send_states(connection: Connection, link: Link,
+                states: list[tuple[int, int, bool]]) -> None:
+    """Send these links' states (owner id, target id, linked) as changes
+    stamped now, whatever was last sent: ``--repair`` (:mod:`.link_verify`)
+    makes the other side take this side's membership."""
+    _write(connection, [_Change(link, owner_id, target_id, linked)
+                        for owner_id, target_id, linked in sorted(states)])
 
 
 def _write(connection: Connection, changes: list[_Change]) -> None:

@@ -39,8 +39,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from zope.sqlalchemy import mark_changed
 
-from . import keys, wire
+from . import keys, link_verify, wire
 from .digests import Identity, Scanner, stored_origin
+from .links import NO_LINKS
 from .models import communicator_mappings, outbound_messages, utcnow
 from .publishing import publish_records
 from .records import Receiver, encode_body, receiver_for
@@ -56,12 +57,25 @@ M = communicator_mappings.c
 REPUBLISH_BATCH = 500
 
 
+@dataclasses.dataclass(frozen=True)
+class LinkFix:
+    """One link present on one side only, and the side (``'local'`` or
+    ``'peer'``) whose state of it wins and is sent."""
+    name: str
+    key: str
+    owner: Identity
+    target: Identity
+    side: str
+
+
 @dataclasses.dataclass
 class Plan:
     local: list[Difference] = dataclasses.field(default_factory=list)
     peer: list[Difference] = dataclasses.field(default_factory=list)
     #: (difference, why it is left as it is)
     left: list[tuple[Difference, str]] = dataclasses.field(default_factory=list)
+    #: Links whose states are sent again (:mod:`.link_verify`).
+    links: list[LinkFix] = dataclasses.field(default_factory=list)
 
 
 def _clock(version: dict[str, Any] | None) -> dict[str, int]:
@@ -95,6 +109,13 @@ def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
     for d in differences:
         origin = d.identity[0]
         if d.local is not None and d.peer is not None:
+            collections = _collections(d.name)
+            for key in d.links():
+                _settle_links(result, d, key, local_name, peer_name, prefer)
+            if all(d.local.values.get(key) == d.peer.values.get(key)
+                   for key in set(d.local.values) | set(d.peer.values)
+                   if key not in collections):
+                continue  # only its links differ
             winner = newer(d.local.version, d.peer.version)
             if winner is None:
                 winner = 'local' if prefer == local_name else 'peer'
@@ -111,8 +132,38 @@ def plan(differences: Iterable[Difference], local_name: str, peer_name: str,
                 result.left.append((d, why))
                 continue
             winner = 'local' if holder == local_name else 'peer'
+            # Re-created with its links: they follow it, sent by its holder.
+            entry = d.local if winner == 'local' else d.peer
+            for key in _collections(d.name):
+                for target in link_verify.identities(entry.values.get(key)):
+                    result.links.append(LinkFix(d.name, key, d.identity, target, winner))
         (result.local if winner == 'local' else result.peer).append(d)
     return result
+
+
+def _collections(name: str) -> set[str]:
+    try:
+        return {link.key for link in link_verify.owned(receiver_for(name))}
+    except LookupError:
+        return set()
+
+
+def _settle_links(result: Plan, d: Difference, key: str, local_name: str,
+                  peer_name: str, prefer: str) -> None:
+    """A :class:`LinkFix` per link of ``key`` present on one side only,
+    the winner by :func:`.link_verify.decide`; a link to a record never
+    shared is left (no identity names it, so no message can)."""
+    ours, theirs = d.local.values.get(key), d.peer.values.get(key)
+    unshared = [link_verify.unshared(ours), link_verify.unshared(theirs)]
+    if unshared[0] != unshared[1]:
+        holder = local_name if unshared[0] > unshared[1] else peer_name
+        result.left.append((d, f'{key}: {holder} links a record it never shared; '
+                               'no link to it is sent'))
+    mine, peer = link_verify.identities(ours), link_verify.identities(theirs)
+    for target in sorted(mine ^ peer):
+        side = link_verify.decide(list(target), d.local.stamps.get(key, []),
+                                  d.peer.stamps.get(key, []), local_name, peer_name, prefer)
+        result.links.append(LinkFix(d.name, key, d.identity, target, side))
 
 
 def _deletes_travel(name: str) -> bool:
@@ -166,7 +217,13 @@ def republish(session: Session, receiver: Receiver, identities: Sequence[Identit
         records.append(record)
     skipped += [identity for identity, (local_id, local_key) in local_ids.items()
                 if keys.get(session, receiver, local_id, local_key) is None]
-    done = publish_records(session, records)
+    # Its links are settled one by one (:mod:`.link_verify`), not sent
+    # whole with it.
+    session.info[NO_LINKS] = True
+    try:
+        done = publish_records(session, records)
+    finally:
+        session.info.pop(NO_LINKS, None)
     if done:
         log.info('republished %d %s record(s) to repair drift', done, receiver.name)
     deleted = redelete(session, receiver, skipped, local_name)
@@ -212,6 +269,43 @@ def redelete(session: Session, receiver: Receiver, identities: Sequence[Identity
     return sent
 
 
+def _relink(bind: Any, settings: Any, client: Any, receiver: Receiver,
+            result: RepairResult) -> None:
+    """Send each winning side's state of the links of ``receiver`` that
+    differ: ours in a host transaction per batch, the peer's on request;
+    after the records' own re-publishing, so that a re-created record
+    arrives before its links."""
+    import transaction
+    from zope.sqlalchemy import register
+    fixes = [fix for fix in result.plan.links if fix.name == receiver.name]
+    for side in ('local', 'peer'):
+        items = [(fix.key, fix.owner, fix.target) for fix in fixes if fix.side == side]
+        for start in range(0, len(items), REPUBLISH_BATCH):
+            chunk = items[start:start + REPUBLISH_BATCH]
+            if side == 'local':
+                tm = transaction.TransactionManager(explicit=True)
+                session = Session(bind=bind)
+                register(session, transaction_manager=tm)
+                try:
+                    with tm:
+                        done, skipped = link_verify.relink(session, receiver, chunk,
+                                                           settings.name)
+                finally:
+                    session.close()
+                result.links_local += done
+            else:
+                reply, _ = client.verify_request({
+                    'name': receiver.name, 'op': 'relink',
+                    'links': [[key, list(owner), list(target)] for key, owner, target in chunk]})
+                done, skipped = reply.get('relinked'), reply.get('skipped')
+                if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
+                    result.links_peer += done
+            if skipped:
+                log.warning('repair could not send %d link(s) of %s from %s: a record of '
+                            'theirs is not there', len(skipped) if isinstance(skipped, list)
+                            else 0, receiver.name, 'here' if side == 'local' else 'the peer')
+
+
 @dataclasses.dataclass
 class RepairResult:
     before: Any
@@ -219,6 +313,9 @@ class RepairResult:
     #: Records re-published here, and by the peer on our request.
     local: int = 0
     peer: int = 0
+    #: Link states sent here, and by the peer on our request.
+    links_local: int = 0
+    links_peer: int = 0
     #: The sync that carried the repairs (a :class:`.sync.Summary`).
     sync: Any = None
     after: Any = None
@@ -226,7 +323,8 @@ class RepairResult:
     def summary(self) -> str:
         left = len(self.after.differences) if self.after is not None else '?'
         return (f'found={len(self.before.differences)} republished_here={self.local} '
-                f'republished_by_peer={self.peer} left={left}')
+                f'republished_by_peer={self.peer} relinked_here={self.links_local} '
+                f'relinked_by_peer={self.links_peer} left={left}')
 
 
 def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: str,
@@ -273,7 +371,8 @@ def repair(bind: Any, settings: Any, client: Any, names: Sequence[str], prefer: 
             done = reply.get('republished')
             if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
                 result.peer += done
-    if result.local or result.peer:
+        _relink(bind, settings, client, receiver, result)
+    if result.local or result.peer or result.links_local or result.links_peer:
         communicator = Communicator(settings, bind, client=client, registry=registry,
                                     **({'progress': progress} if progress else {}))
         try:

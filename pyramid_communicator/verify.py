@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import digests
+from . import digests, link_verify
 from .client import PeerError
 from .digests import LEAF, MAX_RANGES, Entry, Identity, Range, Scanner, Summary
 from .records import UnknownRecord, _by_name, receiver_for
@@ -40,7 +40,7 @@ from .wire import WireError, parse_json
 log = logging.getLogger(__name__)
 
 #: Operations of ``POST /verify.json``.
-OPS = ('origins', 'digests', 'records', 'republish')
+OPS = ('origins', 'digests', 'records', 'republish', 'relink')
 #: Leaf ranges per ``records`` request: a reply of at most this many times
 #: :data:`.digests.MAX_LEAF_RECORDS` records.
 LEAF_RANGES = 32
@@ -57,6 +57,8 @@ class VerifyRequest:
     op: str
     ranges: tuple[Range, ...] = ()
     identities: tuple[Identity, ...] = ()
+    #: ``relink``: (relationship, owner identity, target identity).
+    links: tuple[tuple, ...] = ()
 
 
 def _int(value: Any) -> bool:
@@ -85,8 +87,8 @@ def parse_request(raw: bytes) -> VerifyRequest:
     (a 400, one line) for anything else."""
     data = parse_json(raw)
     if not isinstance(data, dict) or not data.keys() <= {'name', 'op', 'ranges',
-                                                          'identities'}:
-        raise WireError('expected {"name", "op", "ranges" or "identities"}')
+                                                          'identities', 'links'}:
+        raise WireError('expected {"name", "op", "ranges", "identities" or "links"}')
     name, op = data.get('name'), data.get('op')
     if not isinstance(name, str) or len(name) > 64:
         raise WireError('"name" must be a record name')
@@ -109,7 +111,12 @@ def parse_request(raw: bytes) -> VerifyRequest:
         if before.origin == after.origin and (
                 before.hi is None or after.lo is None or after.lo < before.hi):
             raise WireError('ranges overlap')
-    return VerifyRequest(name, op, parsed, tuple(_identity(item) for item in identities))
+    try:
+        relinks = link_verify.check_items(data.get('links', []), name, MAX_IDENTITIES)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+    return VerifyRequest(name, op, parsed, tuple(_identity(item) for item in identities),
+                         relinks)
 
 
 def answer(session: Session, local_name: str, request: VerifyRequest) -> dict[str, Any]:
@@ -120,6 +127,9 @@ def answer(session: Session, local_name: str, request: VerifyRequest) -> dict[st
         from .repair import republish
         done, skipped = republish(session, receiver, request.identities, local_name)
         return {'republished': done, 'skipped': [list(i) for i in skipped]}
+    if request.op == 'relink':
+        done, skipped = link_verify.relink(session, receiver, request.links, local_name)
+        return {'relinked': done, 'skipped': skipped}
     scanner = Scanner(session.connection(), receiver, local_name)
     if request.op == 'origins':
         return {'origins': {origin: summary.to_json()
@@ -158,7 +168,29 @@ class Difference:
                    if state == 'deleted']
         if deleted:
             data['deleted_on'] = deleted
+        differing = self.links()
+        if differing:
+            data['links'] = {key: {local_name: self.local.values.get(key, []) if self.local
+                                   else 'missing',
+                                   peer_name: self.peer.values.get(key, []) if self.peer
+                                   else 'missing'}
+                             for key in differing}
         return data
+
+    def links(self) -> list[str]:
+        """The travelling collections (:mod:`.link_verify`) whose members
+        differ, by relationship."""
+        try:
+            owned = link_verify.owned(receiver_for(self.name))
+        except UnknownRecord:
+            return []
+        found = []
+        for link in owned:
+            ours = self.local.values.get(link.key, []) if self.local else []
+            theirs = self.peer.values.get(link.key, []) if self.peer else []
+            if ours != theirs:
+                found.append(link.key)
+        return found
 
 
 @dataclasses.dataclass
@@ -278,7 +310,7 @@ class Verifier:
         reply = self._ask({'name': name, 'op': 'records',
                            'ranges': [r.to_json() for r in ranges],
                            'identities': [list(i) for i in sorted(mine)]})
-        peer, peer_states = _records(reply, ranges)
+        peer, peer_states = _records(reply, ranges, name)
         local_states = self._local(
             name, lambda s: s.states([i for i in peer if i not in mine]))
         report.records += len(set(mine) | set(peer))
@@ -328,7 +360,7 @@ def _summaries(reply: dict[str, Any], count: int) -> list[Summary]:
     return [_summary(item) for item in items]
 
 
-def _records(reply: dict[str, Any], ranges: list[Range],
+def _records(reply: dict[str, Any], ranges: list[Range], name: str,
              ) -> tuple[dict[Identity, Entry], dict[Identity, str]]:
     items, states = reply.get('records'), reply.get('states')
     limit = len(ranges) * digests.MAX_LEAF_RECORDS
@@ -337,14 +369,20 @@ def _records(reply: dict[str, Any], ranges: list[Range],
         raise BadReply('expected {"records": [...], "states": [...]}')
     found: dict[Identity, Entry] = {}
     for item in items:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], dict)
+        if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[1], dict)
                 and (item[2] is None or isinstance(item[2], dict))):
-            raise BadReply('a record is [identity, values, version]')
+            raise BadReply('a record is [identity, values, version, stamps of its links]')
         identity = _identity(item[0])
+        kept = {}
+        if len(item) == 4:
+            try:
+                kept = link_verify.check_stamps(item[3], name)
+            except ValueError as exc:
+                raise BadReply(str(exc)) from None
         if not any(r.origin == identity[0] and (r.lo is None or r.lo <= identity[1])
                    and (r.hi is None or identity[1] < r.hi) for r in ranges):
             raise BadReply('a record outside the ranges asked for')
-        found[identity] = Entry(identity, item[1], item[2])
+        found[identity] = Entry(identity, item[1], item[2], kept)
     peer_states: dict[Identity, str] = {}
     for item in states:
         if not (isinstance(item, list) and len(item) == 2
@@ -366,6 +404,8 @@ def format_report(report: Report) -> str:
         origin, original_id = difference.identity
         deleted = (f" (deleted on {', '.join(data['deleted_on'])})"
                    if 'deleted_on' in data else '')
+        if 'links' in data:
+            deleted += f" (links differ: {', '.join(sorted(data['links']))})"
         lines.append(printable(f'{difference.name} [{origin}, {original_id}]{deleted}: '
                                f'{report.local_name} {ours} | {report.peer_name} {theirs}',
                                2000))

@@ -350,8 +350,9 @@ def get_status(request: Request) -> Response:
 
 def post_verify(request: Request) -> Response:
     """``POST /verify.json`` (ours): summaries or records of identity
-    ranges for central's ``pcommunicate --verify``, or (op ``republish``)
-    records to publish again for ``--repair`` (see :mod:`.verify`).  The
+    ranges for central's ``pcommunicate --verify``, or (ops ``republish``,
+    ``relink``) records and links to send again for ``--repair`` (see
+    :mod:`.verify`).  The
     request is checked whole and bounded before anything is read."""
     from .verify import answer, parse_request
     settings = get_settings(request.registry)
@@ -369,6 +370,9 @@ def post_verify(request: Request) -> Response:
         queues.set_state(_dbsession(request, settings), 'last_repair',
                          f'republished {reply["republished"]} {verify_request.name} '
                          f'for {peer}'[:255])
+    if verify_request.op == 'relink':
+        log.info('sent %d %s link state(s) again for %s to repair drift',
+                 reply['relinked'], verify_request.name, peer)
     body = json.dumps(reply, separators=(',', ':')).encode('utf-8')
     compress = 'gzip' in (request.headers.get('Accept-Encoding') or '')
     response = Response(status=200, content_type='application/json', charset='utf-8',

@@ -616,3 +616,177 @@ def test_no_link_travels_to_a_gem_peer(central):
             publish(session, draft)
     assert link_messages(central) == []
     assert central.count('outbound_messages') == 3  # the post, the tag, the draft
+
+
+# -- --verify and --repair compare and mend links ----------------------------------
+
+DIFFERENT = 3
+
+
+@dataclasses.dataclass
+class Served:
+    """Central's ``pcommunicate`` run in this process (where the models
+    above are known) against the facade's app served on loopback."""
+    central: Side
+    facade: Side
+    ini: Any
+    capsys: Any
+
+    def run(self, *args: str) -> tuple[int, dict[str, Any]]:
+        from pyramid_communicator.scripts.pcommunicate import main
+        self.capsys.readouterr()
+        status = main(['pcommunicate', str(self.ini), *args, '--json'])
+        out = self.capsys.readouterr().out
+        return status, json.loads(out) if out.strip() else {}
+
+
+@pytest.fixture
+def served(central, facade, make_central, capsys) -> Iterator[Served]:
+    from conftest import app_settings
+    from fakes import serve_wsgi
+
+    from pyramid_communicator.demo import main
+    with serve_wsgi(main({}, **app_settings(facade))) as url:
+        yield Served(central, facade, make_central(central, url).ini, capsys)
+
+
+def hand_sql(side: Side, statement: str) -> None:
+    from sqlalchemy import text
+    with side.engine.begin() as connection:
+        connection.execute(text(statement))
+
+
+def tagged(central: Side, facade: Side) -> None:
+    """Post p tagged a and b on central, c on the facade, all synced."""
+    seeded(central, facade)
+    change(central, 'p', add=('a', 'b'))
+    change(facade, 'p', add=('c',))
+    sync(central, facade)
+    assert tags_of(central) == tags_of(facade) == {'p': ['a', 'b', 'c']}
+
+
+def identity(side: Side, cls: type, title_or_name: str, origin: str = 'central') -> list:
+    """The identity both sides name a record of ``origin`` by."""
+    local_id = local(side, cls, title_or_name)
+    if side.name == origin:
+        return [origin, local_id]
+    [row] = [row for row in side.rows('communicator_mappings')
+             if row['local_id'] == local_id and row['origin'] == origin
+             and row['name'] == receiver_name(cls)]
+    return [origin, row['original_id']]
+
+
+def receiver_name(cls: type) -> str:
+    return {LinkPost: 'links_post', LinkTag: 'links_tag', LinkLabel: 'links_label'}[cls]
+
+
+def test_verify_is_clean_once_links_have_synced(served):
+    tagged(served.central, served.facade)
+    status, report = served.run('--verify', 'links_post')
+    assert status == 0 and report['equal'], report
+    assert report['names'] == ['links_post']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('where', ['central', 'facade'])
+@pytest.mark.parametrize('how', ['insert', 'delete'])
+def test_a_link_changed_by_hand_is_found_and_repaired(served, where, how):
+    """SQL run by hand on one side's association table: --verify names the
+    relationship and both sides' members; --repair (this app preferred:
+    the stamps of the link are the same on both sides) makes the facade
+    hold central's membership, through link messages; verify is clean."""
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    create(central, LinkTag, name='d')
+    sync(central, facade)
+    side = central if where == 'central' else facade
+    post, tag = local(side, LinkPost, 'p'), local(side, LinkTag, 'd' if how == 'insert' else 'a')
+    if how == 'insert':
+        hand_sql(side, f'INSERT INTO links_post_tags (post_id, tag_id) VALUES ({post}, {tag})')
+    else:
+        hand_sql(side, f'DELETE FROM links_post_tags WHERE post_id = {post} AND tag_id = {tag}')
+    before = tags_of(central)
+
+    status, report = served.run('--verify', 'links_post')
+    assert status == DIFFERENT
+    [difference] = report['differences']
+    assert difference['name'] == 'links_post'
+    assert difference['identity'] == identity(central, LinkPost, 'p')
+    members = {name: identity(central, LinkTag, name) for name in 'abcd'}
+    ours = sorted(members[name] for name in tags_of(central)['p'])
+    theirs = sorted(members[name] for name in tags_of(facade)['p'])
+    assert difference['links'] == {'tags': {'central': ours, 'facade': theirs}}
+    assert difference['central']['tags'] == ours and difference['facade']['tags'] == theirs
+
+    status, repaired = served.run('--repair', 'links_post')
+    assert status == 0 and repaired['equal'], repaired
+    assert repaired['repair']['relinked_here'] + repaired['repair']['relinked_by_peer'] == 1
+    assert tags_of(central) == tags_of(facade) == before
+    status, report = served.run('--verify', 'links_post')
+    assert status == 0 and report['equal'], report
+
+
+@pytest.mark.slow
+def test_prefer_the_facade_takes_its_membership(served):
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    post, tag = local(facade, LinkPost, 'p'), local(facade, LinkTag, 'a')
+    hand_sql(facade, f'DELETE FROM links_post_tags WHERE post_id = {post} AND tag_id = {tag}')
+    status, repaired = served.run('--repair', 'links_post', '--prefer', 'facade')
+    assert status == 0 and repaired['equal'], repaired
+    assert repaired['repair']['relinked_by_peer'] == 1
+    assert tags_of(central) == tags_of(facade) == {'p': ['b', 'c']}
+
+
+@pytest.mark.slow
+def test_the_later_change_of_a_link_wins_over_prefer(served):
+    """A link removed on the facade through the ORM (stamped later than the
+    add both sides kept) whose message never left: --repair takes the
+    facade's membership though central is preferred."""
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    change(facade, 'p', remove=('b',))
+    hand_sql(facade, 'DELETE FROM outbound_messages WHERE delivered_at IS NULL')
+    status, repaired = served.run('--repair', 'links_post')
+    assert status == 0 and repaired['equal'], repaired
+    assert tags_of(central) == tags_of(facade) == {'p': ['a', 'c']}
+
+
+@pytest.mark.slow
+def test_repair_never_links_a_record_that_was_not_shared(served):
+    """Central links its post to a label it never published, by hand: verify
+    reports it, repair leaves it (no identity names the label, so no message
+    can), and the facade links nothing."""
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    private = create(central, LinkLabel, name='private')
+    post = local(central, LinkPost, 'p')
+    hand_sql(central, f'INSERT INTO links_post_labels (post_id, label_id) '
+                      f'VALUES ({post}, {private})')
+    status, report = served.run('--verify', 'links_post')
+    assert status == DIFFERENT
+    [difference] = report['differences']
+    assert difference['links'] == {'labels': {'central': [['unshared']], 'facade': []}}
+
+    status, repaired = served.run('--repair', 'links_post')
+    assert status == DIFFERENT
+    [left] = repaired['repair']['left_as_is']
+    assert 'never shared' in left['reason'] and left['reason'].startswith('labels')
+    assert repaired['repair']['relinked_here'] == repaired['repair']['relinked_by_peer'] == 0
+    assert facade.rows('links_post_labels', 'post_id') == []
+    assert facade.count('links_labels') == 0
+    assert tags_of(facade, attribute='labels') == {'p': []}
+
+
+@pytest.mark.slow
+def test_a_record_re_created_by_repair_brings_its_links(served):
+    central, facade = served.central, served.facade
+    tagged(central, facade)
+    post = local(facade, LinkPost, 'p')
+    hand_sql(facade, f'DELETE FROM links_post_tags WHERE post_id = {post}')
+    hand_sql(facade, f'DELETE FROM links_posts WHERE id = {post}')
+    status, report = served.run('--verify', 'links_post')
+    assert status == DIFFERENT and report['differences'][0]['facade'] == 'missing'
+    status, repaired = served.run('--repair', 'links_post')
+    assert status == 0 and repaired['equal'], repaired
+    assert tags_of(facade) == tags_of(central) == {'p': ['a', 'b', 'c']}

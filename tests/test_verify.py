@@ -189,7 +189,11 @@ def test_verify_route_refuses_hostile_requests(webapp, make_side):
            b'{"name": "tag", "op": "republish", "identities": [["central"]]}',
            json.dumps({'name': 'tag', 'op': 'digests',
                        'ranges': [['central', i, i + 1] for i in range(257)]}).encode(),
-           b'{"name": "tag", "op": "origins", "extra": 1}']
+           b'{"name": "tag", "op": "origins", "extra": 1}',
+           # relink: a relationship the record has, and two identities
+           b'{"name": "tag", "op": "relink", "links": [["tags", ["central", 1], ["c", 2]]]}',
+           b'{"name": "tag", "op": "relink", "links": [["x", ["central", 1]]]}',
+           b'{"name": "tag", "op": "relink", "links": {}}']
     for body in bad:
         response = app.post(url, body, headers=auth(), status=400)
         assert set(response.json) == {'error'}, body

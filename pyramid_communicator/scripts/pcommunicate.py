@@ -253,6 +253,8 @@ class PCommunicateCommand:
             data = {'repair': {'found': len(result.before.differences),
                                'republished_here': result.local,
                                'republished_by_peer': result.peer,
+                               'relinked_here': result.links_local,
+                               'relinked_by_peer': result.links_peer,
                                'left_as_is': [{**d.as_json(result.before.local_name,
                                                            result.before.peer_name),
                                                'reason': why} for d, why in result.plan.left],
