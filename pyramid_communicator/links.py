@@ -207,6 +207,7 @@ def publish_links(session: Session, obj: object) -> int:
         return 0
     connection = session.connection()
     changes = []
+    forgotten = False
     for link in owned:
         with session.no_autoflush:
             current = {_local_id(target) for target in getattr(obj, link.key)}
@@ -216,12 +217,39 @@ def publish_links(session: Session, obj: object) -> int:
                                       L.linked == 1))}
         changes += [_Change(link, owner_id, target_id, True)
                     for target_id in sorted(current - known)]
+        gone = _forget_deleted(connection, link, owner_id, known - current)
+        forgotten = forgotten or bool(gone)
         changes += [_Change(link, owner_id, target_id, False)
-                    for target_id in sorted(known - current)]
+                    for target_id in sorted(known - current - gone)]
     if changes:
         _write(connection, changes)
+    if changes or forgotten:
         mark_changed(session)
     return len(changes)
+
+
+def _forget_deleted(connection: Connection, link: Link, owner_id: int,
+                    target_ids: set[int]) -> set[int]:
+    """Of the links kept as there but gone from the collection, those whose
+    target record was deleted here: their states are dropped, and no
+    removal is sent.  Its delete removed the link (and, with
+    ``deletes=True``, travels); a removal would name a record with no
+    identity left, which the peer could never find (nor should a record
+    given the same id later inherit the state)."""
+    if not target_ids:
+        return set()
+    key = inspect(link.target.cls).primary_key[0]
+    ordered = sorted(target_ids)
+    present: set[int] = set()
+    for start in range(0, len(ordered), 500):
+        present.update(connection.execute(
+            select(key).where(key.in_(ordered[start:start + 500]))).scalars())
+    gone = target_ids - present
+    for start in range(0, len(gone), 500):
+        connection.execute(communicator_links.delete().where(
+            L.name == link.name, L.owner_id == owner_id,
+            L.target_id.in_(sorted(gone)[start:start + 500])))
+    return gone
 
 
 def _write(connection: Connection, changes: list[_Change]) -> None:

@@ -311,6 +311,36 @@ def test_reduced_sequence_converges(pair, name):
     assert not problems, '\n'.join(problems + run.log)
 
 
+def test_a_post_published_after_a_tag_of_it_was_deleted_converges(pair):
+    """Reduced from seed 20240605: central tags its post and deletes the
+    tag before they exchange; the facade applies the link, then the delete.
+    When the facade later changes the post's tags, it must not send the
+    removal of a link to the tag it no longer holds (named as a tag of its
+    own, central could never find it: a message failing for ever)."""
+    central, facade = pair
+    editor = Editor({'central': central.side, 'facade': facade.side}, random.Random(0))
+    run = Run(0)
+    with communicator_for(central, facade) as communicator:
+        sequence = Sequence(editor, communicator, run)
+        editor.create_tag('central', 'gone', {})
+        editor.create_tag('central', 'kept', {})
+        editor.create_post('central', {'title': 'Hello', 'slug': 'p'})
+        [post] = editor.ids('central', 'posts')
+        editor.change_tags('central', post, add=('gone', 'kept'))
+        editor.delete_tag('central', 'gone')
+        sequence.exchange('both')
+        [copy] = editor.ids('facade', 'posts')
+        assert editor.post_tags('facade') == {copy: ['kept']}
+        editor.create_tag('facade', 'new', {})
+        editor.change_tags('facade', copy, add=('new',), remove=('kept',))
+        for _ in range(3):
+            sequence.exchange('both')
+    problems = (differences(central.side, facade.side) + queue_problems(central.side)
+                + queue_problems(facade.side))
+    assert not problems, '\n'.join(problems + run.log)
+    assert editor.post_tags('central') == {post: ['new']}
+
+
 # -- the test --------------------------------------------------------------------------
 
 @dataclasses.dataclass
