@@ -171,6 +171,8 @@ def _gem_peer(session: Session) -> bool:
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
+    if session.deleted and links():
+        _forget_links_of(session, session.deleted)
     if session.info.get(APPLYING) or not links():
         return
     found: dict[tuple[str, int, int], _Change] = {}
@@ -190,6 +192,30 @@ def _after_flush(session: Session, flush_context: Any) -> None:
                             link, owner_id, target_id, linked)
     if found and not _gem_peer(session):
         _write(session.connection(), [found[key] for key in sorted(found)])
+
+
+def _forget_links_of(session: Session, deleted: Any) -> None:
+    """Drop the kept states of the links of records this flush deleted (by
+    the host or applied from the peer): the delete removed the links, and a
+    record given the same id later (SQLite hands ids anew) starts with none."""
+    owners: dict[str, set[int]] = defaultdict(set)
+    targets: dict[str, set[int]] = defaultdict(set)
+    for obj in deleted:
+        for link in links().values():
+            for cls, found in ((link.owner.cls, owners), (link.target.cls, targets)):
+                if isinstance(obj, cls):
+                    local_id = _local_id(obj)
+                    if local_id is not None:
+                        found[link.name].add(local_id)
+    if not owners and not targets:
+        return
+    connection = session.connection()
+    for found, column in ((owners, L.owner_id), (targets, L.target_id)):
+        for name, ids in found.items():
+            ordered = sorted(ids)
+            for start in range(0, len(ordered), 500):
+                connection.execute(communicator_links.delete().where(
+                    L.name == name, column.in_(ordered[start:start + 500])))
 
 
 def publish_links(session: Session, obj: object) -> int:

@@ -341,6 +341,30 @@ def test_a_post_published_after_a_tag_of_it_was_deleted_converges(pair):
     assert editor.post_tags('central') == {post: ['new']}
 
 
+def test_a_tag_given_the_id_of_a_deleted_one_is_linked_on_both_sides(pair):
+    """SQLite hands the id of a deleted tag to the next one: that tag added
+    to the post the deleted one was on must travel as a new link."""
+    central, facade = pair
+    editor = Editor({'central': central.side, 'facade': facade.side}, random.Random(0))
+    run = Run(0)
+    with communicator_for(central, facade) as communicator:
+        sequence = Sequence(editor, communicator, run)
+        editor.create_tag('central', 'old', {})
+        editor.create_post('central', {'title': 'Hello', 'slug': 'p'})
+        [post] = editor.ids('central', 'posts')
+        editor.change_tags('central', post, add=('old',))
+        sequence.exchange('both')
+        editor.delete_tag('central', 'old')
+        editor.create_tag('central', 'new', {})
+        editor.change_tags('central', post, add=('new',))
+        for _ in range(2):
+            sequence.exchange('both')
+    problems = (differences(central.side, facade.side) + queue_problems(central.side)
+                + queue_problems(facade.side))
+    assert not problems, '\n'.join(problems + run.log)
+    assert list(editor.post_tags('facade').values()) == [['new']]
+
+
 # -- the test --------------------------------------------------------------------------
 
 @dataclasses.dataclass
