@@ -197,25 +197,42 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 def _forget_links_of(session: Session, deleted: Any) -> None:
     """Drop the kept states of the links of records this flush deleted (by
     the host or applied from the peer): the delete removed the links, and a
-    record given the same id later (SQLite hands ids anew) starts with none."""
+    record given the same id later (SQLite hands ids anew) starts with none.
+
+    A deleted target is found through the other direction of the pair (the
+    ORM loaded it to delete the association rows), so that every statement
+    goes by the (name, owner, target) index; a target model without that
+    direction keeps the states (``publish`` skips them, see
+    :func:`_forget_deleted`)."""
+    pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
     owners: dict[str, set[int]] = defaultdict(set)
-    targets: dict[str, set[int]] = defaultdict(set)
     for obj in deleted:
+        local_id = _local_id(obj)
+        if local_id is None:
+            continue
         for link in links().values():
-            for cls, found in ((link.owner.cls, owners), (link.target.cls, targets)):
-                if isinstance(obj, cls):
-                    local_id = _local_id(obj)
-                    if local_id is not None:
-                        found[link.name].add(local_id)
-    if not owners and not targets:
+            if isinstance(obj, link.owner.cls):
+                owners[link.name].add(local_id)
+            if link.reverse is not None and isinstance(obj, link.target.cls):
+                history = inspect(obj).attrs[link.reverse].history
+                for owner in (*history.unchanged, *history.deleted):
+                    owner_id = _local_id(owner)
+                    if owner_id is not None:
+                        pairs[link.name].add((owner_id, local_id))
+    if not owners and not pairs:
         return
     connection = session.connection()
-    for found, column in ((owners, L.owner_id), (targets, L.target_id)):
-        for name, ids in found.items():
-            ordered = sorted(ids)
-            for start in range(0, len(ordered), 500):
-                connection.execute(communicator_links.delete().where(
-                    L.name == name, column.in_(ordered[start:start + 500])))
+    for name, ids in owners.items():
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 500):
+            connection.execute(communicator_links.delete().where(
+                L.name == name, L.owner_id.in_(ordered[start:start + 500])))
+    rows = [{'_name': name, '_owner': owner_id, '_target': target_id}
+            for name, found in sorted(pairs.items()) for owner_id, target_id in sorted(found)]
+    if rows:  # one statement, executed for each pair
+        connection.execute(communicator_links.delete().where(
+            L.name == bindparam('_name'), L.owner_id == bindparam('_owner'),
+            L.target_id == bindparam('_target')), rows)
 
 
 def publish_links(session: Session, obj: object) -> int:
