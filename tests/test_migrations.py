@@ -503,7 +503,8 @@ def test_host_autogenerate_writes_only_the_hosts_changes(databases, tmp_path):
     command.upgrade(config, 'heads')
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text('DROP TABLE tags'))  # a host model not migrated yet
+        conn.execute(text('DROP TABLE post_tags'))  # host models not migrated yet
+        conn.execute(text('DROP TABLE tags'))
     engine.dispose()
 
     assert not any(table in autogenerate(config) for table in models.metadata.tables)
