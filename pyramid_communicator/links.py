@@ -181,6 +181,8 @@ def _gem_peer(session: Session) -> bool:
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
+    if session.deleted and links():
+        _forget_links_of(session, session.deleted)
     if session.info.get(APPLYING) or not links():
         return
     found: dict[tuple[str, int, int], _Change] = {}
@@ -203,6 +205,47 @@ def _after_flush(session: Session, flush_context: Any) -> None:
         _write(session.connection(), [found[key] for key in sorted(found)])
 
 
+def _forget_links_of(session: Session, deleted: Any) -> None:
+    """Drop the kept states of the links of records this flush deleted (by
+    the host or applied from the peer): the delete removed the links, and a
+    record given the same id later (SQLite hands ids anew) starts with none.
+
+    A deleted target is found through the other direction of the pair (the
+    ORM loaded it to delete the association rows), so that every statement
+    goes by the (name, owner, target) index; a target model without that
+    direction keeps the states (``publish`` skips them, see
+    :func:`_forget_deleted`)."""
+    pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    owners: dict[str, set[int]] = defaultdict(set)
+    for obj in deleted:
+        local_id = _local_id(obj)
+        if local_id is None:
+            continue
+        for link in links().values():
+            if isinstance(obj, link.owner.cls):
+                owners[link.name].add(local_id)
+            if link.reverse is not None and isinstance(obj, link.target.cls):
+                history = inspect(obj).attrs[link.reverse].history
+                for owner in (*history.unchanged, *history.deleted):
+                    owner_id = _local_id(owner)
+                    if owner_id is not None:
+                        pairs[link.name].add((owner_id, local_id))
+    if not owners and not pairs:
+        return
+    connection = session.connection()
+    for name, ids in owners.items():
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 500):
+            connection.execute(communicator_links.delete().where(
+                L.name == name, L.owner_id.in_(ordered[start:start + 500])))
+    rows = [{'_name': name, '_owner': owner_id, '_target': target_id}
+            for name, found in sorted(pairs.items()) for owner_id, target_id in sorted(found)]
+    if rows:  # one statement, executed for each pair
+        connection.execute(communicator_links.delete().where(
+            L.name == bindparam('_name'), L.owner_id == bindparam('_owner'),
+            L.target_id == bindparam('_target')), rows)
+
+
 def publish_links(session: Session, obj: object) -> int:
     """Send how ``obj``'s synced collections differ from what was last
     sent or received (links added since, links removed since), in
@@ -220,6 +263,7 @@ def publish_links(session: Session, obj: object) -> int:
         return 0
     connection = session.connection()
     changes = []
+    forgotten = False
     for link in owned:
         with session.no_autoflush:
             current = {_local_id(link.target, target) for target in getattr(obj, link.key)}
@@ -229,10 +273,13 @@ def publish_links(session: Session, obj: object) -> int:
                                       L.linked == 1))}
         changes += [_Change(link, owner_id, target_id, True)
                     for target_id in sorted(current - known)]
+        gone = _forget_deleted(connection, link, owner_id, known - current)
+        forgotten = forgotten or bool(gone)
         changes += [_Change(link, owner_id, target_id, False)
-                    for target_id in sorted(known - current)]
+                    for target_id in sorted(known - current - gone)]
     if changes:
         _write(connection, changes)
+    if changes or forgotten:
         mark_changed(session)
     return len(changes)
 
@@ -244,6 +291,54 @@ def send_states(connection: Connection, link: Link,
     makes the other side take this side's membership."""
     _write(connection, [_Change(link, owner_id, target_id, linked)
                         for owner_id, target_id, linked in sorted(states)])
+
+
+def _forget_deleted(connection: Connection, link: Link, owner_id: int,
+                    target_ids: set[int]) -> set[int]:
+    """Of the links kept as there but gone from the collection, those whose
+    target record was deleted here: their states are dropped, and no
+    removal is sent.  Its delete removed the link (and, with
+    ``deletes=True``, travels); a removal would name a record with no
+    identity left, which the peer could never find (nor should a record
+    given the same id later inherit the state)."""
+    if not target_ids:
+        return set()
+    ordered = sorted(target_ids)
+    present: set[int] = set()
+    for start in range(0, len(ordered), 500):
+        present.update(_present(connection, link.target, ordered[start:start + 500]))
+    gone = target_ids - present
+    for start in range(0, len(gone), 500):
+        connection.execute(communicator_links.delete().where(
+            L.name == link.name, L.owner_id == owner_id,
+            L.target_id.in_(sorted(gone)[start:start + 500])))
+    return gone
+
+
+def _present(connection: Connection, target: Receiver, ids: list[int]) -> set[int]:
+    """Of these ids of ``target``'s records (handles for a keyed model),
+    those whose record is still here.  A keyed record is found by the key
+    its live mapping row keeps (a deleted one has none left)."""
+    if not target.keyed:
+        key = inspect(target.cls).primary_key[0]
+        return set(connection.execute(select(key).where(key.in_(ids))).scalars())
+    mappings = communicator_mappings.c
+    texts = dict(connection.execute(
+        select(mappings.local_key, mappings.local_id)
+        .where(mappings.name == target.name, mappings.local_id.in_(ids),
+               mappings.local_key.is_not(None))).all())
+    if not texts:
+        return set()
+    columns = list(inspect(target.cls).primary_key)
+    names = target.primary_key
+    crossing = target.columns()
+    found = set()
+    for row in connection.execute(select(*columns).where(keys.where(target, list(texts)))):
+        values = tuple(target.canonical(name, value) if name in crossing else value
+                       for name, value in zip(names, row, strict=True))
+        found.add(texts.get(keys.text(values)))
+    found.discard(None)
+    return found
 
 
 def _write(connection: Connection, changes: list[_Change]) -> None:

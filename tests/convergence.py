@@ -4,11 +4,14 @@ synced state.
 
 - :class:`Editor` creates, updates and deletes Tags (autopublished, deletes
   travel, ``match_on`` name), Posts (``publish`` by hand) and Comments
-  (autopublished, a foreign key to posts) on central (its database, through
-  ORM sessions) or on the facade (its database too, or its HTTP views).
+  (autopublished, a foreign key to posts), Notes (a UUID key, autopublished,
+  deletes travel), and adds tags to posts and removes them (a many-to-many,
+  sent with ``publish`` of the post) on central (its database, through ORM
+  sessions) or on the facade (its database too, or its HTTP views).
 - :func:`differences` lists every record whose synced attributes differ
-  between the two sides: Tags by name, Posts and Comments by their
-  identity in ``communicator_mappings``.
+  between the two sides: Tags by name, Notes by their UUID, Posts and
+  Comments by their identity in ``communicator_mappings``, and the links
+  between posts and tags as (the post's identity, the tag's name).
 - :func:`queue_problems` lists inbound messages not applied (failed,
   refused, given up) and undelivered outbound messages.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -26,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from pyramid_communicator import publish
-from pyramid_communicator.demo.models import Comment, Post, Tag
+from pyramid_communicator.demo.models import Comment, Note, Post, Tag
 
 TAG_ATTRS = ('label', 'color', 'weight')
 #: Small value sets, so that both sides sometimes write the same value;
@@ -38,6 +42,11 @@ TAG_VALUES: dict[str, tuple[Any, ...]] = {
 }
 POST_TITLES = ('Hello', 'News', 'Update', 'Notes')
 POST_ATTRS = ('title', 'body', 'published_on')
+NOTE_ATTRS = ('title', 'body')
+NOTE_VALUES: dict[str, tuple[Any, ...]] = {
+    'title': ('todo', 'done', 'later', None),
+    'body': ('short', 'long', None),
+}
 
 
 class SideLike(Protocol):
@@ -194,6 +203,81 @@ class Editor:
             session.get(Comment, comment_id).body = body
         return ''
 
+    # -- Notes (a UUID key) --------------------------------------------------------------
+
+    def notes(self, side: str) -> dict[uuid.UUID, tuple]:
+        """UUID -> (title, body) of the side's notes (read through the ORM:
+        each backend stores a UUID its own way)."""
+        return notes_of(self.sides[side])
+
+    def new_key(self) -> uuid.UUID:
+        """A random UUID from the seed: a replay makes the same ones."""
+        return uuid.UUID(int=self.rng.getrandbits(128), version=4)
+
+    def note_values(self, keys: tuple[str, ...] = NOTE_ATTRS) -> dict[str, Any]:
+        values = {}
+        for key in keys:
+            if key == 'body' and self.rng.random() < 0.3:
+                values[key] = self.unique('n')
+            else:
+                values[key] = self.rng.choice(NOTE_VALUES[key])
+        return values
+
+    def create_note(self, side: str, key: uuid.UUID, values: Mapping[str, Any]) -> str:
+        if self._http(side):
+            _ok(requests.post(f'{self.facade_url}/notes', json={'id': str(key), **values},
+                              timeout=30))
+            return ' (http)'
+        with self.sides[side].session() as session:
+            session.add(Note(id=key, **values))
+        return ''
+
+    def update_note(self, side: str, key: uuid.UUID, values: Mapping[str, Any]) -> str:
+        if self._http(side):
+            _ok(requests.post(f'{self.facade_url}/notes/{key}', json=dict(values),
+                              timeout=30))
+            return ' (http)'
+        with self.sides[side].session() as session:
+            note = session.get(Note, key)
+            for attribute, value in values.items():
+                setattr(note, attribute, value)
+        return ''
+
+    def delete_note(self, side: str, key: uuid.UUID) -> str:
+        if self._http(side):
+            _ok(requests.delete(f'{self.facade_url}/notes/{key}', timeout=30))
+            return ' (http)'
+        with self.sides[side].session() as session:
+            session.delete(session.get(Note, key))
+        return ''
+
+    # -- a post's tags (many-to-many) ------------------------------------------------------
+
+    def post_tags(self, side: str) -> dict[int, list[str]]:
+        """Post id -> the names of its tags, of every post of the side."""
+        with self.sides[side].session() as session:
+            return {post.id: [tag.name for tag in post.tags]
+                    for post in session.scalars(select(Post).order_by(Post.id))}
+
+    def change_tags(self, side: str, post_id: int, add: tuple[str, ...] = (),
+                    remove: tuple[str, ...] = ()) -> str:
+        """Add and remove tags of a post by name, and publish the post (its
+        links go with it), in one transaction."""
+        if self._http(side):
+            tags = [name for name in self.post_tags(side)[post_id] if name not in remove]
+            _ok(requests.post(f'{self.facade_url}/posts/{post_id}',
+                              json={'tags': tags + list(add)}, timeout=30))
+            return ' (http)'
+        with self.sides[side].session() as session:
+            post = session.get(Post, post_id)
+            for name in add:
+                post.tags.append(session.scalars(select(Tag).where(Tag.name == name)).one())
+            for name in remove:
+                post.tags.remove(next(tag for tag in post.tags if tag.name == name))
+            session.flush()
+            publish(session, post)
+        return ''
+
 
 # -- comparing both sides ----------------------------------------------------------------
 
@@ -216,12 +300,31 @@ def _by_identity(side: SideLike, name: str, table: str,
             for row in side.rows(table)}
 
 
+def notes_of(side: SideLike) -> dict[uuid.UUID, tuple]:
+    with side.session() as session:
+        return {note.id: tuple(getattr(note, key) for key in NOTE_ATTRS)
+                for note in session.scalars(select(Note))}
+
+
+def links_of(side: SideLike) -> dict[tuple, str]:
+    """The side's links between posts and tags, as (the post's identity,
+    the tag's name): local ids differ between the sides."""
+    posts = identities(side, 'post')
+    names = {row['id']: row['name'] for row in side.rows('tags')}
+    return {(posts.get(row['post_id'], (('untracked', side.name, row['post_id']),))[0],
+             names[row['tag_id']]): 'linked'
+            for row in side.rows('post_tags', 'post_id, tag_id')}
+
+
 def snapshot(side: SideLike) -> dict[str, dict]:
     """The synced state of one side, keyed the same way on both: Tags by
-    name (label, color, weight); Posts (title, body, slug, published_on)
-    and Comments (body, whom post_id points at) by identity."""
+    name (label, color, weight); Notes by UUID (title, body); Posts (title,
+    body, slug, published_on) and Comments (body, whom post_id points at)
+    by identity; and which post has which tag."""
     posts = identities(side, 'post')
     return {
+        'notes': notes_of(side),
+        'post tags': links_of(side),
         'tags': {row['name']: tuple(row[key] for key in TAG_ATTRS)
                  for row in side.rows('tags')},
         'posts': _by_identity(side, 'post', 'posts', lambda row: (

@@ -2,16 +2,20 @@
 exchange at random moments, and must end up identical.
 
 For every seed, a random sequence of operations runs on both sides the way
-each app writes (ORM sessions on its own database, autopublish for Tags and
-Comments, ``publish`` for Posts; on the facade some go through its HTTP
-views): Tags created (often the same name on both sides, so ``match_on``
-merges them), updated and deleted, updated on a side while deleted on the
-other, Posts and Comments created and updated, and exchanges in between
+each app writes (ORM sessions on its own database, autopublish for Tags,
+Notes and Comments, ``publish`` for Posts and their tags; on the facade
+some go through its HTTP views): Tags created (often the same name on both
+sides, so ``match_on`` merges them), updated and deleted, updated on a
+side while deleted on the other, Posts and Comments created and updated,
+Notes (a UUID key) created (sometimes under a UUID the other side made and
+has not sent yet), updated and deleted, tags added to posts and removed
+(a many-to-many: membership changes, concurrent on both sides), and
+exchanges in between
 (central's in-process ``Communicator`` against the served facade): push
 only, pull only (applied, or only stored), or both.  Then quiet exchanges,
 the last a real ``pcommunicate``, and both databases must hold the same
 records with the same synced attributes, nothing failed or refused,
-nothing left to send.
+nothing left to send; and ``pcommunicate --verify`` finds them equal.
 
 ``COMMUNICATOR_CONVERGENCE_SEEDS=30`` runs more seeds,
 ``COMMUNICATOR_CONVERGENCE_SEED=N`` starts at another one (with
@@ -91,6 +95,9 @@ class Sequence:
         rng = self.rng
         side = rng.choice(('central', 'facade'))
         other = 'facade' if side == 'central' else 'central'
+        if rng.random() < 0.3:
+            self.step_keys_and_links(side, other)
+            return
         roll = rng.random()
         if roll < 0.18:
             self.exchange(rng.choice(('push', 'pull', 'pull-store', 'both', 'both')))
@@ -134,6 +141,45 @@ class Sequence:
                 body = rng.choice((self.editor.unique('cb'), 'same comment'))
                 self.run.note(side, f'update comment #{comment_id} body={body!r}'
                               + self.editor.update_comment(side, comment_id, body))
+
+    def step_keys_and_links(self, side: str, other: str) -> None:
+        """A Note created, updated or deleted, or a post's tags changed."""
+        rng, editor = self.rng, self.editor
+        roll = rng.random()
+        if roll < 0.2:
+            theirs = sorted(set(editor.notes(other)) - set(editor.notes(side)))
+            # Sometimes a UUID the other side made (and may not have sent
+            # yet): both sides create one record.
+            key = rng.choice(theirs) if theirs and rng.random() < 0.3 else editor.new_key()
+            values = editor.note_values()
+            self.run.note(side, f'create note {key} {values}'
+                          + editor.create_note(side, key, values))
+        elif roll < 0.4:
+            notes = sorted(editor.notes(side))
+            if notes:
+                key = rng.choice(notes)
+                values = editor.note_values(tuple(sorted(rng.sample(
+                    ('title', 'body'), rng.randint(1, 2)))))
+                self.run.note(side, f'update note {key} {values}'
+                              + editor.update_note(side, key, values))
+        elif roll < 0.5:
+            notes = sorted(editor.notes(side))
+            if notes:
+                key = rng.choice(notes)
+                self.run.note(side, f'delete note {key}' + editor.delete_note(side, key))
+        else:
+            posts = editor.post_tags(side)
+            tags = sorted(editor.tags(side))
+            if not posts or not tags:
+                return
+            post_id = rng.choice(sorted(posts))
+            held = posts[post_id]
+            free = [name for name in tags if name not in held]
+            add = tuple(rng.sample(free, min(len(free), rng.randint(0, 2))))
+            remove = tuple(rng.sample(held, min(len(held), rng.randint(0, 1))))
+            if add or remove:
+                self.run.note(side, f'post #{post_id} tags +{list(add)} -{list(remove)}'
+                              + editor.change_tags(side, post_id, add, remove))
 
     def create_tag(self, side: str, other: str) -> None:
         """A name this side does not hold; half the time one the other side
@@ -265,6 +311,60 @@ def test_reduced_sequence_converges(pair, name):
     assert not problems, '\n'.join(problems + run.log)
 
 
+def test_a_post_published_after_a_tag_of_it_was_deleted_converges(pair):
+    """Reduced from seed 20240605: central tags its post and deletes the
+    tag before they exchange; the facade applies the link, then the delete.
+    When the facade later changes the post's tags, it must not send the
+    removal of a link to the tag it no longer holds (named as a tag of its
+    own, central could never find it: a message failing for ever)."""
+    central, facade = pair
+    editor = Editor({'central': central.side, 'facade': facade.side}, random.Random(0))
+    run = Run(0)
+    with communicator_for(central, facade) as communicator:
+        sequence = Sequence(editor, communicator, run)
+        editor.create_tag('central', 'gone', {})
+        editor.create_tag('central', 'kept', {})
+        editor.create_post('central', {'title': 'Hello', 'slug': 'p'})
+        [post] = editor.ids('central', 'posts')
+        editor.change_tags('central', post, add=('gone', 'kept'))
+        editor.delete_tag('central', 'gone')
+        sequence.exchange('both')
+        [copy] = editor.ids('facade', 'posts')
+        assert editor.post_tags('facade') == {copy: ['kept']}
+        editor.create_tag('facade', 'new', {})
+        editor.change_tags('facade', copy, add=('new',), remove=('kept',))
+        for _ in range(3):
+            sequence.exchange('both')
+    problems = (differences(central.side, facade.side) + queue_problems(central.side)
+                + queue_problems(facade.side))
+    assert not problems, '\n'.join(problems + run.log)
+    assert editor.post_tags('central') == {post: ['new']}
+
+
+def test_a_tag_given_the_id_of_a_deleted_one_is_linked_on_both_sides(pair):
+    """SQLite hands the id of a deleted tag to the next one: that tag added
+    to the post the deleted one was on must travel as a new link."""
+    central, facade = pair
+    editor = Editor({'central': central.side, 'facade': facade.side}, random.Random(0))
+    run = Run(0)
+    with communicator_for(central, facade) as communicator:
+        sequence = Sequence(editor, communicator, run)
+        editor.create_tag('central', 'old', {})
+        editor.create_post('central', {'title': 'Hello', 'slug': 'p'})
+        [post] = editor.ids('central', 'posts')
+        editor.change_tags('central', post, add=('old',))
+        sequence.exchange('both')
+        editor.delete_tag('central', 'old')
+        editor.create_tag('central', 'new', {})
+        editor.change_tags('central', post, add=('new',))
+        for _ in range(2):
+            sequence.exchange('both')
+    problems = (differences(central.side, facade.side) + queue_problems(central.side)
+                + queue_problems(facade.side))
+    assert not problems, '\n'.join(problems + run.log)
+    assert list(editor.post_tags('facade').values()) == [['new']]
+
+
 # -- the test --------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -335,9 +435,13 @@ def test_both_sides_converge(pair, seed, backend, totals):
     central.sync()  # the last one for real
     run.exchanges += 1
     run.note('exchange', 'pcommunicate')
+    verified = central.pcommunicate('--verify')
 
     found = differences(central.side, facade.side)
     problems = queue_problems(central.side) + queue_problems(facade.side)
+    if verified.returncode != 0:
+        problems.append(f'pcommunicate --verify exited {verified.returncode}: '
+                        f'{verified.stdout}{verified.stderr}')
     figures = Figures(seed, run.operations, run.exchanges,
                       conflicts(central.side, facade.side), len(found), len(problems),
                       time.monotonic() - started)

@@ -14,7 +14,8 @@ checks what a user of central cares about:
 
 The OWASP API Top 10 classes these play: broken object-level
 authorisation (private records by natural key, by foreign key, by a new
-life of an identity), mass assignment (primary keys, excluded columns,
+life of an identity, by a UUID key, by a composite key's foreign key part,
+by a many-to-many link), mass assignment (primary keys, excluded columns,
 forged versions), unsafe consumption of APIs (unversioned and malformed
 messages).  Resource consumption and server-side request forgery by
 replies are in ``test_hostile_client.py``; failed logins in
@@ -29,6 +30,7 @@ import dataclasses
 import gzip
 import json
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,7 +42,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from test_views import basic
 
 from pyramid_communicator import authority, publish, receives_from
-from pyramid_communicator.demo.models import Comment, Post, Tag
+from pyramid_communicator.demo.models import Comment, Note, Post, Tag
+from pyramid_communicator.keys import handle_of
+from pyramid_communicator.link_bodies import named
 from pyramid_communicator.models import NAMING_CONVENTION
 from pyramid_communicator.settings import parse_settings
 from pyramid_communicator.sync import Communicator
@@ -76,6 +80,16 @@ class Price(HostileBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     amount: Mapped[str | None] = mapped_column(String(20))
     currency_code: Mapped[str | None] = mapped_column(ForeignKey('hostile_currencies.code'))
+
+
+@receives_from('hostile_line', autopublish=True, deletes=True)
+class Line(HostileBase):
+    """A composite key whose first part is a foreign key to a synced model
+    (the demo's posts): a line of a post, at a position."""
+    __tablename__ = 'hostile_lines'
+    post_id: Mapped[int] = mapped_column(ForeignKey(Post.__table__.c.id), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    text: Mapped[str | None] = mapped_column(String(100))
 
 
 # -- the hostile facade ----------------------------------------------------------
@@ -147,7 +161,8 @@ class Central:
         return self.side.rows('inbound_messages')
 
 
-PRIVATE_VALUES = ('Central only', 'private body', 'internal', 'Private ruling')
+PRIVATE_VALUES = ('Central only', 'private body', 'internal', 'Private ruling',
+                  'Private note', 'Private line')
 
 
 def make_world(side: Side) -> dict[str, int]:
@@ -158,18 +173,28 @@ def make_world(side: Side) -> dict[str, int]:
         secret = Post(title='Central only', body='private body', slug='secret')
         session.add_all([shared, secret])
         session.flush()
-        publish(session, shared)  # posts are published by hand: the secret never is
         comment = Comment(post_id=shared.id, body='on shared')  # autopublished
         tag = Tag(name='shared-tag', label='Shared tag')  # autopublished
         ruled = Ruled(title='Ruled by central')  # autopublished
-        session.add_all([comment, tag, ruled])
+        note = Note(title='Shared note')  # autopublished
+        line = Line(post_id=shared.id, position=1, text='Shared line')  # autopublished
+        session.add_all([comment, tag, ruled, note, line])
         session.flush()
+        shared.tags.append(tag)
+        session.flush()
+        # Posts are published by hand (with their tags): the secret never is.
+        publish(session, shared)
         ids.update(shared=shared.id, secret=secret.id, comment=comment.id, tag=tag.id,
-                   ruled=ruled.id)
+                   ruled=ruled.id, note=note.id)
     # Made without the ORM's events: never published.
+    private_note = uuid.UUID('00000000-0000-4000-8000-00000000beef')
     with side.engine.begin() as conn:
         conn.execute(text("INSERT INTO tags (name, label) VALUES ('internal', 'Internal')"))
         conn.execute(text("INSERT INTO hostile_ruled (title) VALUES ('Private ruling')"))
+        conn.execute(Note.__table__.insert().values(id=private_note, title='Private note'))
+        conn.execute(Line.__table__.insert().values(post_id=ids['secret'], position=1,
+                                                    text='Private line'))
+        ids['private_note'] = private_note
         ids['internal'] = conn.execute(text("SELECT id FROM tags WHERE name = 'internal'")
                                        ).scalar()
         ids['private_ruled'] = conn.execute(
@@ -192,11 +217,14 @@ def central(make_side) -> Iterator[Central]:
     HostileBase.metadata.drop_all(side.engine)
 
 
-HOST_TABLES = ('posts', 'comments', 'tags', 'hostile_ruled')
+#: The host's tables, each in an order of its own.
+HOST_TABLES = {'posts': 'id', 'comments': 'id', 'tags': 'id', 'hostile_ruled': 'id',
+               'notes': 'id', 'post_tags': 'post_id, tag_id',
+               'hostile_lines': 'post_id, position'}
 
 
 def host_state(side: Side) -> dict[str, list[dict[str, Any]]]:
-    return {table: side.rows(table) for table in HOST_TABLES}
+    return {table: side.rows(table, order) for table, order in HOST_TABLES.items()}
 
 
 # -- messages a compromised facade sends -------------------------------------------
@@ -214,9 +242,9 @@ def deletion(app: str, **clock: int) -> dict[str, Any]:
 
 def message(name: str, attributes: dict[str, Any], origin: str, original_id: int,
             version: dict[str, Any] | None, refs: dict[str, list] | None = None,
-            signature: str | None = None) -> dict[str, Any]:
+            signature: str | None = None, format: int = 2) -> dict[str, Any]:
     data = {'id': 0, 'body': json.dumps({name: attributes}), 'origin': origin,
-            'original_id': original_id, 'format': 2}
+            'original_id': original_id, 'format': format}
     if version is not None:
         data['version'] = version
     if refs is not None:
@@ -224,6 +252,25 @@ def message(name: str, attributes: dict[str, Any], origin: str, original_id: int
     if signature is not None:
         data['signature'] = signature
     return data
+
+
+def keyed(name: str, attributes: dict[str, Any], origin: str, original_id: int,
+          version: dict[str, Any], refs: dict[str, list] | None = None) -> dict[str, Any]:
+    """A message of a record whose key is its identity (wire format 4)."""
+    return message(name, attributes, origin, original_id, version, refs, format=4)
+
+
+def handle(*key: Any) -> int:
+    """The original id a keyed record travels under: its key's handle."""
+    return handle_of(json.dumps(key[0] if len(key) == 1 else list(key)))
+
+
+def link(owner: list, target: list, linked: bool = True,
+         stamp: list | None = None) -> dict[str, Any]:
+    """A change of a post's tags (a many-to-many link message)."""
+    fields = {'record': 'post', 'relationship': 'tags', 'owner': owner, 'target': target,
+              'linked': linked, 'stamp': stamp or [now_hlc(), 'facade']}
+    return {'id': 0, 'body': json.dumps({'@link': fields}), 'format': 4}
 
 
 def central_clock(side: Side, name: str, local_id: int) -> int:
@@ -329,6 +376,60 @@ ATTACKS: dict[str, tuple[Attack, str]] = {
         lambda ids, sent: [message('hostile_ruled', {'title': 'No version'}, 'central',
                                    ids['ruled'], None)],
         'without a version'),
+    # -- a UUID key: the private note's, which the facade may have guessed
+    'create a record under the UUID of a private one': (
+        lambda ids, sent: [keyed('note', {'id': str(ids['private_note']), 'title': 'Mine'},
+                                 'facade', 904, edit('facade', 'id', 'title'))],
+        'which was never sent to it'),
+    'update a private record by its UUID': (
+        lambda ids, sent: [keyed('note', {'id': str(ids['private_note']), 'title': 'Mine'},
+                                 'central', handle(str(ids['private_note'])),
+                                 edit('facade', 'title'))],
+        'which was never sent to it'),
+    'delete a private record by its UUID': (
+        lambda ids, sent: [keyed('note', {'id': str(ids['private_note'])}, 'facade', 905,
+                                 deletion('facade'))],
+        'which was never sent to it'),
+    'give a shared record the UUID of a private one': (
+        lambda ids, sent: [keyed('note', {'id': str(ids['private_note']), 'title': 'Moved'},
+                                 'central', handle(str(ids['note'])),
+                                 edit('facade', 'id', 'title', central=sent(
+                                     'note', handle(str(ids['note'])))))],
+        'keys never change'),
+    # -- a composite key whose foreign key part names the private post
+    'create a line of a private post': (
+        lambda ids, sent: [keyed('hostile_line', {'post_id': ids['secret'], 'position': 2,
+                                                  'text': 'Planted'},
+                                 'facade', 906, edit('facade', 'post_id', 'position', 'text'),
+                                 refs={'post_id': ['central', ids['secret']]})],
+        'which was never sent to it'),
+    'take over the line of a private post by its key': (
+        lambda ids, sent: [keyed('hostile_line', {'post_id': ids['secret'], 'position': 1,
+                                                  'text': 'Taken over'},
+                                 'facade', 907, edit('facade', 'post_id', 'position', 'text'),
+                                 refs={'post_id': ['central', ids['secret']]})],
+        'which was never sent to it'),
+    'create a line of a private post with a raw foreign key': (
+        lambda ids, sent: [keyed('hostile_line', {'post_id': ids['secret'], 'position': 2,
+                                                  'text': 'Planted'},
+                                 'facade', 908, edit('facade', 'post_id', 'position', 'text'))],
+        'without saying whom it refers to'),
+    'delete the line of a private post by its key': (
+        lambda ids, sent: [keyed('hostile_line', {'post_id': ids['secret'], 'position': 1},
+                                 'facade', 909, deletion('facade'),
+                                 refs={'post_id': ['central', ids['secret']]})],
+        'which was never sent to it'),
+    # -- many-to-many: links naming records never shared
+    'tag a private post with a shared tag': (
+        lambda ids, sent: [link(['central', ids['secret']], ['central', ids['tag']])],
+        'which was never sent to it'),
+    'give a shared post a private tag': (
+        lambda ids, sent: [link(['central', ids['shared']], ['central', ids['internal']])],
+        'which was never sent to it'),
+    "remove a shared link, stamped as central's change": (
+        lambda ids, sent: [link(['central', ids['shared']], ['central', ids['tag']],
+                                linked=False, stamp=[now_hlc() + HOUR, 'central'])],
+        'stamped by central'),
 }
 
 
@@ -343,6 +444,7 @@ def test_a_compromised_facade_cannot_reach_past_what_was_shared(central, attack)
     before = host_state(side)
     private_mappings = side.count('communicator_mappings',
                                   f"name = 'post' AND local_id = {central.ids['secret']}")
+    keyed_before = keyed_mappings(side)
     central.facade.serve(*build(central.ids, lambda name, i: central_clock(side, name, i)))
     central.run()
 
@@ -353,9 +455,19 @@ def test_a_compromised_facade_cannot_reach_past_what_was_shared(central, attack)
     assert side.count('communicator_mappings',
                       f"name = 'post' AND local_id = {central.ids['secret']}") == \
         private_mappings == 0
+    # Nor did a private note or line gain an identity, or the private post a link.
+    assert keyed_mappings(side) == keyed_before
+    assert side.count('communicator_links', f"owner_id = {central.ids['secret']}") == 0
     assert 'refused' in central_status(central)
     nothing_private_goes_out(central)
     central_still_saves_every_record(central)
+
+
+def keyed_mappings(side: Side) -> list[tuple]:
+    """The identities of notes and lines central holds (the shared ones)."""
+    return sorted((row['name'], row['origin'], row['original_id'], row['local_key'])
+                  for row in side.rows('communicator_mappings')
+                  if row['name'] in ('note', 'hostile_line') and row['local_id'] is not None)
 
 
 def central_status(central: Central) -> str:
@@ -369,16 +481,19 @@ def central_still_saves_every_record(central: Central) -> None:
     publish run as in a request; autopublish then sends the private tag and
     ruling too: the app's own choice), and a push carries them."""
     with central.side.session() as session:
-        for cls in (Post, Comment, Tag, Ruled):
+        for cls in (Post, Comment, Tag, Ruled, Note, Line):
             for record in session.scalars(select(cls)):
                 if cls is Comment:
                     record.body = f'{record.body} (edited)'
+                elif cls is Line:
+                    record.text = f'{record.text} (edited)'
                 elif cls is Tag:
                     record.label = f'{record.label} (edited)'
                 else:
                     record.title = f'{record.title} (edited)'
                 session.flush()
                 if cls is Post and record.slug == 'shared':
+                    record.tags = []  # and its tags change
                     publish(session, record)
     central.run()
     assert central.side.count('outbound_messages', 'delivered_at IS NULL') == 0
@@ -419,7 +534,8 @@ def test_a_lying_checkpoint_makes_central_send_again_only_what_it_sent(central):
     never a record it did not share, and its app still saves every record."""
     side = central.side
     before = host_state(side)
-    sent = {row['id']: row['body'] for row in side.rows('outbound_messages')}
+    # A link's body is kept with central's name left out, and named as sent.
+    sent = {row['id']: named(row['body'], 'central') for row in side.rows('outbound_messages')}
     central.facade.pushed.clear()
     central.facade.checkpoint = {
         'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',

@@ -55,7 +55,7 @@ def test_equal_sides_verify_clean(synced_pair):
     result, report = verify(central)
     assert result.returncode == 0, result.stderr
     assert report['equal'] and report['differences'] == []
-    assert report['names'] == ['comment', 'post', 'tag']
+    assert report['names'] == ['comment', 'note', 'post', 'tag']
     text_result = central.pcommunicate('--verify')
     assert text_result.returncode == 0
     assert 'verify: equal' in text_result.stdout

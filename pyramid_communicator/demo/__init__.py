@@ -13,6 +13,8 @@ def main(global_config, **settings):
         config.add_route('demo.comments', '/comments')
         config.add_route('demo.tags', '/tags')
         config.add_route('demo.tag', '/tags/{id:\\d+}')
+        config.add_route('demo.notes', '/notes')
+        config.add_route('demo.note', '/notes/{id}')
         config.add_route('demo.contact', '/contact')
         config.scan('.views')
         config.scan('.handlers')

@@ -49,17 +49,24 @@ def wait_for_facade(server: subprocess.Popen) -> None:
 
 
 def central_records() -> dict:
-    from .models import Comment, Post
+    from .models import Comment, Note, Post
     with bootstrap(CENTRAL_INI) as env:
         request = env['request']
         with request.tm:
             return {
-                'posts': [{'id': p.id, 'title': p.title, 'body': p.body, 'slug': p.slug}
+                'posts': [{'id': p.id, 'title': p.title, 'body': p.body, 'slug': p.slug,
+                           'tags': [t.name for t in p.tags]}
                           for p in request.dbsession.query(Post).order_by(Post.id)],
                 'comments': [{'id': c.id, 'post_id': c.post_id, 'title': c.title,
                               'body': c.body}
                              for c in request.dbsession.query(Comment).order_by(Comment.id)],
+                'notes': [{'id': str(n.id), 'title': n.title, 'body': n.body}
+                          for n in request.dbsession.query(Note).order_by(Note.id)],
             }
+
+
+def facade_records() -> dict:
+    return {**facade('GET', '/posts'), **facade('GET', '/notes')}
 
 
 def central_write(change) -> None:
@@ -72,10 +79,13 @@ def central_write(change) -> None:
 def show(title: str, records: dict) -> None:
     print(f'  {title}:')
     for post in records['posts']:
-        print(f"    post {post['id']}: {post['title']!r} / {post['body']!r}")
+        print(f"    post {post['id']}: {post['title']!r} / {post['body']!r}"
+              f" tags={post['tags']}")
     for comment in records['comments']:
         print(f"    comment {comment['id']} on post {comment['post_id']}: "
               f"title={comment['title']!r} body={comment['body']!r}")
+    for note in records['notes']:
+        print(f"    note {note['id']}: {note['title']!r} / {note['body']!r}")
 
 
 def pcommunicate() -> None:
@@ -102,40 +112,48 @@ def main() -> int:
         wait_for_facade(server)
         from pyramid_communicator import publish
 
-        from .models import Comment, Post
+        from .models import Comment, Post, Tag
 
-        print('2. central creates a post and a comment; the facade creates a post')
+        print('2. central creates a post tagged "news" and a comment; the facade creates '
+              'a post and a note (a UUID key)')
 
         def central_post(session):
             post = Post(title='Hello from central', body='written in the private network')
+            post.tags.append(Tag(name='news'))
             session.add(post)
             session.flush()
-            publish(session, post)
+            publish(session, post)  # with its tags
             session.add(Comment(post_id=post.id, title='private note', body='Nice!'))
 
         central_write(central_post)
         facade('POST', '/posts', {'title': 'Hello from the facade', 'body': 'written online'})
+        facade('POST', '/notes', {'title': 'Remember', 'body': 'same id on both sides'})
         show('central before', central_records())
-        show('facade before', facade('GET', '/posts'))
+        show('facade before', facade_records())
 
         print('3. central syncs both ways')
         pcommunicate()
         show('central', central_records())
-        show('facade', facade('GET', '/posts'))
+        show('facade', facade_records())
 
-        print("4. the facade edits central's post; central syncs again")
+        print("4. the facade edits central's post and tags it \"online\" too; "
+              'central syncs again')
+        facade('POST', '/tags', {'name': 'online'})
         facade_post = next(p for p in facade('GET', '/posts')['posts']
                            if p['title'] == 'Hello from central')
         facade('POST', f"/posts/{facade_post['id']}",
-               {'body': 'edited on the facade'})
+               {'body': 'edited on the facade', 'tags': facade_post['tags'] + ['online']})
         pcommunicate()
         central = central_records()
-        facade_now = facade('GET', '/posts')
+        facade_now = facade_records()
         show('central', central)
         show('facade', facade_now)
-        same = (sorted((p['title'], p['body']) for p in central['posts'])
-                == sorted((p['title'], p['body']) for p in facade_now['posts']))
-        print('5. both sides hold the same posts:', 'yes' if same else 'NO')
+
+        def shared(records: dict) -> tuple:
+            return (sorted((p['title'], p['body'], p['tags']) for p in records['posts']),
+                    sorted((n['id'], n['title'], n['body']) for n in records['notes']))
+        same = shared(central) == shared(facade_now)
+        print('5. both sides hold the same posts, tags and notes:', 'yes' if same else 'NO')
         return 0 if same else 1
     finally:
         server.terminate()

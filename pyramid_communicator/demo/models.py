@@ -3,19 +3,30 @@ SQLAlchemy cookiecutter: ``request.dbsession`` joined to ``request.tm``."""
 from __future__ import annotations
 
 import datetime
+import uuid
 
 import zope.sqlalchemy
 from sqlalchemy import (
+    Column,
     DateTime,
     ForeignKey,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
+    Uuid,
     engine_from_config,
     event,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, validates
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    sessionmaker,
+    validates,
+)
 
 from pyramid_communicator import receives_from
 from pyramid_communicator.models import NAMING_CONVENTION
@@ -23,6 +34,14 @@ from pyramid_communicator.models import NAMING_CONVENTION
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+#: Which tags a post has: a many-to-many whose links travel as changes of
+#: membership (docs/models.rst, Many-to-many).
+post_tags = Table(
+    'post_tags', Base.metadata,
+    Column('post_id', ForeignKey('posts.id'), primary_key=True),
+    Column('tag_id', ForeignKey('tags.id'), primary_key=True))
 
 
 @receives_from('post')
@@ -34,6 +53,10 @@ class Post(Base):
     #: Unique, so that a conflicting record shows how failures are kept.
     slug: Mapped[str | None] = mapped_column(String(100), unique=True)
     published_on: Mapped[datetime.datetime | None] = mapped_column(DateTime)
+    #: Posts are published by hand: ``publish(session, post)`` sends how
+    #: its tags changed since it was last sent, with the post.
+    tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates='posts',
+                                           order_by='Tag.name')
 
     @validates('title')
     def _check_title(self, key, value):
@@ -61,6 +84,17 @@ class Tag(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     color: Mapped[str | None] = mapped_column(String(20))
     weight: Mapped[int | None] = mapped_column(Integer)
+    posts: Mapped[list[Post]] = relationship(secondary=post_tags, back_populates='tags')
+
+
+@receives_from('note', autopublish=True, deletes=True)
+class Note(Base):
+    """A UUID key, made by the app: the same note has the same id on both
+    sides (docs/models.rst, Primary keys), edited and deleted on either."""
+    __tablename__ = 'notes'
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    title: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[str | None] = mapped_column(Text)
 
 
 class ContactRequest(Base):

@@ -6,17 +6,20 @@ localhost only.
 from __future__ import annotations
 
 import datetime
+import uuid
 
 from pyramid.httpexceptions import HTTPNotFound
 from pyramid.view import view_config
+from sqlalchemy import select
 
 from pyramid_communicator import publish, send
 
-from .models import Comment, ContactRequest, Post, Tag
+from .models import Comment, ContactRequest, Note, Post, Tag
 
 
 def _post_json(post: Post) -> dict:
-    return {'id': post.id, 'title': post.title, 'body': post.body, 'slug': post.slug}
+    return {'id': post.id, 'title': post.title, 'body': post.body, 'slug': post.slug,
+            'tags': [tag.name for tag in post.tags]}
 
 
 def _apply_fields(post: Post, data: dict) -> None:
@@ -42,6 +45,10 @@ def _save(request, post: Post) -> dict:
     """Write the post's fields and, unless asked not to, publish it in the
     same transaction."""
     _apply_fields(post, request.json_body)
+    if 'tags' in request.json_body:  # the names of all its tags
+        names = request.json_body['tags']
+        post.tags = list(request.dbsession.scalars(
+            select(Tag).where(Tag.name.in_(names)).order_by(Tag.name))) if names else []
     request.dbsession.add(post)
     request.dbsession.flush()
     if request.json_body.get('publish', True):
@@ -112,6 +119,57 @@ def update_tag(request):
 @view_config(route_name='demo.tag', request_method='DELETE', renderer='json')
 def delete_tag(request):
     request.dbsession.delete(_tag(request))  # the delete is autopublished
+    request.dbsession.flush()
+    return {'deleted': True}
+
+
+NOTE_FIELDS = ('title', 'body')
+
+
+def _note_json(note: Note) -> dict:
+    return {'id': str(note.id), **{key: getattr(note, key) for key in NOTE_FIELDS}}
+
+
+@view_config(route_name='demo.notes', request_method='GET', renderer='json')
+def list_notes(request):
+    return {'notes': [_note_json(n) for n in request.dbsession.query(Note).order_by(Note.id)]}
+
+
+@view_config(route_name='demo.notes', request_method='POST', renderer='json')
+def create_note(request):
+    """A new note; its UUID is made here unless the caller gives one."""
+    data = request.json_body
+    note = Note(id=uuid.UUID(data['id']) if data.get('id') else uuid.uuid4(),
+                **{key: data.get(key) for key in NOTE_FIELDS})
+    request.dbsession.add(note)  # autopublished when flushed
+    request.dbsession.flush()
+    return _note_json(note)
+
+
+def _note(request) -> Note:
+    try:
+        key = uuid.UUID(request.matchdict['id'])
+    except ValueError:
+        raise HTTPNotFound() from None
+    note = request.dbsession.get(Note, key)
+    if note is None:
+        raise HTTPNotFound()
+    return note
+
+
+@view_config(route_name='demo.note', request_method='POST', renderer='json')
+def update_note(request):
+    note = _note(request)
+    for key in NOTE_FIELDS:
+        if key in request.json_body:
+            setattr(note, key, request.json_body[key])
+    request.dbsession.flush()
+    return _note_json(note)
+
+
+@view_config(route_name='demo.note', request_method='DELETE', renderer='json')
+def delete_note(request):
+    request.dbsession.delete(_note(request))  # the delete is autopublished
     request.dbsession.flush()
     return {'deleted': True}
 
