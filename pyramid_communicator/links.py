@@ -218,16 +218,18 @@ def _forget_links_of(session: Session, deleted: Any) -> None:
     pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
     owners: dict[str, set[int]] = defaultdict(set)
     for obj in deleted:
-        local_id = _local_id(obj)
-        if local_id is None:
-            continue
         for link in links().values():
             if isinstance(obj, link.owner.cls):
-                owners[link.name].add(local_id)
+                local_id = _local_id(link.owner, obj)
+                if local_id is not None:
+                    owners[link.name].add(local_id)
             if link.reverse is not None and isinstance(obj, link.target.cls):
+                local_id = _local_id(link.target, obj)
+                if local_id is None:
+                    continue
                 history = inspect(obj).attrs[link.reverse].history
                 for owner in (*history.unchanged, *history.deleted):
-                    owner_id = _local_id(owner)
+                    owner_id = _local_id(link.owner, owner)
                     if owner_id is not None:
                         pairs[link.name].add((owner_id, local_id))
     if not owners and not pairs:
