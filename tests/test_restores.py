@@ -255,3 +255,61 @@ def test_a_restored_facade_takes_back_the_records_it_made_and_only_central_kept(
     central.sync()
     assert converged(central, facade)['f3'] == ('f3 edited on central',)
     verified(central)
+
+
+def test_a_restored_central_takes_back_its_edits_of_facade_records(pair, tmp_path):
+    """Central's edits of the facade's records, pushed after its backup,
+    are stamped by central at the facade: only central's own signature,
+    echoed back, can bring them back (the trust rule refuses any other
+    claim of a central edit past central's clock), and then the sides
+    converge."""
+    central, facade = pair
+    ids = history(central, facade)
+    backup = Backup(central.side, tmp_path)
+    at_central = posts_by_title(central.side)
+    edit(central, at_central['f1']['id'], 'f1 edited by central before the restore')
+    edit(central, at_central['f2']['id'], 'f2 edited by central before the restore')
+    central.sync()
+    assert contents(facade.side)['f1'] == ('f1 edited by central before the restore',)
+    backup.restore()
+    assert contents(central.side)['f1'] == ('f1',)
+    facade.update_post(ids['f2'], title='f2', body='f2 edited on the facade since')
+
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert 'central restored' in result.stderr
+    central.sync()
+    records = converged(central, facade)
+    assert records['f1'] == ('f1 edited by central before the restore',)
+    assert records['f2'] == ('f2 edited on the facade since',)
+    assert central.side.count('inbound_messages', 'refused_at IS NOT NULL') == 0
+    assert 'echoes: 2 of our own messages taken back' in central.sync('--status')
+    verified(central)
+    edit(central, posts_by_title(central.side)['f1']['id'], 'f1 edited after the healing')
+    central.sync()
+    assert converged(central, facade)['f1'] == ('f1 edited after the healing',)
+    verified(central)
+
+
+def test_a_restored_facade_takes_back_its_edits_of_central_records(
+        pair, tmp_path):
+    central, facade = pair
+    history(central, facade)
+    backup = Backup(facade.side, tmp_path)
+    at_facade = posts_by_title(facade.side)
+    facade.update_post(at_facade['c1']['id'], title='c1',
+                       body='c1 edited by the facade before the restore')
+    central.sync()
+    assert contents(central.side)['c1'] == ('c1 edited by the facade before the restore',)
+    backup.restore()
+    assert contents(facade.side)['c1'] == ('c1',)
+
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert 'facade restored' in result.stderr
+    central.sync()
+    records = converged(central, facade)
+    assert records['c1'] == ('c1 edited by the facade before the restore',)
+    assert records['c2'] == ('c2',)
+    assert 'echoes: 1 of our own messages taken back' in central.sync('--status')
+    verified(central)
