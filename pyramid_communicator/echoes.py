@@ -124,8 +124,8 @@ def to_echo(session: Session, peer: str, holds: int) -> Echo:
     ``holds`` (what it says it still holds of its own), as outbound rows
     without ids, in their order."""
     echo = Echo()
-    where = (IN.sender == peer, IN.origin == peer, IN.remote_id > holds,
-             IN.signature.is_not(None))
+    # Any origin: what the peer authored of our records is signed by it too.
+    where = (IN.sender == peer, IN.remote_id > holds, IN.signature.is_not(None))
     count = session.execute(select(func.count()).where(*where)).scalar_one()
     if queues.purged_watermark(session, peer) > holds:
         echo.purged_after = holds
@@ -147,18 +147,46 @@ def to_echo(session: Session, peer: str, holds: int) -> Echo:
 
 # -- the restored side: taking back -------------------------------------------
 
-def is_echo(message: Message, local_name: str) -> bool:
-    """A message of our origin that carries a signature: only an echo can
-    (a peer signs its own records only)."""
-    return message.signature is not None and message.origin == local_name
+def is_echo(work: WorkingSet, message: Message) -> bool:
+    """Any message our own key signed (our record, or our edit or delete
+    of a peer's record, echoed back); or one of our origin that carries a
+    signature and names no edit of the sender's: only an echo could be
+    that, and it is refused if it does not verify.
+
+    The peer signs with its own key what it authors, our records' edits
+    included: a signature that does not verify here, on a message naming
+    the sender's own edit, is the peer's plain claim and meets the trust
+    rule like any other.  Which way a message goes only picks the reason
+    of a refusal: a forged echo dressed as the peer's edit claims our
+    edits past what we hold, which :func:`.trust.check_version` refuses."""
+    if message.signature is None:
+        return False
+    if _verifies(work, message):
+        return True
+    return message.origin == work.local_name and not _authored_by(message, message.sender)
+
+
+def _authored_by(message: Message, app: str) -> bool:
+    version = message.version if isinstance(message.version, dict) else {}
+    deleted = version.get('deleted')
+    if isinstance(deleted, list) and len(deleted) == 2 and deleted[1] == app:
+        return True
+    stamps = version.get('stamps')
+    return isinstance(stamps, dict) and any(
+        isinstance(stamp, list) and len(stamp) == 2 and stamp[1] == app
+        for stamp in stamps.values())
+
+
+def _verifies(work: WorkingSet, message: Message) -> bool:
+    return verify(signing_key(work.session), message.signature, message.origin,
+                  message.original_id, message.body, message.version, message.refs)
 
 
 def apply_echo(work: WorkingSet, message: Message) -> object | None:
     """Take back a message of our own that the peer echoed; refused unless
     our key signed exactly it."""
     local_name = work.local_name
-    if not verify(signing_key(work.session), message.signature, local_name,
-                  message.original_id, message.body, message.version, message.refs):
+    if not _verifies(work, message):
         raise Refused(f'{message.sender} echoed a message of {local_name} whose signature '
                       f'does not verify (forged or changed): not applied')
     name, attributes = message.decode()
@@ -169,14 +197,17 @@ def apply_echo(work: WorkingSet, message: Message) -> object | None:
         raise Refused(f'{name} has no single-column primary key: an echo cannot give its '
                       'id back')
     _taken_back(work.session)
+    own = message.origin == local_name
     log.info('%s echoed %s %s of %s back: taken back as our own', message.sender, name,
-             message.original_id, local_name)
-    identity = work.find(name, HERE, message.original_id)
+             message.original_id, message.origin)
+    identity = work.find(name, application.key[0], message.original_id)
     if identity is not None and application.life != identity.life:
         return None  # another record that had this id: not ours to bring back now
     if incoming.deleted is not None:
         return _delete(work, application, identity)
     if identity is None:
+        if not own:  # our edit of a record of the peer's we lost too
+            return _adopt(work, application, attributes)
         return _create(work, application, attributes)
     if identity.record is None:
         return None  # deleted here since (a delete we still hold is newer)
@@ -213,6 +244,22 @@ def _create(work: WorkingSet, application: _Application,
     return record
 
 
+def _adopt(work: WorkingSet, application: _Application,
+           attributes: dict[str, Any]) -> object:
+    """Our lost edit of a peer's record we no longer hold at all (the peer
+    made it after our backup): the record as we sent it, under the peer's
+    identity and a local id of ours.  The peer's own create, sent again
+    behind the echoes, then finds it and is older."""
+    receiver, message = application.receiver, application.message
+    application.not_forgotten()
+    record = receiver.cls()
+    version = application.merge(record, Version(), attributes, created=True)
+    work.created(receiver, record)
+    work.map(receiver.name, message.origin, message.original_id, record, version,
+             application.life)
+    return record
+
+
 def _update(work: WorkingSet, application: _Application, record: object,
             attributes: dict[str, Any]) -> object:
     """Our lost edits: an attribute whose echoed stamp is newer than ours."""
@@ -243,8 +290,8 @@ def _delete(work: WorkingSet, application: _Application, identity: Any) -> None:
     incoming, receiver = application.incoming, application.receiver
     tomb = Version(clock=dict(incoming.clock), deleted=incoming.deleted)
     if identity is None:
-        work.map(receiver.name, HERE, application.message.original_id, None, tomb,
-                 application.life)
+        work.map(receiver.name, application.key[0], application.message.original_id, None,
+                 tomb, application.life)
         return None
     record = identity.record
     if record is None:

@@ -338,7 +338,7 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         work.preload(records)
         with session.no_autoflush:
             for message in records:
-                if echoes.is_echo(message, local_name):
+                if echoes.is_echo(work, message):
                     echoes.apply_echo(work, message)
                 else:
                     apply_message(work, message)
