@@ -453,6 +453,65 @@ def test_echoes_are_taken_back_only_as_central_signed_them(central):
     central_still_saves_every_record(central)
 
 
+def test_echoes_of_central_edits_of_facade_records_are_taken_back_only_as_signed(central):
+    """Central signs its edits of the facade's records too, so that a
+    restored central can take them back.  A facade echoing a forged or
+    changed "central edit" of one of its records gets it refused: a
+    signature central's key did not make (or none) cannot claim an edit
+    of central's past what central holds, and a genuine echo of an edit
+    central holds changes nothing."""
+    side = central.side
+    central.facade.serve(message('post', {'title': 'From the facade', 'body': 'f'},
+                                 'facade', 77, edit('facade', 'title', 'body')))
+    central.run()
+    with side.session() as session:
+        post = session.scalars(select(Post).where(Post.title == 'From the facade')).one()
+        post.body = 'edited by central'
+        session.flush()
+        publish(session, post)
+    central.run()
+    [shared] = [m for m in central.facade.pushed if m['origin'] == 'facade'
+                and m['original_id'] == 77]
+    assert len(shared['signature']) == 64  # central signs its edits of facade records
+    genuine = {key: shared[key] for key in
+               ('body', 'origin', 'original_id', 'version', 'format', 'signature')}
+    body = json.loads(shared['body'])['post']
+    later = now_hlc()
+    claimed = {'clock': {**shared['version']['clock'], 'central': later},
+               'stamps': {**shared['version']['stamps'], 'body': [later, 'central']}}
+    tampered = json.dumps({'post': {**body, 'body': 'Tampered'}})
+    forged = [
+        {**genuine, 'body': tampered},
+        {**genuine, 'version': claimed},
+        {**genuine, 'body': tampered, 'version': claimed, 'signature': 'ab' * 32},
+        {key: value for key, value in {**genuine, 'version': claimed, 'body': tampered}
+         .items() if key != 'signature'},  # unsigned
+        # Dressed as the facade's own edit, with a newer "central" stamp.
+        {**genuine, 'body': tampered, 'signature': '0' * 64,
+         'version': {**claimed, 'stamps': {**claimed['stamps'],
+                                           'title': [later, 'facade']}}},
+    ]
+    before = host_state(side)
+    central.facade.checkpoint = {  # "central was restored and holds nothing"
+        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
+        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.serve(genuine, *forged)
+    central.run()
+    central.facade.checkpoint = None
+
+    assert host_state(side) == before
+    # The changed body under the genuine signature is the facade's plain
+    # message (its record, its title edit): it claims only central's edit
+    # central holds, which wins nothing.  Every newer "central" claim is
+    # refused.
+    reasons = refusals(central)
+    assert len(reasons) == 4, reasons
+    assert all('central never sent it' in reason for reason in reasons)
+    assert 'echoes: 1 of our own messages taken back' in central_status(central)
+    nothing_private_goes_out(central)
+    central_still_saves_every_record(central)
+
+
 @pytest.mark.parametrize('reply', [
     [], 'x', {'name': 'facade'}, {'origins': {'central': 'many'}},
     {'origins': {'central': [10 ** 30, 'ab', 1, 2]}},
