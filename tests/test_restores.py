@@ -266,13 +266,16 @@ def test_a_restored_central_takes_back_its_edits_of_facade_records(pair, tmp_pat
     central, facade = pair
     ids = history(central, facade)
     backup = Backup(central.side, tmp_path)
+    facade.create_post(title='f3', body='f3')  # made after the backup: lost too
+    central.sync()
     at_central = posts_by_title(central.side)
     edit(central, at_central['f1']['id'], 'f1 edited by central before the restore')
     edit(central, at_central['f2']['id'], 'f2 edited by central before the restore')
+    edit(central, at_central['f3']['id'], 'f3 edited by central before the restore')
     central.sync()
     assert contents(facade.side)['f1'] == ('f1 edited by central before the restore',)
     backup.restore()
-    assert contents(central.side)['f1'] == ('f1',)
+    assert contents(central.side)['f1'] == ('f1',) and 'f3' not in contents(central.side)
     facade.update_post(ids['f2'], title='f2', body='f2 edited on the facade since')
 
     result = central.pcommunicate()
@@ -282,8 +285,9 @@ def test_a_restored_central_takes_back_its_edits_of_facade_records(pair, tmp_pat
     records = converged(central, facade)
     assert records['f1'] == ('f1 edited by central before the restore',)
     assert records['f2'] == ('f2 edited on the facade since',)
+    assert records['f3'] == ('f3 edited by central before the restore',)
     assert central.side.count('inbound_messages', 'refused_at IS NOT NULL') == 0
-    assert 'echoes: 2 of our own messages taken back' in central.sync('--status')
+    assert 'echoes: 3 of our own messages taken back' in central.sync('--status')
     verified(central)
     edit(central, posts_by_title(central.side)['f1']['id'], 'f1 edited after the healing')
     central.sync()
