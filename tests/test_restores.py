@@ -14,9 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import Central, Server, Side
 from sqlalchemy.engine import make_url
 from test_end_to_end import central_post, execute, posts_by_title
+
+from pyramid_communicator.demo.models import Tag
 
 pytestmark = pytest.mark.slow
 
@@ -343,3 +346,30 @@ def test_a_record_made_after_the_restore_that_took_a_lost_id_is_reported(pair, t
     assert len(refused) == 1 and 'a record made here since took' in refused[0]
     assert 'of our lost records not taken back: a record made here after the restore' \
         in central.sync('--status')
+
+
+def test_a_restored_facade_takes_back_its_delete_of_a_central_record(pair, tmp_path):
+    """The facade deletes a tag of central's and the delete reaches
+    central; the facade's restore brings the tag back there.  The echo of
+    its own signed delete removes it again: gone on both sides."""
+    central, facade = pair
+    with central.side.session() as session:  # autopublished
+        session.add_all([Tag(name='kept', label='k'), Tag(name='doomed', label='d')])
+    central.sync()
+    tags = {tag['name']: tag['id'] for tag in
+            requests.get(facade.url + '/tags', timeout=10).json()['tags']}
+    assert set(tags) == {'kept', 'doomed'}
+    backup = Backup(facade.side, tmp_path)
+    requests.delete(f"{facade.url}/tags/{tags['doomed']}", timeout=10).raise_for_status()
+    central.sync()
+    assert [row['name'] for row in central.side.rows('tags')] == ['kept']
+    backup.restore()
+    assert facade.side.count('tags') == 2
+
+    result = central.pcommunicate()
+    assert result.returncode == 0, result.stderr
+    assert 'facade restored' in result.stderr
+    central.sync()
+    for side in (central.side, facade.side):
+        assert [row['name'] for row in side.rows('tags')] == ['kept']
+    verified(central)
