@@ -180,31 +180,28 @@ def to_echo(session: Session, peer: str, holds: int) -> Echo:
 def is_echo(work: WorkingSet, message: Message) -> bool:
     """Any message our own key signed (our record, or our edit or delete
     of a peer's record, echoed back); or one of our origin that carries a
-    signature and names no edit of the sender's: only an echo could be
-    that, and it is refused if it does not verify.
+    signature and names an identity of ours we do not hold: only an echo
+    could bring that, and it is refused if it does not verify.
 
-    The peer signs with its own key what it authors, our records' edits
-    included: a signature that does not verify here, on a message naming
-    the sender's own edit, is the peer's plain claim and meets the trust
-    rule like any other.  Which way a message goes only picks the reason
-    of a refusal: a forged echo dressed as the peer's edit claims our
-    edits past what we hold, which :func:`.trust.check_version` refuses."""
+    The peer signs with its own key what it authors, its edits of our
+    records included (and it may send one that names no edit of its own,
+    a re-publish): a signature that does not verify here, on a record of
+    ours we hold, is the peer's plain claim and meets the trust rule like
+    any other.  Which way a message goes only picks the reason of a
+    refusal: a forged echo of a record we hold claims our edits past what
+    we hold, which :func:`.trust.check_version` refuses, or changes
+    nothing."""
     if message.signature is None:
         return False
     if _verifies(work, message):
         return True
-    return message.origin == work.local_name and not _authored_by(message, message.sender)
-
-
-def _authored_by(message: Message, app: str) -> bool:
-    version = message.version if isinstance(message.version, dict) else {}
-    deleted = version.get('deleted')
-    if isinstance(deleted, list) and len(deleted) == 2 and deleted[1] == app:
-        return True
-    stamps = version.get('stamps')
-    return isinstance(stamps, dict) and any(
-        isinstance(stamp, list) and len(stamp) == 2 and stamp[1] == app
-        for stamp in stamps.values())
+    if message.origin != work.local_name or message.original_id is None:
+        return False
+    try:
+        name = message.decode()[0]
+    except Exception:
+        return False  # malformed: the usual path says why
+    return work.find(name, HERE, message.original_id) is None
 
 
 def _verifies(work: WorkingSet, message: Message) -> bool:
