@@ -214,8 +214,10 @@ def apply_echo(work: WorkingSet, message: Message) -> object | None:
     our key signed exactly it."""
     local_name = work.local_name
     if not _verifies(work, message):
-        raise Refused(f'{message.sender} echoed a message of {local_name} {NOT_VERIFIED} '
-                      '(forged or changed): not applied')
+        raise Refused(f'{message.sender} sent {message.original_id} of {local_name}, which '
+                      f'{local_name} does not hold, signed but not by {local_name}: an echo '
+                      f'{NOT_VERIFIED} (forged or changed), or a record never sent to it: '
+                      'not applied')
     name, attributes = message.decode()
     receiver = receiver_for(name)
     application = _Application(work, receiver, message)
