@@ -8,29 +8,52 @@ peer cannot give those back by the usual way: the trust rule
 (:mod:`.trust`) forbids a peer to create records of another origin, or
 a hostile facade could inject "central's own" records into central.
 
-So every record message an app publishes as its origin is signed with a
+The same holds of a side's edits and deletes of the *peer's* records
+made in that time: the peer holds them stamped by the restored side,
+past the restored side's clock of the record, and the trust rule
+(:func:`.trust.check_version`) refuses every claim of such an edit, the
+peer's later edits of the record and ``--repair`` included: the sides
+could never converge.
+
+So every record message an app authors (of any origin) is signed with a
 secret only that app holds (:mod:`.signatures`; the key is 32 random
 bytes made on first use and kept in ``communicator_state``, in the same
 backup as the data: no setting to lose or leak).  The receiver keeps the
 signature with the inbound message.  When a checkpoint differs, the peer
 looks at what the other side says it still holds of its own messages
 (``X-Communicator-Acknowledged``) and *echoes* back, in its outbound
-queue, the stored messages of that side's origin with ids above it, with
+queue, the signed messages that side sent with ids above it (of any
+origin), with
 their signatures, before anything else it has to send (the messages
 waiting behind them get new ids past the echoes: a peer's later edit of
 an echoed record must come after the record).  A side that was not
 restored holds all of them, so nothing is echoed to it.
 
 The restored side verifies each echo with its own key and applies it as
-its own lost history, never as the peer's claim: the record comes back
-under its own identity and id (the own-origin mapping row is written
-again, version and life kept), an echoed edit wins an attribute only
+its own lost history, never as the peer's claim: what its key signed is
+an echo, whatever the origin (a peer signs what it authors with its own
+key, which does not verify here: that is the peer's plain message, under
+the trust rule).  Its own record comes back under its own identity and
+id (the own-origin mapping row is written again, version and life kept);
+its edit of a peer's record it still holds merges by stamps as below,
+and one of a peer's record it lost altogether (the peer made it after
+the backup) brings the record back as it sent it, under the peer's
+identity (the peer's own create, sent again behind the echoes, is
+older); an echoed edit wins an attribute only
 with a newer stamp than the one held here, an echoed delete deletes
 only a record not edited since.  Later edits from the peer then apply as
 usual.  A message of our origin that carries a signature that does not
-verify (forged, tampered, another key) is refused (:class:`.trust.Refused`:
-logged, counted in ``--status``, never applied); one without any is not
-an echo and meets the trust rule as before.  A peer replaying genuine
+verify (forged, tampered, another key) and names no edit of the sender is
+refused (:class:`.trust.Refused`: logged, counted in ``--status``, never
+applied); one without any is not an echo and meets the trust rule as
+before.
+
+A simpler design was weighed: accept a peer's state of its own record
+whenever the edit of ours it claims is backed by our signature.  That is
+what this does, message by message: the signature covers exactly one
+message's body and version, so it backs exactly the edit that message
+made, and nothing the peer wrote after it (which then comes in its own,
+later message, once our clock knows the edit again).  A peer replaying genuine
 old echoes changes nothing: they are older than what we hold.
 
 An echoed record gets its old id back by an explicit primary key; the
@@ -38,8 +61,12 @@ model's id sequence is moved past it (PostgreSQL ``setval``; MariaDB and
 SQLite follow explicit ids by themselves), so that no record made later
 reuses it.  A record made here *after the restore and before the healing
 run* may already have taken such an id: the echo then finds the id taken
-and is refused with that reason (the old record stays on the peer only);
-run ``pcommunicate`` right after a restore, before the app takes writes.
+and is refused with that reason (the old record stays on the peer only,
+or, if the new one was pushed first, as on central's runs, is gone on
+both sides); the same when the id's local record has a mapping but all of
+its values are newer own edits than the echo (:func:`_made_since`).
+``--status`` counts them.  Run ``pcommunicate`` right after a restore,
+before the app takes writes.
 """
 from __future__ import annotations
 
@@ -56,7 +83,7 @@ from .applying import Message, Refused, _Application
 from .models import communicator_state, inbound_messages, utcnow
 from .records import fingerprint, natural_key, receiver_for
 from .signatures import verify
-from .versions import HERE, Version, covered, merge_clocks, named
+from .versions import HERE, Version, covered, latest_hlc, merge_clocks, named
 from .working_set import WorkingSet
 
 log = logging.getLogger(__name__)
@@ -70,6 +97,9 @@ TAKEN_BACK_KEY = 'echoes_taken_back'
 #: side's claim of what it holds is hostile input.
 ECHO_LIMIT = 10_000
 _INFO = 'communicator_signing_key'
+#: In the reasons of refused echoes (``--status`` counts them by these).
+NOT_VERIFIED = 'whose signature does not verify'
+ID_TAKEN = 'an id a record made here since took'
 
 
 def signing_key(session: Session) -> bytes:
@@ -124,8 +154,8 @@ def to_echo(session: Session, peer: str, holds: int) -> Echo:
     ``holds`` (what it says it still holds of its own), as outbound rows
     without ids, in their order."""
     echo = Echo()
-    where = (IN.sender == peer, IN.origin == peer, IN.remote_id > holds,
-             IN.signature.is_not(None))
+    # Any origin: what the peer authored of our records is signed by it too.
+    where = (IN.sender == peer, IN.remote_id > holds, IN.signature.is_not(None))
     count = session.execute(select(func.count()).where(*where)).scalar_one()
     if queues.purged_watermark(session, peer) > holds:
         echo.purged_after = holds
@@ -147,20 +177,47 @@ def to_echo(session: Session, peer: str, holds: int) -> Echo:
 
 # -- the restored side: taking back -------------------------------------------
 
-def is_echo(message: Message, local_name: str) -> bool:
-    """A message of our origin that carries a signature: only an echo can
-    (a peer signs its own records only)."""
-    return message.signature is not None and message.origin == local_name
+def is_echo(work: WorkingSet, message: Message) -> bool:
+    """Any message our own key signed (our record, or our edit or delete
+    of a peer's record, echoed back); or one of our origin that carries a
+    signature and names an identity of ours we do not hold: only an echo
+    could bring that, and it is refused if it does not verify.
+
+    The peer signs with its own key what it authors, its edits of our
+    records included (and it may send one that names no edit of its own,
+    a re-publish): a signature that does not verify here, on a record of
+    ours we hold, is the peer's plain claim and meets the trust rule like
+    any other.  Which way a message goes only picks the reason of a
+    refusal: a forged echo of a record we hold claims our edits past what
+    we hold, which :func:`.trust.check_version` refuses, or changes
+    nothing."""
+    if message.signature is None:
+        return False
+    if _verifies(work, message):
+        return True
+    if message.origin != work.local_name or message.original_id is None:
+        return False
+    try:
+        name = message.decode()[0]
+    except Exception:
+        return False  # malformed: the usual path says why
+    return work.find(name, HERE, message.original_id) is None
+
+
+def _verifies(work: WorkingSet, message: Message) -> bool:
+    return verify(signing_key(work.session), message.signature, message.origin,
+                  message.original_id, message.body, message.version, message.refs)
 
 
 def apply_echo(work: WorkingSet, message: Message) -> object | None:
     """Take back a message of our own that the peer echoed; refused unless
     our key signed exactly it."""
     local_name = work.local_name
-    if not verify(signing_key(work.session), message.signature, local_name,
-                  message.original_id, message.body, message.version, message.refs):
-        raise Refused(f'{message.sender} echoed a message of {local_name} whose signature '
-                      f'does not verify (forged or changed): not applied')
+    if not _verifies(work, message):
+        raise Refused(f'{message.sender} sent {message.original_id} of {local_name}, which '
+                      f'{local_name} does not hold, signed but not by {local_name}: an echo '
+                      f'{NOT_VERIFIED} (forged or changed), or a record never sent to it: '
+                      'not applied')
     name, attributes = message.decode()
     receiver = receiver_for(name)
     application = _Application(work, receiver, message)
@@ -169,18 +226,43 @@ def apply_echo(work: WorkingSet, message: Message) -> object | None:
         raise Refused(f'{name} has no single-column primary key: an echo cannot give its '
                       'id back')
     _taken_back(work.session)
+    own = message.origin == local_name
     log.info('%s echoed %s %s of %s back: taken back as our own', message.sender, name,
-             message.original_id, local_name)
-    identity = work.find(name, HERE, message.original_id)
+             message.original_id, message.origin)
+    identity = work.find(name, application.key[0], message.original_id)
     if identity is not None and application.life != identity.life:
         return None  # another record that had this id: not ours to bring back now
     if incoming.deleted is not None:
         return _delete(work, application, identity)
     if identity is None:
+        if not own:  # our edit of a record of the peer's we lost too
+            return _adopt(work, application, attributes)
         return _create(work, application, attributes)
     if identity.record is None:
         return None  # deleted here since (a delete we still hold is newer)
+    if own and _made_since(work, application, identity.record):
+        raise Refused(f'{name} {message.original_id} of {local_name}, echoed by '
+                      f'{message.sender}, has {ID_TAKEN} (after the restore, before this '
+                      'run: all of its values are newer than the echo): not applied, the '
+                      'record made here keeps the id')
     return _update(work, application, identity.record, attributes)
+
+
+def _made_since(work: WorkingSet, application: _Application, record: object) -> bool:
+    """Is ``record`` another record than the echoed one, made here after
+    the restore with an id the lost one had?  Every value it holds is our
+    own edit newer than anything the echo names, and it has a value for
+    every attribute the echo carries: a record that existed at the backup
+    keeps an older stamp of at least one attribute unless all of them were
+    written since, and then the echo could change nothing anyway (refusing
+    it loses nothing; only the reason says more than is certain)."""
+    local = work.version_of(record)
+    incoming = application.incoming
+    if incoming is None or not local.stamps or not incoming.stamps:
+        return False
+    newest = latest_hlc(incoming)
+    return (all(app == HERE and hlc > newest for hlc, app, *_ in local.stamps.values())
+            and all(key in local.stamps for key in incoming.stamps))
 
 
 def _taken_back(session: Session) -> None:
@@ -198,9 +280,8 @@ def _create(work: WorkingSet, application: _Application,
     pk = receiver.primary_key[0]
     if work.session.get(receiver.cls, message.original_id) is not None:
         raise Refused(f'{receiver.name} {message.original_id} of {work.local_name}, echoed '
-                      f'by {message.sender}, has an id a record made here since took '
-                      '(after the restore, before this run): not applied, it stays on '
-                      f'{message.sender} only')
+                      f'by {message.sender}, has {ID_TAKEN} (after the restore, before this '
+                      f'run): not applied, it stays on {message.sender} only')
     # A genuine echo replayed after our tombstone of the record was purged
     # would bring a deleted record back: refused as any late create is.
     application.not_forgotten()
@@ -210,6 +291,22 @@ def _create(work: WorkingSet, application: _Application,
     work.created(receiver, record)
     work.map(receiver.name, HERE, message.original_id, record, version, application.life)
     _move_sequence(work.session, receiver.cls.__table__, pk, message.original_id)
+    return record
+
+
+def _adopt(work: WorkingSet, application: _Application,
+           attributes: dict[str, Any]) -> object:
+    """Our lost edit of a peer's record we no longer hold at all (the peer
+    made it after our backup): the record as we sent it, under the peer's
+    identity and a local id of ours.  The peer's own create, sent again
+    behind the echoes, then finds it and is older."""
+    receiver, message = application.receiver, application.message
+    application.not_forgotten()
+    record = receiver.cls()
+    version = application.merge(record, Version(), attributes, created=True)
+    work.created(receiver, record)
+    work.map(receiver.name, message.origin, message.original_id, record, version,
+             application.life)
     return record
 
 
@@ -243,8 +340,8 @@ def _delete(work: WorkingSet, application: _Application, identity: Any) -> None:
     incoming, receiver = application.incoming, application.receiver
     tomb = Version(clock=dict(incoming.clock), deleted=incoming.deleted)
     if identity is None:
-        work.map(receiver.name, HERE, application.message.original_id, None, tomb,
-                 application.life)
+        work.map(receiver.name, application.key[0], application.message.original_id, None,
+                 tomb, application.life)
         return None
     record = identity.record
     if record is None:

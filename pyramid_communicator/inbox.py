@@ -451,7 +451,7 @@ def _apply_claimed(session: Session, tm: transaction.TransactionManager,
         with session.no_autoflush:
             for position in plan.order:
                 message = messages[position]
-                if echoes.is_echo(message, local_name):
+                if echoes.is_echo(work, message):
                     echoes.apply_echo(work, message)
                 else:
                     apply_message(work, message)

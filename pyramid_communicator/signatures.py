@@ -1,4 +1,5 @@
-"""Signatures of the record messages an app publishes as their origin.
+"""Signatures of the record messages an app authors (of its own records,
+and its edits and deletes of the peer's).
 
 HMAC-SHA256, keyed with a secret only the signing app holds
 (:func:`.echoes.signing_key`), over what makes the message's meaning: its

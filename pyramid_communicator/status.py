@@ -19,7 +19,7 @@ from zope.sqlalchemy import mark_changed
 
 from . import outbound_failures, queues
 from .client import Client, PeerError
-from .echoes import TAKEN_BACK_KEY
+from .echoes import ID_TAKEN, NOT_VERIFIED, TAKEN_BACK_KEY
 from .models import communicator_conflicts, inbound_messages, outbound_messages, utcnow
 from .printable import printable
 from .restores import RESTORE_KEY
@@ -154,16 +154,19 @@ def queue_status(session: Session, name: str, failures: int = 50,
     if restore is not None:  # only once one was detected
         report['last_restore'] = {'at': _iso(restore[1]), 'what': restore[0]}
     taken_back = states.get(TAKEN_BACK_KEY)
-    # Messages of our origin with a signature that did not verify.
-    refused_echoes = session.execute(
-        select(func.count()).where(_REFUSED, IN.signature.is_not(None), IN.origin == name)
-    ).scalar_one()
-    if taken_back is not None or refused_echoes:
+    # Echoes whose signature did not verify, and genuine ones whose id a
+    # record made after the restore took (by their reasons: a peer's plain
+    # message of our origin carries its own signature, and is not counted).
+    refused_echoes, ids_taken = (session.execute(
+        select(func.count()).where(_REFUSED, IN.signature.is_not(None),
+                                   IN.last_error.like(f'%{reason}%'))).scalar_one()
+        for reason in (NOT_VERIFIED, ID_TAKEN))
+    if taken_back is not None or refused_echoes or ids_taken:
         report['echoes'] = {
             'taken_back': int(taken_back[0]) if taken_back and (taken_back[0] or '').isdigit()
             else 0,
             'last_at': _iso(taken_back[1]) if taken_back else None,
-            'refused': int(refused_echoes)}
+            'refused': int(refused_echoes), 'ids_taken': int(ids_taken)}
     return report
 
 
@@ -258,6 +261,10 @@ def format_status(status: dict[str, Any], title: str | None = None) -> str:
         lines.append(f"echoes: {_number(echoes.get('taken_back'))} of our own messages taken "
                      f"back from the peer (last {printable(echoes.get('last_at'), 40)}), "
                      f"{_number(echoes.get('refused'))} refused (signature did not verify)")
+        if _is_count(echoes.get('ids_taken')) and echoes['ids_taken'] > 0:
+            lines.append(f"echoes: {_number(echoes.get('ids_taken'))} of our lost records not "
+                         "taken back: a record made here after the restore took their id "
+                         "(see the refused inbound messages)")
     failures = status.get('failures')
     for failure in (failures if isinstance(failures, list) else [])[:_MAX_ROWS]:
         if not isinstance(failure, dict):

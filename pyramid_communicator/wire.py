@@ -131,9 +131,10 @@ class WireMessage:
 def outbound_to_wire(row: Any, local_name: str, key: bytes | None = None) -> WireMessage:
     """An ``outbound_messages`` row as sent; a NULL origin means this app.
 
-    With ``key`` (:func:`.echoes.signing_key`), a versioned record message
-    of this app's origin is signed; an echo carries the signature it was
-    stored with."""
+    With ``key`` (:func:`.echoes.signing_key`), every versioned record
+    message this app authored is signed, whatever the record's origin (its
+    edits and deletes of the peer's records too: a restore of this app
+    loses them as well); an echo carries the signature it was stored with."""
     origin = row.origin
     if origin is None and row.original_id is not None:
         origin = local_name
@@ -149,8 +150,8 @@ def outbound_to_wire(row: Any, local_name: str, key: bytes | None = None) -> Wir
     if message_format == LINK_FORMAT and body.startswith(f'{{"{LINK}"'):
         body = link_bodies.named(body, local_name)
     signature = getattr(row, 'signature', None)
-    if signature is None and key is not None and row.origin is None \
-            and row.original_id is not None and version is not None:
+    if signature is None and key is not None and row.original_id is not None \
+            and version is not None:
         signature = sign(key, origin, row.original_id, body, version, refs)
     return WireMessage(row.id, body, origin, row.original_id, refs, version,
                        message_format, signature)

@@ -460,16 +460,22 @@ def test_a_hostile_peer_cannot_touch_records_never_sent_to_it(pair):
     assert central.side.count('communicator_mappings', "origin <> ''") == 0
     never_sent = 'of central, which was never sent to it'
     assert [row['last_error'] for row in inbound_failures(central.side)] == [
-        f'refused: facade addressed post {secret_id} {never_sent}',
+        # The facade signs its edits: for a record central does not hold,
+        # only an echo could be that, and central's key did not sign it.
+        f'refused: facade sent {secret_id} of central, which central does not hold, signed '
+        'but not by central: an echo whose signature does not verify (forged or changed), '
+        'or a record never sent to it: not applied',
         'refused: facade sent a message without a version, which only a gem peer may '
         '(communicator.gem_peer)',
-        f'refused: facade addressed tag {tag_id} {never_sent}',
+        f'refused: facade sent {tag_id} of central, which central does not hold, signed '
+        'but not by central: an echo whose signature does not verify (forged or changed), '
+        'or a record never sent to it: not applied',
         f'refused: facade refers to post {secret_id} {never_sent}',
         f'refused: facade sent a tag whose name matches tag {tag_id} {never_sent}']
     shown = central.sync('--status')
     assert re.search(r'^inbound: .* 0 failed, 5 refused,', shown, re.M)
     assert re.search(r'^refused #\d+ \(from facade #\d+, 1 attempts\): refused: facade '
-                     rf'addressed post {secret_id} of central', shown, re.M)
+                     rf'sent {secret_id} of central, which central does not hold', shown, re.M)
     central.sync()  # refusals are not retried
     assert [row['attempts'] for row in inbound_failures(central.side)] == [1] * 5
 

@@ -553,8 +553,8 @@ def test_echoes_are_taken_back_only_as_central_signed_them(central):
     """The facade claims central was restored and echoes central's own
     records back.  Only what central's key signed, exactly, is taken back
     (and changes nothing central still holds); a changed body, version or
-    identity under a genuine signature is refused, and central's tables
-    stay as they were."""
+    identity under a genuine signature is refused or changes nothing, and
+    central's tables stay as they were."""
     side = central.side
     before = host_state(side)
     [shared] = [m for m in central.facade.pushed if m['original_id'] == central.ids['shared']
@@ -579,9 +579,76 @@ def test_echoes_are_taken_back_only_as_central_signed_them(central):
     central.facade.checkpoint = None
 
     assert host_state(side) == before
-    assert sum('signature does not verify' in error for error in refusals(central)) == 4
+    # Moved to a record central does not share, or never made: only an
+    # echo could bring those, and the signature does not verify.  On the
+    # record it shares, the message is the facade's plain claim (a facade
+    # signs its own edits of central's records): the newer "central" edit
+    # is refused by the trust rule, the changed body wins nothing.
+    reasons = refusals(central)
+    assert sum('signature does not verify' in reason for reason in reasons) == 2
+    assert sum('central never sent it' in reason for reason in reasons) == 1
+    assert len(reasons) == 3, reasons
     status = central_status(central)
-    assert 'echoes: 1 of our own messages taken back' in status and '4 refused' in status
+    assert 'echoes: 1 of our own messages taken back' in status and '2 refused' in status
+    nothing_private_goes_out(central)
+    central_still_saves_every_record(central)
+
+
+def test_echoes_of_central_edits_of_facade_records_are_taken_back_only_as_signed(central):
+    """Central signs its edits of the facade's records too, so that a
+    restored central can take them back.  A facade echoing a forged or
+    changed "central edit" of one of its records gets it refused: a
+    signature central's key did not make (or none) cannot claim an edit
+    of central's past what central holds, and a genuine echo of an edit
+    central holds changes nothing."""
+    side = central.side
+    central.facade.serve(message('post', {'title': 'From the facade', 'body': 'f'},
+                                 'facade', 77, edit('facade', 'title', 'body')))
+    central.run()
+    with side.session() as session:
+        post = session.scalars(select(Post).where(Post.title == 'From the facade')).one()
+        post.body = 'edited by central'
+        session.flush()
+        publish(session, post)
+    central.run()
+    [shared] = [m for m in central.facade.pushed if m['origin'] == 'facade'
+                and m['original_id'] == 77]
+    assert len(shared['signature']) == 64  # central signs its edits of facade records
+    genuine = {key: shared[key] for key in
+               ('body', 'origin', 'original_id', 'version', 'format', 'signature')}
+    body = json.loads(shared['body'])['post']
+    later = now_hlc()
+    claimed = {'clock': {**shared['version']['clock'], 'central': later},
+               'stamps': {**shared['version']['stamps'], 'body': [later, 'central']}}
+    tampered = json.dumps({'post': {**body, 'body': 'Tampered'}})
+    forged = [
+        {**genuine, 'body': tampered},
+        {**genuine, 'version': claimed},
+        {**genuine, 'body': tampered, 'version': claimed, 'signature': 'ab' * 32},
+        {key: value for key, value in {**genuine, 'version': claimed, 'body': tampered}
+         .items() if key != 'signature'},  # unsigned
+        # Dressed as the facade's own edit, with a newer "central" stamp.
+        {**genuine, 'body': tampered, 'signature': '0' * 64,
+         'version': {**claimed, 'stamps': {**claimed['stamps'],
+                                           'title': [later, 'facade']}}},
+    ]
+    before = host_state(side)
+    central.facade.checkpoint = {  # "central was restored and holds nothing"
+        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
+        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.serve(genuine, *forged)
+    central.run()
+    central.facade.checkpoint = None
+
+    assert host_state(side) == before
+    # The changed body under the genuine signature is the facade's plain
+    # message (its record, its title edit): it claims only central's edit
+    # central holds, which wins nothing.  Every newer "central" claim is
+    # refused.
+    reasons = refusals(central)
+    assert len(reasons) == 4, reasons
+    assert all('central never sent it' in reason for reason in reasons)
+    assert 'echoes: 1 of our own messages taken back' in central_status(central)
     nothing_private_goes_out(central)
     central_still_saves_every_record(central)
 

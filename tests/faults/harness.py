@@ -803,10 +803,10 @@ def measure(central: SideLike, facade: SideLike, records: dict[str, Record],
                 figures.duplicated += len(stored) - 1
                 figures.problems.append(f'{name} outbound {message_id} stored '
                                         f'{len(stored)} times on {peer.name}')
-        # The restored side's own messages its peer echoed back to it.
+        # The restored side's messages its peer echoed back to it: of its
+        # own records and of the peer's it edited (signed, of any origin).
         echoed = {row['body'] for row in side.rows('inbound_messages')
-                  if row['sender'] == peer.name and row['origin'] == name
-                  and row.get('signature')}
+                  if row['sender'] == peer.name and row.get('signature')}
         for remote_id in sorted(set(by_remote) - sent):
             if forgotten.get(remote_id) in current:
                 figures.resent_after_restore += len(by_remote[remote_id])
@@ -1179,9 +1179,9 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str,
     reused by step 5's: harmless, the peer never saw them.
 
     ``sends``: the restored side writes in step 3 too (creates, and edits
-    of the records of its own origin: :mod:`pyramid_communicator.echoes`
-    gives those back, edits of other records it does not), and the runs
-    carry them to the peer: what the peer holds of them (stored, applied
+    of the records it owns, of its own origin or of the peer's: the
+    :mod:`pyramid_communicator.echoes` give back every message it signed),
+    and the runs carry them to the peer: what the peer holds of them (stored, applied
     or not) must come back, what it does not is gone with the restore.
     Step 5 is then the other side's only, followed by a run, and only
     then does the restored side write (a record it made between the
@@ -1207,9 +1207,9 @@ def restore_side(rig: Rig, rng: random.Random, run: int, restored: str,
             workload.round(rng, size=3, sides=(other,))
             if sends:
                 workload.create(restored, rng.randint(1, 2))
-                own = [r for r in workload.records.values()
-                       if r.owner == restored and r.marker.startswith(f'{restored[0]}-')]
-                for record in rng.sample(own, min(2, len(own))):
+                # Its own records and the peer's it edits (x-/y- records).
+                own = [r for r in workload.records.values() if r.owner == restored]
+                for record in rng.sample(own, min(3, len(own))):
                     workload.update(record)
             if run % 2 == 1 and step == steps - 1:
                 counts['killed in flight'] += _kill_in_exchange(rig, rng)

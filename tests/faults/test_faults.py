@@ -11,8 +11,9 @@ flight on odd runs); what that side wrote after the backup and never
 sent is gone by the nature of a restore and not counted as lost, all the
 rest must survive (see :func:`harness.restore_side`). In
 ``restore_facade_sent`` and ``restore_central_sent`` the restored side
-also writes and sends records of its own between backup and restore:
-what the peer holds of them must come back (echoes).
+also writes and sends records of its own, and edits of the peer's records
+it owns, between backup and restore: what the peer holds of them must
+come back (echoes).
 
 Short by default; ``COMMUNICATOR_FAULT_RUNS=50 pytest -m faults -s`` for
 a long run (``COMMUNICATOR_FAULT_SEED`` replays one).
