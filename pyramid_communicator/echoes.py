@@ -320,14 +320,14 @@ def _update(work: WorkingSet, application: _Application, record: object,
     values = dict(attributes)
     for key, (_, ref_id) in (message.refs or {}).items():
         values.setdefault(key, ref_id)
-    columns = application.receiver.columns()
+    columns = application.receiver.columns(type(record))
     for key, stamp in incoming.stamps.items():
         if key not in columns or key not in values:
             continue
         mine = local.stamp(key)
         if mine is not None and named(stamp, work.local_name) <= named(mine, work.local_name):
             continue
-        value = application.value(key, values[key])
+        value = application.value(record, key, values[key], False)
         setattr(record, key, value)
         version.stamps[key] = (*stamp, fingerprint(value))
     work.save(record, version)
