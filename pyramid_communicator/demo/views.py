@@ -106,13 +106,18 @@ def _tag(request) -> Tag:
     return tag
 
 
+def _edit(request, record: object, fields: tuple[str, ...]) -> None:
+    """Set the fields the request's JSON names (an autopublished update)."""
+    for key in fields:
+        if key in request.json_body:
+            setattr(record, key, request.json_body[key])
+    request.dbsession.flush()
+
+
 @view_config(route_name='demo.tag', request_method='POST', renderer='json')
 def update_tag(request):
     tag = _tag(request)
-    for key in TAG_FIELDS:
-        if key in request.json_body:
-            setattr(tag, key, request.json_body[key])
-    request.dbsession.flush()
+    _edit(request, tag, TAG_FIELDS)
     return _tag_json(tag)
 
 
@@ -160,10 +165,7 @@ def _note(request) -> Note:
 @view_config(route_name='demo.note', request_method='POST', renderer='json')
 def update_note(request):
     note = _note(request)
-    for key in NOTE_FIELDS:
-        if key in request.json_body:
-            setattr(note, key, request.json_body[key])
-    request.dbsession.flush()
+    _edit(request, note, NOTE_FIELDS)
     return _note_json(note)
 
 
