@@ -528,6 +528,12 @@ def test_a_malformed_checkpoint_fails_the_run_and_writes_nothing(central, checkp
     assert central.side.rows('outbound_messages') == outbound
 
 
+#: A facade's lying checkpoint reply: "central was restored and holds nothing".
+RESTORED_EMPTY = {
+    'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
+    'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+
+
 def test_a_lying_checkpoint_makes_central_send_again_only_what_it_sent(central):
     """The facade claims a restore that lost everything (a checkpoint that
     differs, nothing received): central sends again what it had delivered,
@@ -537,9 +543,7 @@ def test_a_lying_checkpoint_makes_central_send_again_only_what_it_sent(central):
     # A link's body is kept with central's name left out, and named as sent.
     sent = {row['id']: named(row['body'], 'central') for row in side.rows('outbound_messages')}
     central.facade.pushed.clear()
-    central.facade.checkpoint = {
-        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
-        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.checkpoint = RESTORED_EMPTY
     central.run()
     assert host_state(side) == before
     assert sorted(m['body'] for m in central.facade.pushed) == sorted(sent.values())
@@ -571,9 +575,7 @@ def test_echoes_are_taken_back_only_as_central_signed_them(central):
         {**genuine, 'version': {**shared['version'], 'clock': {'central': later},
                                 'stamps': {'title': [later, 'central']}}},
     ]
-    central.facade.checkpoint = {  # "central was restored and holds nothing"
-        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
-        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.checkpoint = RESTORED_EMPTY
     central.facade.serve(genuine, *forged)
     central.run()
     central.facade.checkpoint = None
@@ -633,9 +635,7 @@ def test_echoes_of_central_edits_of_facade_records_are_taken_back_only_as_signed
                                            'title': [later, 'facade']}}},
     ]
     before = host_state(side)
-    central.facade.checkpoint = {  # "central was restored and holds nothing"
-        'X-Communicator-Epoch': 'cd' * 8, 'X-Communicator-Checkpoint': '- differs',
-        'X-Communicator-Received': '0', 'X-Communicator-Acknowledged': '0'}
+    central.facade.checkpoint = RESTORED_EMPTY
     central.facade.serve(genuine, *forged)
     central.run()
     central.facade.checkpoint = None
